@@ -1,0 +1,84 @@
+"""Low-rank weight deltas: the unit the editors produce and the ledger stores.
+
+A batch's update to one layer is Delta = U @ V.T in the weight's (out, in) orientation.
+Applying is a stack: deltas are merged in order and unmerged in reverse. `apply` checks
+`isfinite` before writing (peft's safe_merge); the ledger restores weights exactly from
+base weights plus the committed stack, so subtraction round-off never accumulates.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from editors.arch import weight_view
+
+
+class NonFiniteDelta(ValueError):
+    """A delta holds NaN or Inf and must not be written into weights."""
+
+
+@dataclass
+class LayerDelta:
+    layer: int  # decoder layer index
+    u: torch.Tensor  # (out, r)
+    v: torch.Tensor  # (in, r)
+
+    def dense(self) -> torch.Tensor:
+        return self.u.double() @ self.v.double().T
+
+
+@dataclass
+class EditDelta:
+    """All layer updates of one batch."""
+
+    layers: list[LayerDelta] = field(default_factory=list)
+
+    def by_layer(self) -> dict[int, LayerDelta]:
+        return {d.layer: d for d in self.layers}
+
+    def check_finite(self) -> None:
+        for d in self.layers:
+            if not (torch.isfinite(d.u).all() and torch.isfinite(d.v).all()):
+                raise NonFiniteDelta(f"delta for layer {d.layer} contains NaN or Inf; refusing to write weights")
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, sign: float = 1.0) -> None:
+        """Add (sign=+1) or subtract (sign=-1) U V^T to each edited weight."""
+        self.check_finite()
+        for d in self.layers:
+            w = weight_view(model, d.layer)
+            w.add_((sign * d.u.to(w.device, w.dtype)) @ d.v.to(w.device, w.dtype).T)
+
+    def revert(self, model: nn.Module) -> None:
+        self.apply(model, sign=-1.0)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for d in self.layers:
+            out[f"layer.{d.layer}.u"] = d.u.detach().float().cpu().contiguous()
+            out[f"layer.{d.layer}.v"] = d.v.detach().float().cpu().contiguous()
+        return out
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor]) -> "EditDelta":
+        layers = sorted({int(k.split(".")[1]) for k in tensors})
+        return EditDelta([LayerDelta(i, tensors[f"layer.{i}.u"], tensors[f"layer.{i}.v"]) for i in layers])
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(self.tensors().items()):
+            h.update(name.encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    def save(self, path: Path) -> None:
+        save_file(self.tensors(), str(path))
+
+    @staticmethod
+    def load(path: Path) -> "EditDelta":
+        return EditDelta.from_tensors(load_file(str(path)))

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random models and a character-level toy tokenizer (no downloads).
+
+An autouse fixture points KAGENT_HOME at a temp dir so no test touches the user's data.
+"""
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHARS = string.ascii_letters + string.digits + " .,:;!?'\"-()"
+
+
+def toy_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character; decodes back to the exact string."""
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2} | {c: i + 3 for i, c in enumerate(CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+                                   bos_token="<eos>")
+
+
+def _freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def kagent_home(tmp_path, monkeypatch):
+    home = tmp_path / "kagent-home"
+    monkeypatch.setenv("KAGENT_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def tok():
+    return toy_tokenizer()
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    return _freeze(LlamaForCausalLM(cfg))
+
+
+def make_tiny_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=4, n_head=4, n_positions=256)
+    return _freeze(GPT2LMHeadModel(cfg))
+
+
+@pytest.fixture
+def tiny_llama(tok):
+    return make_tiny_llama(len(tok))
+
+
+@pytest.fixture
+def tiny_gpt2(tok):
+    return make_tiny_gpt2(len(tok))
