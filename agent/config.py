@@ -1,0 +1,88 @@
+"""The workspace configuration: a pydantic model written to and read from `config.toml`.
+
+Each field carries a description; `to_toml` writes it as a comment above the field so the file documents itself.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from editors.models import DEFAULT_MODEL
+
+
+class ConfigError(ValueError):
+    """The config file is missing, unreadable or invalid."""
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(DEFAULT_MODEL, description="model to edit: the embedded alias, a local HF directory or a hub name")
+    device: str = Field("auto", description="torch device for the model; 'auto' = CUDA when available, else CPU")
+    method: str = Field("encore", description="editing method: encore, memit or alphaedit")
+    batch_size: int = Field(10, ge=1, description="facts applied together in one batch")
+    max_wait: float = Field(30.0, ge=0, description="seconds to wait before applying a partial batch")
+    order: Literal["cluster", "arrival", "random"] = Field(
+        "cluster", description="order in which pending facts are batched: cluster, arrival or random")
+    feeds: list[str] = Field(default_factory=list, description="feed files that `kagent refresh` processes")
+    known_acc_drop: float = Field(
+        0.05, ge=0, description="max drop of known-fact accuracy below the baseline (absolute, 0-1)")
+    ppl_ratio: float = Field(1.05, ge=1, description="max perplexity on held-out text as a multiple of the baseline")
+    retention_drop: float = Field(
+        0.10, ge=0, description="max drop of earlier edits' retention compared with before the batch (0-1)")
+    interference_threshold: float = Field(
+        0.05, gt=0, description="max predicted interference ||dW K|| / ||W K|| on probe and earlier-edit keys")
+    flash_k: float = Field(6.0, gt=0, description="a batch's update is a 'flash' above median + k * MAD of history")
+    probe_facts: int = Field(40, ge=1, description="known facts used by the probe after every batch")
+    probe_texts: int = Field(8, ge=1, description="held-out passages used for the perplexity probe")
+    retention_sample: int = Field(50, ge=1, description="applied facts sampled for the retention probe")
+    seed: int = Field(0, description="random seed for sampling probes and the 'random' order")
+
+    def resolved_device(self) -> str | None:
+        return None if self.device == "auto" else self.device
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(config: AgentConfig) -> str:
+    """The config as TOML with each field's description as a comment above it."""
+    lines = ["# kagent workspace configuration (edit freely; `kagent status` shows what is in use)", ""]
+    for name, field in AgentConfig.model_fields.items():
+        lines.append(f"# {field.description}")
+        lines.append(f"{name} = {_toml_value(getattr(config, name))}")
+    return "\n".join(lines) + "\n"
+
+
+def save_config(config: AgentConfig, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(to_toml(config))
+    tmp.replace(path)
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no config at {path}; run `kagent init`") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{path}: {where}: {err['msg']}") from None
