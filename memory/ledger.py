@@ -1,0 +1,798 @@
+"""The edit ledger: what was changed in the model, when, why, and how to undo it exactly.
+
+SQLite (WAL) holds facts, batches, per-layer edits, metrics, probe results, events and feed
+offsets; the schema is created and upgraded by the named `MIGRATIONS`, applied when the
+ledger opens. Tensors live beside the database, named by content hash:
+
+    <root>/ledger.db
+    <root>/deltas/<hash>.safetensors   low-rank factors of one batch (EditDelta)
+    <root>/keys/<hash>.safetensors     the batch's keys K per layer (its share of editor state: K K^T)
+    <root>/base/<hash>.safetensors     base weights of an edited layer, stored once
+
+The model in use is always base weights + committed deltas, in commit order. A batch commits
+atomically: files are written first (temp + rename), then one DB transaction; a crash in
+between leaves orphan files and no batch. Rollback never counter-edits: edited layers are
+rebuilt from the stored base copies plus the remaining stack; rolling back an older batch
+replays the later ones through a caller-supplied `recompute`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from editors.arch import weight_view
+from editors.delta import EditDelta
+from editors.models import fingerprint, kagent_home
+from memory.record import FactRecord, StoredFact
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_RTOL = 2e-5  # tolerated relative difference of layer fingerprints (device round-off)
+LIVE = ("pending", "applied")  # fact statuses that take part in dedup / supersede
+
+
+class LedgerError(RuntimeError):
+    """A request the ledger cannot honour (unknown batch, wrong status, missing recompute...)."""
+
+
+class LedgerMismatch(LedgerError):
+    """The model or the files disagree with what the ledger recorded."""
+
+
+class KeyState(Protocol):
+    """What the ledger needs from the editor state: add or remove a batch's keys."""
+
+    def add_keys(self, keys: dict[int, torch.Tensor], sign: float = 1.0) -> None: ...
+
+
+Recompute = Callable[[list[StoredFact]], tuple[EditDelta, dict[int, torch.Tensor]]]
+
+
+# ----------------------------------------------------------------------------- migrations
+
+
+def _run(db: sqlite3.Connection, script: str) -> None:
+    """Run `;`-separated DDL statements inside the caller's transaction (no executescript: it commits)."""
+    for stmt in script.split(";"):
+        if stmt.strip():
+            db.execute(stmt)
+
+
+def _m001_initial(db: sqlite3.Connection) -> None:
+    _run(db, """
+    CREATE TABLE facts (
+        id INTEGER PRIMARY KEY, record TEXT NOT NULL, subject_norm TEXT NOT NULL,
+        template_norm TEXT NOT NULL, target_norm TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
+        reason TEXT, batch_id INTEGER, superseded_by INTEGER, added_at REAL NOT NULL, updated_at REAL NOT NULL);
+    CREATE TABLE batches (
+        id INTEGER PRIMARY KEY, method TEXT NOT NULL, status TEXT NOT NULL, delta_hash TEXT NOT NULL,
+        keys_hash TEXT NOT NULL, n_facts INTEGER NOT NULL, created_at REAL NOT NULL, reason TEXT,
+        replay_of INTEGER);
+    CREATE TABLE batch_facts (batch_id INTEGER NOT NULL, fact_id INTEGER NOT NULL, PRIMARY KEY (batch_id, fact_id));
+    CREATE TABLE edits (
+        batch_id INTEGER NOT NULL, layer INTEGER NOT NULL, rank INTEGER NOT NULL, delta_norm REAL NOT NULL,
+        PRIMARY KEY (batch_id, layer));
+    CREATE TABLE base_layers (layer INTEGER PRIMARY KEY, hash TEXT NOT NULL, shape TEXT NOT NULL);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, batch_id INTEGER, message TEXT NOT NULL,
+        data TEXT);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
+    """)
+
+
+def _m002_metrics_and_probes(db: sqlite3.Connection) -> None:
+    _run(db, """
+    CREATE TABLE metrics (
+        batch_id INTEGER NOT NULL, phase TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,
+        PRIMARY KEY (batch_id, phase, name));
+    CREATE TABLE probes (
+        id INTEGER PRIMARY KEY, batch_id INTEGER, fact_id INTEGER, kind TEXT NOT NULL, prompt TEXT NOT NULL,
+        expected TEXT, output TEXT, correct INTEGER, at REAL NOT NULL)
+    """)
+
+
+def _m003_feed_offsets_and_lookup(db: sqlite3.Connection) -> None:
+    _run(db, """
+    CREATE TABLE feed_offsets (feed TEXT PRIMARY KEY, offset INTEGER NOT NULL, updated_at REAL NOT NULL);
+    CREATE INDEX facts_subject ON facts (subject_norm, status);
+    CREATE INDEX facts_key ON facts (subject_norm, template_norm, target_norm);
+    CREATE INDEX facts_batch ON facts (batch_id)
+    """)
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
+    ("m001_initial", _m001_initial),
+    ("m002_metrics_and_probes", _m002_metrics_and_probes),
+    ("m003_feed_offsets_and_lookup", _m003_feed_offsets_and_lookup),
+]
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """One batch as history() reports it."""
+
+    id: int  # batch id (commit order)
+    method: str  # editor that produced it (encore / memit / alphaedit)
+    status: str  # committed | rolled_back | replaced (rolled back, then replayed as a new batch)
+    created_at: float  # unix time of the commit
+    n_facts: int  # facts edited in it
+    layers: list[int]  # edited layers
+    delta_hash: str  # content hash of its delta file
+    keys_hash: str  # content hash of its keys file
+    reason: str | None  # why it was rolled back / replaced
+    replay_of: int | None  # batch it replays, if it was recomputed after a rollback
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of the ledger's event log."""
+
+    id: int  # event id (increasing)
+    at: float  # unix time
+    kind: str  # intake | commit | rollback | replay | quarantine | attach | ...
+    batch_id: int | None  # batch concerned, if any
+    message: str  # human-readable, one line
+    data: dict[str, Any]  # structured details
+
+
+@dataclass(frozen=True)
+class RollbackReport:
+    """What a rollback did."""
+
+    batch_id: int  # the batch rolled back
+    fact_ids: list[int]  # its facts, now status rolled_back
+    replayed: list[tuple[int, int]]  # (old batch, new batch) pairs recomputed after it
+    message: str  # one-line summary (also logged and stored as an event)
+
+
+# ----------------------------------------------------------------------------- tensor helpers
+
+
+def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of named tensors (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def keys_tensors(keys: Mapping[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"layer.{layer}": k.detach().cpu().contiguous() for layer, k in keys.items()}
+
+
+def keys_from_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    return {int(name.split(".")[1]): t for name, t in tensors.items()}
+
+
+def layer_fingerprint(w: torch.Tensor, layer: int) -> list[float]:
+    """Frobenius norm and 4 seeded Gaussian projections of a weight: robust to device round-off only."""
+    w64 = w.detach().double().cpu().flatten()
+    gen = torch.Generator().manual_seed(7919 + layer)
+    proj = torch.randn(4, w64.numel(), generator=gen, dtype=torch.float64) @ w64
+    return [float(w64.norm())] + proj.tolist()
+
+
+def fingerprints_match(a: Sequence[float], b: Sequence[float]) -> bool:
+    scale = max(abs(a[0]), abs(b[0]), 1e-12)
+    return len(a) == len(b) and all(abs(x - y) <= FINGERPRINT_RTOL * scale for x, y in zip(a, b))
+
+
+def _add_delta(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
+    """The same arithmetic as EditDelta.apply (sign=+1), so rebuilds reproduce live weights bit for bit."""
+    w.add_((1.0 * u.to(w.device, w.dtype)) @ v.to(w.device, w.dtype).T)
+
+
+# ----------------------------------------------------------------------------- the ledger
+
+
+class Ledger:
+    """SQLite edit ledger with content-addressed tensor files and exact rollback."""
+
+    def __init__(self, root: Path | str, migrations: Sequence[tuple[str, Callable]] = MIGRATIONS):
+        self.root = Path(root)  # directory holding ledger.db, deltas/, keys/, base/
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.root / "ledger.db", isolation_level=None, timeout=30.0)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self._depth = 0  # nesting depth of transaction()
+        self._expected: dict[int, torch.Tensor] | None = None  # tracked layer -> base + committed stack
+        self.migrate(migrations)
+
+    @staticmethod
+    def default_root() -> Path:
+        """<KAGENT_HOME>/ledger, resolved at call time."""
+        return kagent_home() / "ledger"
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ schema
+
+    def migrate(self, migrations: Sequence[tuple[str, Callable]] = MIGRATIONS) -> list[str]:
+        """Apply every migration not yet recorded in `_migrations`, each in its own transaction."""
+        self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+        done = {r["name"] for r in self.db.execute("SELECT name FROM _migrations")}
+        applied = []
+        for name, fn in migrations:
+            if name in done:
+                continue
+            with self.transaction():
+                fn(self.db)
+                self.db.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.time()))
+            log.info("ledger %s: applied migration %s", self.root, name)
+            applied.append(name)
+        return applied
+
+    def applied_migrations(self) -> list[str]:
+        return [r["name"] for r in self.db.execute("SELECT name FROM _migrations ORDER BY rowid")]
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One SQLite transaction; nested uses join the outermost one."""
+        if self._depth == 0:
+            self.db.execute("BEGIN IMMEDIATE")
+        self._depth += 1
+        try:
+            yield self.db
+        except BaseException:
+            self._depth -= 1
+            if self._depth == 0:
+                self.db.execute("ROLLBACK")
+            raise
+        self._depth -= 1
+        if self._depth == 0:
+            self.db.execute("COMMIT")
+
+    def _meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row["value"] if row else None
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # ------------------------------------------------------------------ facts
+
+    def add_facts(self, facts: Sequence[FactRecord], feed: str | None = None,
+                  offset: int | None = None) -> list[int]:
+        """Insert facts as pending and (optionally) the feed's new byte offset, in one transaction."""
+        now = time.time()
+        ids = []
+        with self.transaction():
+            for f in facts:
+                s, t, o = f.key
+                cur = self.db.execute(
+                    "INSERT INTO facts (record, subject_norm, template_norm, target_norm, status, added_at,"
+                    " updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)", (f.to_json(), s, t, o, now, now))
+                ids.append(int(cur.lastrowid))
+            if feed is not None and offset is not None:
+                self.set_feed_offset(feed, offset)
+        return ids
+
+    def set_feed_offset(self, feed: str, offset: int) -> None:
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO feed_offsets VALUES (?, ?, ?)", (feed, int(offset), time.time()))
+
+    def feed_offset(self, feed: str) -> int:
+        """Byte offset of `feed` read so far (0 for a feed never read)."""
+        row = self.db.execute("SELECT offset FROM feed_offsets WHERE feed = ?", (feed,)).fetchone()
+        return int(row["offset"]) if row else 0
+
+    @staticmethod
+    def _stored(row: sqlite3.Row) -> StoredFact:
+        return StoredFact(row["id"], FactRecord.model_validate_json(row["record"]), row["status"], row["batch_id"],
+                          row["reason"], row["superseded_by"])
+
+    def facts(self, status: str | Sequence[str] | None = None, ids: Iterable[int] | None = None) -> list[StoredFact]:
+        """Facts in id order, optionally filtered by status(es) and/or ids."""
+        sql, args = "SELECT * FROM facts WHERE 1=1", []
+        if status is not None:
+            statuses = [status] if isinstance(status, str) else list(status)
+            sql += f" AND status IN ({','.join('?' * len(statuses))})"
+            args += statuses
+        if ids is not None:
+            id_list = [int(i) for i in ids]
+            sql += f" AND id IN ({','.join('?' * len(id_list))})" if id_list else " AND 0"
+            args += id_list
+        return [self._stored(r) for r in self.db.execute(sql + " ORDER BY id", args)]
+
+    def fact(self, fact_id: int) -> StoredFact:
+        found = self.facts(ids=[fact_id])
+        if not found:
+            raise LedgerError(f"no fact {fact_id} in the ledger")
+        return found[0]
+
+    def fact_ids(self) -> list[int]:
+        return [r["id"] for r in self.db.execute("SELECT id FROM facts ORDER BY id")]
+
+    def find_duplicates(self, key: tuple[str, str, str]) -> list[StoredFact]:
+        """Pending, applied (not being superseded) or quarantined facts with exactly this normalised key."""
+        rows = self.db.execute(
+            "SELECT * FROM facts WHERE subject_norm = ? AND template_norm = ? AND target_norm = ?"
+            " AND status IN ('pending', 'applied', 'quarantined') AND superseded_by IS NULL ORDER BY id", key)
+        return [self._stored(r) for r in rows]
+
+    def live_by_subject(self, subject_norm: str) -> list[StoredFact]:
+        """Pending or applied facts about this subject not already being superseded."""
+        rows = self.db.execute(
+            "SELECT * FROM facts WHERE subject_norm = ? AND status IN ('pending', 'applied')"
+            " AND superseded_by IS NULL ORDER BY id", (subject_norm,))
+        return [self._stored(r) for r in rows]
+
+    def set_status(self, fact_ids: Iterable[int], status: str, reason: str | None = None) -> None:
+        with self.transaction():
+            for fid in fact_ids:
+                self.db.execute("UPDATE facts SET status = ?, reason = ?, updated_at = ? WHERE id = ?",
+                                (status, reason, time.time(), int(fid)))
+
+    def set_superseded_by(self, old_ids: Iterable[int], new_id: int) -> None:
+        """Point applied facts at the newer fact that will replace them (status changes when it commits)."""
+        with self.transaction():
+            for fid in old_ids:
+                self.db.execute("UPDATE facts SET superseded_by = ?, updated_at = ? WHERE id = ?",
+                                (int(new_id), time.time(), int(fid)))
+
+    def repoint_superseded(self, from_id: int, to_id: int) -> None:
+        """Facts waiting to be superseded by `from_id` wait for `to_id` instead."""
+        self.db.execute("UPDATE facts SET superseded_by = ?, updated_at = ? WHERE superseded_by = ?"
+                        " AND status = 'applied'", (int(to_id), time.time(), int(from_id)))
+
+    def quarantine(self, fact_ids: Iterable[int], reason: str) -> None:
+        """Set pending facts aside (never edited, never re-planned); applied ones must be rolled back first."""
+        ids = [int(i) for i in fact_ids]
+        with self.transaction():
+            for f in self.facts(ids=ids):
+                if f.status != "pending":
+                    raise LedgerError(f"fact {f.id} is {f.status}; only pending facts can be quarantined")
+            self.set_status(ids, "quarantined", reason)
+            self.log_event("quarantine", f"quarantined {len(ids)} fact(s): {reason}", data={"facts": ids})
+
+    # ------------------------------------------------------------------ events, metrics, probes
+
+    def log_event(self, kind: str, message: str, batch_id: int | None = None,
+                  data: Mapping[str, Any] | None = None) -> int:
+        cur = self.db.execute("INSERT INTO events (at, kind, batch_id, message, data) VALUES (?, ?, ?, ?, ?)",
+                              (time.time(), kind, batch_id, message, json.dumps(dict(data or {}))))
+        log.info("ledger event %s: %s", kind, message)
+        return int(cur.lastrowid)
+
+    def events(self, kind: str | None = None, since_id: int = 0, limit: int | None = None) -> list[Event]:
+        sql, args = "SELECT * FROM events WHERE id > ?", [since_id]
+        if kind is not None:
+            sql += " AND kind = ?"
+            args.append(kind)
+        sql += " ORDER BY id" + (f" LIMIT {int(limit)}" if limit else "")
+        return [Event(r["id"], r["at"], r["kind"], r["batch_id"], r["message"], json.loads(r["data"] or "{}"))
+                for r in self.db.execute(sql, args)]
+
+    def add_metrics(self, batch_id: int, phase: str, metrics: Mapping[str, float]) -> None:
+        with self.transaction():
+            for name, value in metrics.items():
+                self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)",
+                                (batch_id, phase, name, float(value)))
+
+    def metrics(self, batch_id: int) -> dict[str, dict[str, float]]:
+        """phase ("before" / "after" / ...) -> metric name -> value."""
+        out: dict[str, dict[str, float]] = {}
+        for r in self.db.execute("SELECT * FROM metrics WHERE batch_id = ?", (batch_id,)):
+            out.setdefault(r["phase"], {})[r["name"]] = r["value"]
+        return out
+
+    def add_probes(self, batch_id: int | None, probes: Iterable[Mapping[str, Any]]) -> None:
+        """Store probe results: dicts with fact_id, kind, prompt, expected, output, correct."""
+        with self.transaction():
+            for p in probes:
+                self.db.execute(
+                    "INSERT INTO probes (batch_id, fact_id, kind, prompt, expected, output, correct, at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (batch_id, p.get("fact_id"), p["kind"], p["prompt"], p.get("expected"), p.get("output"),
+                     None if p.get("correct") is None else int(bool(p["correct"])), time.time()))
+
+    def probes(self, batch_id: int | None = None) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM probes" + (" WHERE batch_id = ?" if batch_id is not None else "")
+                               + " ORDER BY id", (batch_id,) if batch_id is not None else ())
+        return [dict(r) for r in rows]
+
+    # ------------------------------------------------------------------ files
+
+    def _write_file(self, kind: str, digest: str, tensors: Mapping[str, torch.Tensor]) -> Path:
+        """Write tensors to <root>/<kind>/<digest>.safetensors via temp + fsync + rename (idempotent)."""
+        folder = self.root / kind
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{digest}.safetensors"
+        if path.exists() and self._file_hash(kind, path) == digest:
+            return path
+        tmp = folder / f".{digest}.{os.getpid()}.tmp"
+        save_file(dict(tensors), str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @staticmethod
+    def _file_hash(kind: str, path: Path) -> str:
+        if kind == "deltas":
+            return EditDelta.load(path).content_hash()
+        return hash_tensors(load_file(str(path)))
+
+    def _load(self, kind: str, digest: str) -> dict[str, torch.Tensor]:
+        path = self.root / kind / f"{digest}.safetensors"
+        if not path.exists():
+            raise LedgerMismatch(f"{kind} file {path} is missing")
+        return load_file(str(path))
+
+    def load_delta(self, batch_id: int) -> EditDelta:
+        """The batch's delta, checked against its recorded content hash."""
+        digest = self._batch_row(batch_id)["delta_hash"]
+        delta = EditDelta.from_tensors(self._load("deltas", digest))
+        if delta.content_hash() != digest:
+            raise LedgerMismatch(f"delta file of batch {batch_id} does not match its hash {digest[:12]} (tampered?)")
+        return delta
+
+    def load_keys(self, batch_id: int) -> dict[int, torch.Tensor]:
+        digest = self._batch_row(batch_id)["keys_hash"]
+        tensors = self._load("keys", digest)
+        if hash_tensors(tensors) != digest:
+            raise LedgerMismatch(f"keys file of batch {batch_id} does not match its hash {digest[:12]} (tampered?)")
+        return keys_from_tensors(tensors)
+
+    def _base(self) -> dict[int, torch.Tensor]:
+        out = {}
+        for r in self.db.execute("SELECT layer, hash FROM base_layers"):
+            tensors = self._load("base", r["hash"])
+            if hash_tensors(tensors) != r["hash"]:
+                raise LedgerMismatch(f"base copy of layer {r['layer']} does not match its hash (tampered?)")
+            out[r["layer"]] = tensors["weight"]
+        return out
+
+    def base_fingerprint(self) -> str | None:
+        """editors.models.fingerprint of the base model this ledger was attached to."""
+        return self._meta("base_fingerprint")
+
+    def tracked_layers(self) -> list[int]:
+        return [r["layer"] for r in self.db.execute("SELECT layer FROM base_layers ORDER BY layer")]
+
+    # ------------------------------------------------------------------ model state
+
+    def _committed_ids(self) -> list[int]:
+        return [r["id"] for r in self.db.execute("SELECT id FROM batches WHERE status = 'committed' ORDER BY id")]
+
+    def _build(self, batch_ids: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Tracked layers = base copies + the given batches' deltas, in order."""
+        weights = {layer: w.clone() for layer, w in self._base().items()}
+        for bid in batch_ids:
+            for d in self.load_delta(bid).layers:
+                _add_delta(weights[d.layer], d.u, d.v)
+        return weights
+
+    def expected_weights(self) -> dict[int, torch.Tensor]:
+        """Tracked layers as they must be in the model now (base + committed deltas), cached per ledger."""
+        if self._expected is None:
+            self._expected = self._build(self._committed_ids())
+        return self._expected
+
+    def _stored_fingerprints(self) -> dict[int, list[float]]:
+        raw = self._meta("layers_fingerprint")
+        return {int(k): v for k, v in json.loads(raw).items()} if raw else {}
+
+    def _store_fingerprints(self, weights: Mapping[int, torch.Tensor]) -> None:
+        fps = self._stored_fingerprints() | {layer: layer_fingerprint(w, layer) for layer, w in weights.items()}
+        self._set_meta("layers_fingerprint", json.dumps({str(k): v for k, v in fps.items()}))
+
+    def attach(self, model: nn.Module, layers: Iterable[int]) -> None:
+        """Bind a freshly loaded base model: check it is the ledger's base, store base copies of
+        `layers` not yet tracked, then rebuild base + committed deltas into it (load_into)."""
+        fp = fingerprint(model)
+        stored = self._meta("base_fingerprint")
+        if stored is not None and stored != fp:
+            raise LedgerMismatch(f"model fingerprint {fp} differs from the ledger's base model {stored}; "
+                                 f"this ledger ({self.root}) was built on another model")
+        new = sorted(set(layers) - set(self.tracked_layers()))
+        with self.transaction():
+            self._set_meta("base_fingerprint", fp)
+            snaps = {}
+            for layer in new:
+                w = weight_view(model, layer).detach().cpu().clone().contiguous()
+                digest = hash_tensors({"weight": w})
+                self._write_file("base", digest, {"weight": w})
+                self.db.execute("INSERT INTO base_layers VALUES (?, ?, ?)", (layer, digest, json.dumps(list(w.shape))))
+                snaps[layer] = w
+            self._store_fingerprints(snaps)
+            if new:
+                self.log_event("attach", f"tracking base weights of layer(s) {new}", data={"layers": new})
+        self._expected = None
+        self.load_into(model)
+
+    def load_into(self, model: nn.Module) -> None:
+        """Rebuild base + committed deltas, check the stored fingerprint, write the layers into `model`."""
+        weights = self.expected_weights()
+        stored = self._stored_fingerprints()
+        for layer, w in weights.items():
+            if layer in stored and not fingerprints_match(layer_fingerprint(w, layer), stored[layer]):
+                self._expected = None
+                raise LedgerMismatch(f"layer {layer} rebuilt from base + committed deltas does not match the "
+                                     f"fingerprint recorded at the last commit; the ledger at {self.root} is "
+                                     "inconsistent (run verify())")
+        self.restore(model)
+
+    def restore(self, model: nn.Module) -> None:
+        """Write the expected tracked layers into `model` (discards any uncommitted delta)."""
+        with torch.no_grad():
+            for layer, w in self.expected_weights().items():
+                view = weight_view(model, layer)
+                view.copy_(w.to(view.device, view.dtype))
+
+    def check_model(self, model: nn.Module, weights: Mapping[int, torch.Tensor] | None = None) -> None:
+        """Raise LedgerMismatch unless the model's tracked layers equal `weights` (default: expected)."""
+        weights = self.expected_weights() if weights is None else weights
+        for layer, w in weights.items():
+            got = weight_view(model, layer).detach().to("cpu", torch.float64)
+            err = float((got - w.double()).norm() / w.double().norm().clamp_min(1e-12))
+            if err > FINGERPRINT_RTOL:
+                raise LedgerMismatch(f"layer {layer} of the model differs from base + committed deltas "
+                                     f"(relative error {err:.2e}); apply exactly the committed delta before commit")
+
+    # ------------------------------------------------------------------ batches
+
+    def _batch_row(self, batch_id: int) -> sqlite3.Row:
+        row = self.db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"no batch {batch_id} in the ledger")
+        return row
+
+    def _info(self, row: sqlite3.Row) -> BatchInfo:
+        layers = [r["layer"] for r in self.db.execute("SELECT layer FROM edits WHERE batch_id = ? ORDER BY layer",
+                                                      (row["id"],))]
+        return BatchInfo(row["id"], row["method"], row["status"], row["created_at"], row["n_facts"], layers,
+                         row["delta_hash"], row["keys_hash"], row["reason"], row["replay_of"])
+
+    def batch(self, batch_id: int) -> BatchInfo:
+        return self._info(self._batch_row(batch_id))
+
+    def history(self) -> list[BatchInfo]:
+        """Every batch ever committed, in commit order, with its current status."""
+        return [self._info(r) for r in self.db.execute("SELECT * FROM batches ORDER BY id")]
+
+    def batch_facts(self, batch_id: int) -> list[StoredFact]:
+        ids = [r["fact_id"] for r in self.db.execute("SELECT fact_id FROM batch_facts WHERE batch_id = ?",
+                                                     (batch_id,))]
+        return self.facts(ids=ids)
+
+    def commit(self, facts: Sequence[StoredFact | int], delta: EditDelta, keys: Mapping[int, torch.Tensor],
+               metrics: Mapping[str, Mapping[str, float]] | None = None, method: str = "encore",
+               model: nn.Module | None = None, replay_of: int | None = None) -> int:
+        """Record a batch whose delta has been applied to `model` (checked when given); return its id.
+
+        `metrics` maps phase ("before", "after") to name -> value. Files first, then one transaction.
+        """
+        fact_ids = [f.id if isinstance(f, StoredFact) else int(f) for f in facts]
+        delta.check_finite()
+        new_weights = self._weights_after(delta)
+        if model is not None:
+            self.check_model(model, self.expected_weights() | new_weights)
+        self._check_pending(fact_ids)
+        delta_hash = delta.content_hash()
+        self._write_file("deltas", delta_hash, delta.tensors())
+        keys_hash = hash_tensors(keys_tensors(keys))
+        self._write_file("keys", keys_hash, keys_tensors(keys))
+        batch_id = self._record_batch(fact_ids, delta, delta_hash, keys_hash, metrics or {}, method, replay_of,
+                                      new_weights)
+        self.expected_weights().update(new_weights)
+        return batch_id
+
+    def _weights_after(self, delta: EditDelta) -> dict[int, torch.Tensor]:
+        expected = self.expected_weights()
+        missing = sorted({d.layer for d in delta.layers} - set(expected))
+        if missing:
+            raise LedgerError(f"layer(s) {missing} are not tracked; call attach(model, layers) before editing them")
+        out = {}
+        for d in delta.layers:
+            w = out.get(d.layer, expected[d.layer].clone())
+            _add_delta(w, d.u, d.v)
+            out[d.layer] = w
+        return out
+
+    def _check_pending(self, fact_ids: Sequence[int]) -> None:
+        found = {f.id: f.status for f in self.facts(ids=fact_ids)}
+        bad = [f"{i} ({found.get(i, 'unknown')})" for i in fact_ids if found.get(i) != "pending"]
+        if bad:
+            raise LedgerError(f"only pending facts can be committed; not pending: {', '.join(bad)}")
+
+    def _record_batch(self, fact_ids: Sequence[int], delta: EditDelta, delta_hash: str, keys_hash: str,
+                      metrics: Mapping[str, Mapping[str, float]], method: str, replay_of: int | None,
+                      new_weights: Mapping[int, torch.Tensor]) -> int:
+        """The single DB transaction of a commit."""
+        now = time.time()
+        with self.transaction():
+            cur = self.db.execute(
+                "INSERT INTO batches (method, status, delta_hash, keys_hash, n_facts, created_at, replay_of)"
+                " VALUES (?, 'committed', ?, ?, ?, ?, ?)", (method, delta_hash, keys_hash, len(fact_ids), now,
+                                                            replay_of))
+            bid = int(cur.lastrowid)
+            for d in delta.layers:
+                self.db.execute("INSERT OR REPLACE INTO edits VALUES (?, ?, ?, ?)",
+                                (bid, d.layer, d.u.shape[1], float(d.dense().norm())))
+            self._attach_facts(bid, fact_ids, now)
+            for phase, values in metrics.items():
+                self.add_metrics(bid, phase, values)
+            self._store_fingerprints(new_weights)
+            what = f"replayed batch {replay_of} as batch {bid}" if replay_of else f"committed batch {bid}"
+            self.log_event("commit", f"{what}: {len(fact_ids)} fact(s) by {method}", bid,
+                           {"facts": list(fact_ids), "delta": delta_hash})
+        return bid
+
+    def _attach_facts(self, bid: int, fact_ids: Sequence[int], now: float) -> None:
+        for fid in fact_ids:
+            self.db.execute("INSERT INTO batch_facts VALUES (?, ?)", (bid, fid))
+            self.db.execute("UPDATE facts SET status = 'applied', batch_id = ?, reason = NULL, updated_at = ?"
+                            " WHERE id = ?", (bid, now, fid))
+        marks = ",".join("?" * len(fact_ids))
+        self.db.execute(f"UPDATE facts SET status = 'superseded', reason = 'superseded by fact ' || superseded_by,"
+                        f" updated_at = ? WHERE status = 'applied' AND superseded_by IN ({marks})",
+                        (now, *fact_ids))
+
+    # ------------------------------------------------------------------ rollback
+
+    def rollback(self, batch_id: int, model: nn.Module, state: KeyState | None = None,
+                 recompute: Recompute | None = None, reason: str = "rolled back by user") -> RollbackReport:
+        """Undo a committed batch exactly (no counter-edit). For an older batch, later batches are
+        reverted too and replayed through `recompute(facts) -> (delta, keys)`, as new batches."""
+        if self._batch_row(batch_id)["status"] != "committed":
+            raise LedgerError(f"batch {batch_id} is {self._batch_row(batch_id)['status']}, not committed")
+        committed = self._committed_ids()
+        later = [b for b in committed if b > batch_id]
+        if later and recompute is None:
+            raise LedgerError(f"batch {batch_id} is not the latest: rolling it back must replay batches {later}; "
+                              "pass recompute=, or use rollback_to()")
+        if state is not None:
+            for bid in reversed([batch_id] + later):
+                state.add_keys(self.load_keys(bid), sign=-1.0)
+        weights = self._build([b for b in committed if b < batch_id])
+        fact_ids = [f.id for f in self.batch_facts(batch_id)]
+        self._record_rollback(batch_id, later, fact_ids, reason, weights)
+        self._expected = weights
+        self.restore(model)
+        replayed = self._replay(later, model, state, recompute) if later else []
+        msg = f"rolled back batch {batch_id} ({len(fact_ids)} fact(s)): {reason}"
+        if replayed:
+            msg += "; replayed later batches " + ", ".join(f"{o}->{n}" for o, n in replayed) + " with recomputed deltas"
+        self.log_event("rollback", msg, batch_id, {"facts": fact_ids, "replayed": replayed})
+        log.warning(msg) if replayed else log.info(msg)
+        return RollbackReport(batch_id, fact_ids, replayed, msg)
+
+    def _record_rollback(self, batch_id: int, later: Sequence[int], fact_ids: Sequence[int], reason: str,
+                         weights: Mapping[int, torch.Tensor]) -> None:
+        now = time.time()
+        with self.transaction():
+            self.db.execute("UPDATE batches SET status = 'rolled_back', reason = ? WHERE id = ?", (reason, batch_id))
+            for fid in fact_ids:
+                self.db.execute("UPDATE facts SET status = 'rolled_back', reason = ?, updated_at = ? WHERE id = ?",
+                                (f"batch {batch_id} rolled back: {reason}", now, fid))
+            marks = ",".join("?" * len(fact_ids))
+            self.db.execute(f"UPDATE facts SET status = 'applied', superseded_by = NULL, reason = NULL, "
+                            f"updated_at = ? WHERE superseded_by IN ({marks}) AND status IN ('applied', 'superseded')",
+                            (now, *fact_ids))
+            for bid in later:
+                why = f"replayed after rollback of batch {batch_id}"
+                self.db.execute("UPDATE batches SET status = 'replaced', reason = ? WHERE id = ?", (why, bid))
+                self.db.execute("UPDATE facts SET status = 'pending', reason = ?, updated_at = ? WHERE id IN "
+                                "(SELECT fact_id FROM batch_facts WHERE batch_id = ?) AND status IN "
+                                "('applied', 'superseded')", (why, now, bid))
+            self._store_fingerprints(weights)
+
+    def _replay(self, later: Sequence[int], model: nn.Module, state: KeyState | None,
+                recompute: Recompute) -> list[tuple[int, int]]:
+        replayed = []
+        for old in later:
+            facts = [f for f in self.batch_facts(old) if f.status == "pending"]
+            if not facts:
+                continue
+            delta, keys = recompute(facts)
+            delta.apply(model)
+            if state is not None:
+                state.add_keys(keys)
+            new = self.commit(facts, delta, keys, None, self._batch_row(old)["method"], model, replay_of=old)
+            self.log_event("replay", f"replayed batch {old} as batch {new} ({len(facts)} fact(s))", new,
+                           {"replay_of": old})
+            replayed.append((old, new))
+        return replayed
+
+    def rollback_to(self, batch_id: int, model: nn.Module, state: KeyState | None = None,
+                    reason: str = "rolled back by user") -> list[RollbackReport]:
+        """Roll back every committed batch after `batch_id` (0 = all), latest first; no replay needed."""
+        later = [b for b in self._committed_ids() if b > batch_id]
+        return [self.rollback(b, model, state, reason=f"{reason} (rollback to batch {batch_id})")
+                for b in reversed(later)]
+
+    # ------------------------------------------------------------------ integrity
+
+    def verify(self) -> list[str]:
+        """Re-hash every tensor file and check the DB against the files; return problems (empty = healthy)."""
+        problems = self._check_sqlite() + self._check_files() + self._check_facts()
+        if not problems:
+            problems += self._check_rebuild()
+        for p in problems:
+            log.error("ledger verify: %s", p)
+        return problems
+
+    def _check_sqlite(self) -> list[str]:
+        out = [f"sqlite: {r[0]}" for r in self.db.execute("PRAGMA integrity_check") if r[0] != "ok"]
+        missing = [n for n, _ in MIGRATIONS if n not in self.applied_migrations()]
+        return out + [f"migration {n} not applied" for n in missing]
+
+    def _check_files(self) -> list[str]:
+        out = []
+        for r in self.db.execute("SELECT id, delta_hash, keys_hash FROM batches ORDER BY id"):
+            for kind, digest in (("deltas", r["delta_hash"]), ("keys", r["keys_hash"])):
+                out += self._check_file(kind, digest, f"batch {r['id']}")
+            layers = {row["layer"] for row in self.db.execute("SELECT layer FROM edits WHERE batch_id = ?", (r["id"],))}
+            path = self.root / "deltas" / f"{r['delta_hash']}.safetensors"
+            if path.exists() and not out and {d.layer for d in EditDelta.load(path).layers} != layers:
+                out.append(f"batch {r['id']}: edited layers in the DB {sorted(layers)} differ from its delta file")
+        for r in self.db.execute("SELECT layer, hash FROM base_layers"):
+            out += self._check_file("base", r["hash"], f"base copy of layer {r['layer']}")
+        return out
+
+    def _check_file(self, kind: str, digest: str, what: str) -> list[str]:
+        path = self.root / kind / f"{digest}.safetensors"
+        if not path.exists():
+            return [f"{what}: {kind} file {path.name} is missing"]
+        try:
+            actual = self._file_hash(kind, path)
+        except Exception as exc:  # unreadable file: report, do not crash verify
+            return [f"{what}: {kind} file {path.name} is unreadable ({exc})"]
+        return [] if actual == digest else [f"{what}: {kind} file {path.name} has content hash {actual[:12]}, "
+                                            f"expected {digest[:12]} (tampered or corrupted)"]
+
+    def _check_facts(self) -> list[str]:
+        rows = self.db.execute(
+            "SELECT f.id, f.status, f.batch_id, b.status AS bstatus FROM facts f LEFT JOIN batches b"
+            " ON f.batch_id = b.id WHERE f.status IN ('applied', 'superseded')")
+        return [f"fact {r['id']} is {r['status']} but its batch {r['batch_id']} is {r['bstatus']}"
+                for r in rows if r["bstatus"] != "committed"]
+
+    def _check_rebuild(self) -> list[str]:
+        stored = self._stored_fingerprints()
+        weights = self._build(self._committed_ids())
+        return [f"layer {layer}: base + committed deltas do not match the recorded fingerprint"
+                for layer, w in weights.items()
+                if layer in stored and not fingerprints_match(layer_fingerprint(w, layer), stored[layer])]
+
+    def orphan_files(self) -> list[Path]:
+        """Tensor files no DB row refers to (left by a crash between file write and commit)."""
+        known = {r[0] for r in self.db.execute("SELECT delta_hash FROM batches UNION SELECT keys_hash FROM batches"
+                                               " UNION SELECT hash FROM base_layers")}
+        return [p for kind in ("deltas", "keys", "base") for p in sorted((self.root / kind).glob("*"))
+                if p.name.split(".")[0] not in known or p.name.startswith(".")]
+
+    def gc(self) -> list[Path]:
+        """Delete orphan files; return them."""
+        orphans = self.orphan_files()
+        for p in orphans:
+            p.unlink()
+        if orphans:
+            log.info("ledger gc: removed %d orphan file(s)", len(orphans))
+        return orphans
