@@ -101,6 +101,7 @@ class FactMemory:
         self.ivf_threshold = ivf_threshold  # switch from flat to IVF above this many facts
         self.index_path = index_path or ledger.root / "facts.faiss"  # saved index; meta in <path>.json
         self._idx: faiss.Index | None = None  # loaded lazily
+        self._ids: list[int] = []  # ledger ids held by the index, in insertion order
 
     # ------------------------------------------------------------------ index persistence
 
@@ -115,8 +116,19 @@ class FactMemory:
     def index(self) -> faiss.Index:
         """The index, loaded from disk when it agrees with the ledger, else rebuilt from the ledger."""
         if self._idx is None:
-            self._idx = self._load_consistent() or self.rebuild()
+            loaded = self._load_consistent()
+            if loaded is None:
+                return self.rebuild()
+            self._idx, self._ids = loaded, self.ledger.fact_ids()
         return self._idx
+
+    def sync(self) -> faiss.Index:
+        """The index, rebuilt if the ledger gained facts behind the memory's back."""
+        idx = self.index()
+        if self._ids != self.ledger.fact_ids():
+            log.warning("fact index out of step with the ledger; rebuilding")
+            idx = self.rebuild()
+        return idx
 
     def _load_consistent(self) -> faiss.Index | None:
         if not (self.index_path.exists() and self.meta_path.exists()):
@@ -142,8 +154,8 @@ class FactMemory:
         facts = self.ledger.facts()
         vecs = self.embedder.embed([f.record.relation for f in facts])
         ids = np.asarray([f.id for f in facts], dtype=np.int64)
-        self._idx = self._build(vecs, ids)
-        self._save(ids.tolist())
+        self._idx, self._ids = self._build(vecs, ids), ids.tolist()
+        self._save()
         log.info("fact index rebuilt from the ledger: %d facts", len(ids))
         return self._idx
 
@@ -161,11 +173,11 @@ class FactMemory:
             idx.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), ids)
         return idx
 
-    def _save(self, ids: Sequence[int]) -> None:
+    def _save(self) -> None:
         tmp = self.index_path.with_name(self.index_path.name + ".tmp")
         faiss.write_index(self._idx, str(tmp))
         os.replace(tmp, self.index_path)
-        meta = {"embedder": self.embedder.name, "count": len(ids), "ids_hash": self._ids_hash(ids),
+        meta = {"embedder": self.embedder.name, "count": len(self._ids), "ids_hash": self._ids_hash(self._ids),
                 "kind": "ivf" if self.is_ivf else "flat"}
         self.meta_path.write_text(json.dumps(meta))
 
@@ -175,18 +187,15 @@ class FactMemory:
 
     def _add_vectors(self, ids: Sequence[int], vecs: np.ndarray) -> None:
         idx = self.index()
-        all_ids = self.ledger.fact_ids()
-        if not self.is_ivf and len(all_ids) > self.ivf_threshold:
-            old = self.vectors(self._index_ids(idx))
-            self._idx = self._build(np.vstack([old, vecs]), np.asarray(self._index_ids(idx) + list(ids)))
-            log.info("fact index switched to IVF at %d facts", len(all_ids))
+        total = len(self._ids) + len(ids)
+        if not self.is_ivf and total > self.ivf_threshold:
+            old = self.vectors(self._ids)
+            self._idx = self._build(np.vstack([old, vecs]), np.asarray(self._ids + list(ids), dtype=np.int64))
+            log.info("fact index switched to IVF at %d facts", total)
         elif len(ids):
             idx.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), np.asarray(ids, dtype=np.int64))
-        self._save(all_ids)
-
-    @staticmethod
-    def _index_ids(idx: faiss.Index) -> list[int]:
-        return faiss.vector_to_array(faiss.downcast_index(idx).id_map).tolist()
+        self._ids += list(ids)
+        self._save()
 
     def vectors(self, ids: Iterable[int]) -> np.ndarray:
         """Stored embeddings of ledger facts, one row per id."""
@@ -220,7 +229,7 @@ class FactMemory:
         """Store new facts as pending after dropping duplicates and resolving supersession; with
         `feed`/`offset`, the feed position is saved in the same transaction as the facts."""
         recs = list(facts)
-        self.index()  # load (or rebuild) before the ledger changes, so the new facts are added once
+        self.sync()  # load (or rebuild) before the ledger changes, so the new facts are added once
         vecs = self.embedder.embed([r.relation for r in recs]) if recs else np.zeros((0, 1), np.float32)
         plan = Plan()
         accepted, drops, supers = self._resolve(recs, vecs, plan)
@@ -310,7 +319,9 @@ class FactMemory:
     # ------------------------------------------------------------------ planning
 
     def pending(self) -> list[StoredFact]:
-        return self.ledger.facts(status="pending")
+        """Pending facts to plan; a pending fact already superseded by a newer one (possible after an
+        interrupted replay) is left out."""
+        return [f for f in self.ledger.facts(status="pending") if f.superseded_by is None]
 
     def plan_batches(self, batch_size: int, order: str = "cluster", seed: int = 0) -> list[list[StoredFact]]:
         """Pending facts split into batches of at most `batch_size`, in the chosen order."""

@@ -667,10 +667,11 @@ class Ledger:
         if later and recompute is None:
             raise LedgerError(f"batch {batch_id} is not the latest: rolling it back must replay batches {later}; "
                               "pass recompute=, or use rollback_to()")
+        keys = {b: self.load_keys(b) for b in [batch_id] + later}  # read (and hash-check) everything first
+        weights = self._build([b for b in committed if b < batch_id])
         if state is not None:
             for bid in reversed([batch_id] + later):
-                state.add_keys(self.load_keys(bid), sign=-1.0)
-        weights = self._build([b for b in committed if b < batch_id])
+                state.add_keys(keys[bid], sign=-1.0)
         fact_ids = [f.id for f in self.batch_facts(batch_id)]
         self._record_rollback(batch_id, later, fact_ids, reason, weights)
         self._expected = weights
@@ -680,7 +681,8 @@ class Ledger:
         if replayed:
             msg += "; replayed later batches " + ", ".join(f"{o}->{n}" for o, n in replayed) + " with recomputed deltas"
         self.log_event("rollback", msg, batch_id, {"facts": fact_ids, "replayed": replayed})
-        log.warning(msg) if replayed else log.info(msg)
+        if replayed:
+            log.warning(msg)
         return RollbackReport(batch_id, fact_ids, replayed, msg)
 
     def _record_rollback(self, batch_id: int, later: Sequence[int], fact_ids: Sequence[int], reason: str,
@@ -745,12 +747,12 @@ class Ledger:
 
     def _check_files(self) -> list[str]:
         out = []
-        for r in self.db.execute("SELECT id, delta_hash, keys_hash FROM batches ORDER BY id"):
-            for kind, digest in (("deltas", r["delta_hash"]), ("keys", r["keys_hash"])):
-                out += self._check_file(kind, digest, f"batch {r['id']}")
+        for r in self.db.execute("SELECT id, delta_hash, keys_hash FROM batches ORDER BY id").fetchall():
+            delta_problems = self._check_file("deltas", r["delta_hash"], f"batch {r['id']}")
+            out += delta_problems + self._check_file("keys", r["keys_hash"], f"batch {r['id']}")
             layers = {row["layer"] for row in self.db.execute("SELECT layer FROM edits WHERE batch_id = ?", (r["id"],))}
             path = self.root / "deltas" / f"{r['delta_hash']}.safetensors"
-            if path.exists() and not out and {d.layer for d in EditDelta.load(path).layers} != layers:
+            if not delta_problems and {d.layer for d in EditDelta.load(path).layers} != layers:
                 out.append(f"batch {r['id']}: edited layers in the DB {sorted(layers)} differ from its delta file")
         for r in self.db.execute("SELECT layer, hash FROM base_layers"):
             out += self._check_file("base", r["hash"], f"base copy of layer {r['layer']}")

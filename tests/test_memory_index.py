@@ -202,3 +202,13 @@ def test_planner_rejects_bad_arguments():
         planner.plan([1, 2], None, 0)
     with pytest.raises(ValueError, match="one embedding per fact"):
         planner.plan([1, 2], None, 1, order="cluster")
+
+
+def test_live_memory_catches_facts_added_behind_its_back(ledger):
+    mem = FactMemory(ledger, ToyEmbedder())
+    mem.add([f("A")])
+    ledger.add_facts([f("B", "{} was born in")])  # another writer
+    mem.add([f("C")])
+    assert mem.index().ntotal == 3
+    emb = ToyEmbedder()
+    assert FactMemory(ledger, emb).index().ntotal == 3 and emb.calls == []  # saved state is consistent
