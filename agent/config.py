@@ -23,6 +23,9 @@ class AgentConfig(BaseModel):
     model: str = Field(DEFAULT_MODEL, description="model to edit: the embedded alias, a local HF directory or a hub name")
     device: str = Field("auto", description="torch device for the model; 'auto' = CUDA when available, else CPU")
     method: str = Field("encore", description="editing method: encore, memit or alphaedit")
+    layers: list[int] = Field(default_factory=list,
+                              description="edited layers; empty = the method's default for the model family")
+    stats_tokens: int = Field(0, ge=0, description="corpus tokens for covariance statistics; 0 = the method's default")
     batch_size: int = Field(10, ge=1, description="facts applied together in one batch")
     max_wait: float = Field(30.0, ge=0, description="seconds to wait before applying a partial batch")
     order: Literal["cluster", "arrival", "random"] = Field(
@@ -43,6 +46,15 @@ class AgentConfig(BaseModel):
 
     def resolved_device(self) -> str | None:
         return None if self.device == "auto" else self.device
+
+    def hparam_overrides(self) -> dict[str, Any]:
+        """Editor hyperparameters this config overrides (the rest are the family's defaults)."""
+        out: dict[str, Any] = {}
+        if self.layers:
+            out["layers"] = list(self.layers)
+        if self.stats_tokens:
+            out["stats_tokens"] = self.stats_tokens
+        return out
 
 
 def _toml_value(value: Any) -> str:

@@ -2,7 +2,8 @@
 
 Layout (all under the workspace root):
     config.toml     AgentConfig (see agent.config)
-    ledger.sqlite   the edit ledger (memory.Ledger)
+    ledger/         the edit ledger (memory.Ledger: ledger.db and its tensor files)
+    editor_state.safetensors  context templates of the editor (its key sums are rebuilt from the ledger)
     index/          the fact memory's FAISS index
     cache/          per-workspace caches (probe keys, ...)
     baseline.json   probe baselines measured on the unedited model at `kagent init`
@@ -35,7 +36,7 @@ class WorkspaceError(RuntimeError):
 class Baseline(BaseModel):
     """Probe values of the unedited model; thresholds in the config are relative to these."""
 
-    known_acc: float = Field(description="known-fact accuracy of the unedited model (0-1)")
+    known_acc: float | None = Field(description="known-fact accuracy of the unedited model (0-1); None without probes")
     perplexity: float = Field(description="perplexity of the unedited model on the held-out probe text")
     model_fingerprint: str = Field(description="editors.models.fingerprint of the unedited model")
     measured_at: str = Field(description="ISO-8601 time of measurement")
@@ -55,8 +56,12 @@ class Workspace:
         return self.root / "config.toml"
 
     @property
-    def ledger_path(self) -> Path:
-        return self.root / "ledger.sqlite"
+    def ledger_dir(self) -> Path:
+        return self.root / "ledger"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "editor_state.safetensors"
 
     @property
     def index_dir(self) -> Path:
@@ -106,7 +111,7 @@ class Workspace:
             return None
         return Baseline.model_validate_json(self.baseline_path.read_text())
 
-    def save_baseline(self, known_acc: float, perplexity: float, model_fingerprint: str) -> Baseline:
+    def save_baseline(self, known_acc: float | None, perplexity: float, model_fingerprint: str) -> Baseline:
         baseline = Baseline(known_acc=known_acc, perplexity=perplexity, model_fingerprint=model_fingerprint,
                             measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         tmp = self.baseline_path.with_suffix(".tmp")

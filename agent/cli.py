@@ -1,0 +1,305 @@
+"""The `kagent` command line: thin click commands over agent/, memory/ and editors/.
+
+Every command takes `--workspace DIR` (default: $KAGENT_HOME/workspace or the user data dir). User errors are one
+line on stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import click
+
+from agent import schedule as sched
+from agent import views
+from agent.config import AgentConfig, ConfigError
+from agent.loop import WatchOptions, watch as watch_feed
+from agent.report import render
+from agent.schedule import ScheduleError
+from agent.session import measure_baseline, open_ledger, open_session
+from agent.workspace import Workspace, WorkspaceError, default_root
+from editors.arch import UnknownArchitecture
+from editors.models import DEFAULT_MODEL, load_model
+from memory.export import export as export_model
+from memory.ledger import LedgerError
+
+USER_ERRORS = (WorkspaceError, ConfigError, ScheduleError, LedgerError, UnknownArchitecture, FileNotFoundError,
+               FileExistsError, OSError)
+
+
+class KagentGroup(click.Group):
+    """Turns user errors into one-line messages with exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def workspace_option(fn):
+    return click.option("--workspace", "-w", type=click.Path(path_type=Path), envvar="KAGENT_WORKSPACE",
+                        help="Workspace directory [default: $KAGENT_HOME/workspace]")(fn)
+
+
+def ws_root(workspace: Path | None) -> Path:
+    return workspace or default_root()
+
+
+@click.group(cls=KagentGroup)
+@click.version_option(package_name="kagent")
+@click.option("-v", "--verbose", count=True, help="Log more (-vv for debug)")
+def cli(verbose: int) -> None:
+    """kagent: keep an LLM's facts current by editing its weights from a feed of fact updates."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help="Embedded alias, local HF dir or hub name")
+@click.option("--method", default="encore", show_default=True, type=click.Choice(["encore", "memit", "alphaedit"]))
+@click.option("--layers", help="Edited layers, comma-separated [default: the method's choice for the model]")
+@click.option("--stats-tokens", type=click.IntRange(0), default=0, help="Corpus tokens for covariance statistics "
+              "[default: the method's]")
+@click.option("--device", default="auto", show_default=True, help="torch device")
+@workspace_option
+def init(model: str, method: str, layers: str | None, stats_tokens: int, device: str, workspace: Path | None) -> None:
+    """Create a workspace (config, ledger, index, caches) and measure the probe baselines."""
+    layer_list = [int(x) for x in layers.split(",")] if layers else []
+    cfg = AgentConfig(model=model, method=method, layers=layer_list, stats_tokens=stats_tokens, device=device)
+    root = ws_root(workspace)
+    if Workspace(root).exists():
+        raise WorkspaceError(f"a workspace already exists at {root}")
+    loaded = load_checked(model, cfg.resolved_device())
+    ws = Workspace.create(root, cfg)
+    try:
+        with ws.writer():
+            session = open_session(ws, loaded)
+            baseline = measure_baseline(session)
+            session.close()
+    except BaseException:
+        shutil.rmtree(ws.root, ignore_errors=True)
+        raise
+    acc = "n/a" if baseline.known_acc is None else f"{baseline.known_acc:.3f}"
+    click.echo(f"initialised {ws.root}: {model} ({method}); baseline known-fact accuracy {acc}, "
+               f"perplexity {baseline.perplexity:.2f}")
+
+
+def load_checked(model: str, device: str | None):
+    """load_model with loading failures (not a model, missing files) as one-line user errors."""
+    try:
+        return load_model(model, device)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise click.ClickException(f"cannot load model {model!r}: {first}") from None
+
+
+@cli.command()
+@click.argument("feed", type=click.Path(path_type=Path))
+@click.option("--once", is_flag=True, help="Process what is in the feed now, then exit")
+@click.option("--batch-size", type=click.IntRange(1), help="Facts per batch [default: from config]")
+@click.option("--max-wait", type=click.FloatRange(0), help="Seconds before a partial batch [default: from config]")
+@workspace_option
+def watch(feed: Path, once: bool, batch_size: int | None, max_wait: float | None, workspace: Path | None) -> None:
+    """Follow FEED (JSONL) like tail -F and apply its facts in guarded batches."""
+    ws = Workspace.open(ws_root(workspace))
+    with ws.writer():
+        remember_feed(ws, feed)
+        summary = run_feed(ws, feed, once, batch_size, max_wait)
+    click.echo(summary.line())
+
+
+def remember_feed(ws: Workspace, feed: Path) -> None:
+    cfg = ws.config()
+    key = str(feed.expanduser().resolve())
+    if key not in cfg.feeds:
+        ws.save_config(cfg.model_copy(update={"feeds": cfg.feeds + [key]}))
+
+
+def run_feed(ws: Workspace, feed: Path, once: bool, batch_size: int | None, max_wait: float | None):
+    session = open_session(ws)
+    try:
+        opts = WatchOptions(once=once, batch_size=batch_size or session.cfg.batch_size,
+                            max_wait=session.cfg.max_wait if max_wait is None else max_wait)
+        return watch_feed(session, feed, opts, echo=click.echo)
+    finally:
+        session.close()
+
+
+@cli.command()
+@workspace_option
+def refresh(workspace: Path | None) -> None:
+    """Process every configured feed once (what a nightly job runs)."""
+    ws = Workspace.open(ws_root(workspace))
+    with ws.writer():
+        feeds = ws.config().feeds
+        if not feeds:
+            click.echo("no feeds configured; add one with `kagent watch FEED --once`")
+        for feed in feeds:
+            click.echo(f"{feed}: {run_feed(ws, Path(feed), True, None, None).line()}")
+
+
+@cli.command()
+@click.option("--limit", "-n", type=click.IntRange(0), default=20, show_default=True, help="Batches to show (0 = all)")
+@click.option("--json", "as_json", is_flag=True, help="Output JSON")
+@workspace_option
+def history(limit: int, as_json: bool, workspace: Path | None) -> None:
+    """List batches, newest first: time, facts, method, key metrics, status."""
+    with open_ledger(Workspace.open(ws_root(workspace))) as ledger:
+        rows = views.history_rows(ledger, limit or None)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            click.echo(views.history_line(row))
+
+
+@cli.command()
+@click.argument("item")
+@workspace_option
+def show(item: str, workspace: Path | None) -> None:
+    """Show a batch (N or bN) or a fact (fN) with metrics and events."""
+    with open_ledger(Workspace.open(ws_root(workspace))) as ledger:
+        kind, num = parse_item(item)
+        click.echo(views.batch_detail(ledger, num) if kind == "b" else views.fact_detail(ledger, ledger.fact(num)))
+
+
+def parse_item(item: str) -> tuple[str, int]:
+    kind = item[0].lower() if item[:1].isalpha() else "b"
+    digits = item[1:] if item[:1].isalpha() else item
+    if kind not in "bf" or not digits.isdigit():
+        raise click.BadParameter(f"{item!r}: use a batch number (3 or b3) or a fact (f12)")
+    return kind, int(digits)
+
+
+@cli.command()
+@click.option("--status", "-s", help="pending, applied, superseded, dropped, rolled_back or quarantined")
+@click.option("--subject", help="Only facts whose subject contains this text")
+@workspace_option
+def facts(status: str | None, subject: str | None, workspace: Path | None) -> None:
+    """List facts in the ledger with their status."""
+    with open_ledger(Workspace.open(ws_root(workspace))) as ledger:
+        for f in ledger.facts(status=status):
+            if subject is None or subject.casefold() in f.record.subject.casefold():
+                click.echo(views.fact_line(f))
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--base", is_flag=True, help="Also answer with the unedited model, side by side")
+@click.option("--tokens", type=click.IntRange(1), default=12, show_default=True, help="Tokens to generate")
+@workspace_option
+def ask(prompt: str, base: bool, tokens: int, workspace: Path | None) -> None:
+    """Answer PROMPT with the edited model (--base: with the unedited one too)."""
+    from evaluators.scoring import greedy_answers
+
+    ws = Workspace.open(ws_root(workspace))
+    cfg = ws.config()
+    loaded = load_checked(cfg.model, cfg.resolved_device())
+    before = greedy_answers(loaded.model, loaded.tok, [prompt], tokens)[0] if base else None
+    with open_ledger(ws) as ledger:
+        ledger.load_into(loaded.model)
+    after = greedy_answers(loaded.model, loaded.tok, [prompt], tokens)[0]
+    if before is not None:
+        click.echo(f"base:   {prompt}{before}")
+        click.echo(f"edited: {prompt}{after}")
+    else:
+        click.echo(f"{prompt}{after}")
+
+
+@cli.command()
+@click.argument("batch", type=int, required=False)
+@click.option("--to", "to_batch", type=click.IntRange(0), help="Roll back every batch after this one (0 = all)")
+@workspace_option
+def rollback(batch: int | None, to_batch: int | None, workspace: Path | None) -> None:
+    """Undo BATCH exactly (later batches are replayed), or everything after --to BATCH."""
+    if (batch is None) == (to_batch is None):
+        raise click.UsageError("give either BATCH or --to BATCH")
+    ws = Workspace.open(ws_root(workspace))
+    with ws.writer():
+        session = open_session(ws)
+        try:
+            for msg in rollback_messages(session, batch, to_batch):
+                click.echo(msg)
+        finally:
+            session.close()
+
+
+def rollback_messages(session, batch: int | None, to_batch: int | None) -> list[str]:
+    state = session.editor.state
+    if to_batch is not None:
+        return [r.message for r in session.ledger.rollback_to(to_batch, session.model, state)] or \
+            [f"nothing committed after batch {to_batch}"]
+
+    def recompute(facts):
+        result = session.editor.compute([f.record.to_request() for f in facts])
+        return result.delta, result.keys
+
+    return [session.ledger.rollback(batch, session.model, state, recompute).message]
+
+
+@cli.command()
+@workspace_option
+def status(workspace: Path | None) -> None:
+    """Show the workspace: model, config, facts by status, last batch and baseline."""
+    ws = Workspace.open(ws_root(workspace))
+    cfg, baseline = ws.config(), ws.baseline()
+    click.echo(f"workspace {ws.root}\nmodel {cfg.model} ({cfg.method}), batch size {cfg.batch_size}, "
+               f"order {cfg.order}")
+    if baseline:
+        acc = "n/a" if baseline.known_acc is None else f"{baseline.known_acc:.3f}"
+        click.echo(f"baseline known-fact accuracy {acc}, perplexity {baseline.perplexity:.2f}")
+    with open_ledger(ws) as ledger:
+        counts = views.status_counts(ledger)
+        click.echo("facts: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
+        rows = views.history_rows(ledger, 1)
+        click.echo("last batch: " + (views.history_line(rows[0]) if rows else "none"))
+        for feed in cfg.feeds:
+            click.echo(f"feed {feed}: byte {ledger.feed_offset(feed)}")
+
+
+@cli.command(name="export")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@workspace_option
+def export_cmd(out_dir: Path, workspace: Path | None) -> None:
+    """Write the edited model as a Hugging Face checkpoint plus a manifest of its facts."""
+    ws = Workspace.open(ws_root(workspace))
+    cfg = ws.config()
+    loaded = load_checked(cfg.model, cfg.resolved_device())
+    with open_ledger(ws) as ledger:
+        ledger.load_into(loaded.model)
+        path = export_model(loaded.model, loaded.tok, ledger, out_dir)
+    click.echo(f"exported to {path}")
+
+
+@cli.command()
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("report.html"), show_default=True)
+@workspace_option
+def report(out: Path, workspace: Path | None) -> None:
+    """Write an HTML report: norm growth, superposition, probe metrics and retention vs edits."""
+    ws = Workspace.open(ws_root(workspace))
+    baseline = ws.baseline()
+    base = {"perplexity": baseline.perplexity} | ({"known_acc": baseline.known_acc}
+                                                   if baseline and baseline.known_acc is not None else {}) \
+        if baseline else {}
+    with open_ledger(ws) as ledger:
+        rows = views.report_rows(ledger)
+    out.write_text(render(rows, f"kagent report: {ws.config().model}", base))
+    click.echo(f"wrote {out} ({len(rows)} batches)")
+
+
+@cli.command()
+@click.option("--daily", required=True, metavar="HH:MM", help="Time of day to run `kagent refresh`")
+@click.option("--systemd", is_flag=True, help="Write a systemd user timer instead of a crontab line")
+@click.option("--dry-run", is_flag=True, help="Print what would be installed")
+@workspace_option
+def schedule(daily: str, systemd: bool, dry_run: bool, workspace: Path | None) -> None:
+    """Schedule a daily `kagent refresh` with cron or a systemd user timer."""
+    root = Workspace.open(ws_root(workspace)).root
+    plan = sched.systemd_plan(root, daily, sched.default_unit_dir()) if systemd else sched.cron_plan(root, daily)
+    if dry_run:
+        click.echo(plan.describe())
+    else:
+        click.echo(sched.install_systemd(plan) if systemd else sched.install_cron(plan))

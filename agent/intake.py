@@ -1,0 +1,101 @@
+"""Reading a feed into the fact memory: validation, bad-line records, and the feed position in one transaction.
+
+Lines are read in chunks of at most CHUNK_LINES. For each chunk, in one ledger transaction: the valid facts go
+through the memory (dedup, supersede) and are stored as pending with the feed's byte offset; every bad line becomes
+a `bad_line` event with its line number and reason; a `feed` event records the position (offset, line number,
+inode) so a restart resumes exactly there, following rotation that happened while kagent was stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.feed import FeedFollower, FeedLine, FeedPosition
+from memory.index import FactMemory
+from memory.ledger import Ledger
+from memory.record import BadRecord, FactRecord, parse_line
+
+log = logging.getLogger(__name__)
+
+CHUNK_LINES = 256
+
+
+@dataclass
+class IntakeStats:
+    lines: int = 0  # non-blank lines read
+    added: int = 0  # new pending facts
+    duplicates: int = 0  # exact or paraphrase duplicates dropped
+    superseding: int = 0  # facts that replace an earlier pending or applied one
+    bad: list[str] = field(default_factory=list)  # one-line reasons of bad lines
+
+    def merge(self, other: "IntakeStats") -> None:
+        self.lines += other.lines
+        self.added += other.added
+        self.duplicates += other.duplicates
+        self.superseding += other.superseding
+        self.bad += other.bad
+
+
+def feed_key(path: Path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def resume_position(ledger: Ledger, path: Path) -> FeedPosition:
+    """The stored position of `path`: the ledger's offset plus line number and inode from the last `feed` event."""
+    key = feed_key(path)
+    offset = ledger.feed_offset(key)
+    row = ledger.db.execute("SELECT data FROM events WHERE kind = 'feed' AND json_extract(data, '$.feed') = ? "
+                            "ORDER BY id DESC LIMIT 1", (key,)).fetchone()
+    data = json.loads(row["data"]) if row else {}
+    if data.get("offset") != offset:
+        return FeedPosition(key, offset)
+    return FeedPosition(key, offset, int(data.get("lineno", 0)), data.get("inode"))
+
+
+def parse(item: FeedLine) -> FactRecord | BadRecord:
+    if item.error:
+        return BadRecord(item.lineno, "-", item.error)
+    try:
+        return parse_line(item.line, item.lineno)
+    except BadRecord as exc:
+        return exc
+
+
+def read_chunk(follower: FeedFollower, final: bool) -> list[FeedLine]:
+    out = []
+    for item in follower.read(final=final):
+        out.append(item)
+        if len(out) >= CHUNK_LINES:
+            break
+    return out
+
+
+def store_chunk(memory: FactMemory, key: str, items: list[FeedLine], position: FeedPosition) -> IntakeStats:
+    """Facts, bad lines and the new feed position of one chunk, atomically."""
+    parsed = [parse(i) for i in items]
+    facts = [p for p in parsed if isinstance(p, FactRecord)]
+    bad = [p for p in parsed if isinstance(p, BadRecord)]
+    ledger = memory.ledger
+    with ledger.transaction():
+        plan = memory.add(facts, feed=key, offset=position.offset)
+        for b in bad:
+            ledger.log_event("bad_line", f"{Path(key).name}: {b}", data={"feed": key, "lineno": b.lineno,
+                                                                     "field": b.field, "reason": b.reason})
+        ledger.log_event("feed", f"read {Path(key).name} to line {position.lineno} (byte {position.offset})",
+                         data={"feed": key, "offset": position.offset, "lineno": position.lineno,
+                               "inode": position.inode, "facts": len(facts), "bad": len(bad)})
+    for b in bad:
+        log.warning("skipped bad line: %s: %s", Path(key).name, b)
+    return IntakeStats(len(items), len(plan.added), plan.duplicates + plan.paraphrase_duplicates,
+                       len(plan.dropped_pending) + len(plan.supersedes), [str(b) for b in bad])
+
+
+def intake(memory: FactMemory, follower: FeedFollower, final: bool) -> IntakeStats:
+    """Read everything available now (chunk by chunk) into the memory."""
+    total = IntakeStats()
+    key = str(follower.path)
+    while items := read_chunk(follower, final):
+        total.merge(store_chunk(memory, key, items, follower.position))
+    return total

@@ -1,0 +1,135 @@
+"""An open workspace with its model, editor and ledger, ready to edit: what `watch`, `rollback` and `ask` use.
+
+Loading order matters: the editor's covariance statistics and context templates come from the *unedited* model,
+so the editor is built before the ledger writes base + committed deltas into the model (`Ledger.attach`). The
+editor state's key sums are then rebuilt from the committed batches' stored keys, so state and weights always
+agree with the ledger.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from agent.config import AgentConfig
+from agent.monitors import base_weights
+from agent.probes import ProbeSuite
+from agent.workspace import Baseline, Workspace
+from editors.core import Editor
+from editors.models import LoadedModel, fingerprint, load_model
+from editors.registry import make_editor
+from editors.state import EditorState
+from memory.index import Embedder, FactMemory, MiniLMEmbedder
+from memory.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    ws: Workspace
+    cfg: AgentConfig
+    loaded: LoadedModel
+    ledger: Ledger
+    editor: Editor
+    memory: FactMemory
+    probes: ProbeSuite
+    w0: dict[int, torch.Tensor]  # base weights of the edited layers
+    prior_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> keys of committed edits (d, m)
+    _probe_keys: dict[int, torch.Tensor] | None = None  # layer -> keys of the known-fact probes, computed once
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def tok(self):
+        return self.loaded.tok
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.editor.hp.layers)
+
+    def baseline(self) -> Baseline:
+        baseline = self.ws.baseline()
+        if baseline is None:
+            raise RuntimeError(f"workspace {self.ws.root} has no probe baseline; run `kagent init` again")
+        return baseline
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def add_prior_keys(self, keys: dict[int, torch.Tensor]) -> None:
+        for layer, k in keys.items():
+            old = self.prior_keys.get(layer)
+            k = k.detach().float().cpu()
+            self.prior_keys[layer] = k if old is None else torch.cat([old, k], dim=1)
+
+    def covariances(self) -> dict[int, torch.Tensor]:
+        return {layer: st.mom2 for layer, st in self.editor.stats.items()}
+
+    def probe_keys(self) -> dict[int, torch.Tensor]:
+        """Keys of the known-fact probes at every edited layer (what a batch must not move)."""
+        if self._probe_keys is None:
+            reqs = self.probes.key_requests()
+            self._probe_keys = {l: self.editor.keys(reqs, l).float().cpu() for l in self.layers} if reqs else {}
+        return self._probe_keys
+
+    def history_metrics(self) -> list[dict[str, float]]:
+        """"after" metrics of the committed batches, oldest first."""
+        return [self.ledger.metrics(b.id).get("after", {}) for b in self.ledger.history() if b.status == "committed"]
+
+    def rebuild_state(self) -> None:
+        """Editor key sums and prior keys = exactly the committed batches' keys."""
+        self.editor.state.kkt.clear()
+        self.editor.state.n_edits = 0
+        self.prior_keys = {}
+        for info in self.ledger.history():
+            if info.status == "committed":
+                keys = self.ledger.load_keys(info.id)
+                self.editor.state.add_keys(keys)
+                self.add_prior_keys(keys)
+
+
+def build_editor(ws: Workspace, cfg: AgentConfig, loaded: LoadedModel) -> Editor:
+    """The configured editor on the unedited model, reusing the workspace's saved context templates."""
+    state = EditorState.load(ws.state_path) if ws.state_path.exists() else None
+    editor = make_editor(cfg.method, loaded.model, loaded.tok, state=state, **cfg.hparam_overrides())
+    if state is None:
+        editor.state.save(ws.state_path)
+    return editor
+
+
+def default_embedder() -> Embedder:
+    """The fact memory's embedder (tests replace this function to use a toy one)."""
+    return MiniLMEmbedder()
+
+
+def open_ledger(ws: Workspace) -> Ledger:
+    return Ledger(ws.ledger_dir)
+
+
+def open_memory(ws: Workspace, ledger: Ledger) -> FactMemory:
+    return FactMemory(ledger, default_embedder(), index_path=ws.index_dir / "facts.faiss")
+
+
+def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
+    """Load the model, build the editor on its base weights, then bring it to base + committed deltas."""
+    cfg = ws.config()
+    loaded = loaded or load_model(cfg.model, cfg.resolved_device())
+    editor = build_editor(ws, cfg, loaded)
+    w0 = base_weights(loaded.model, editor.hp.layers)
+    ledger = open_ledger(ws)
+    ledger.attach(loaded.model, editor.hp.layers)
+    probes = ProbeSuite.shipped(cfg.probe_facts, cfg.probe_texts)
+    session = Session(ws, cfg, loaded, ledger, editor, open_memory(ws, ledger), probes, w0)
+    session.rebuild_state()
+    log.info("workspace %s: %s with %d committed edit(s)", ws.root, cfg.model, session.editor.state.n_edits)
+    return session
+
+
+def measure_baseline(session: Session) -> Baseline:
+    """Probe the model as it is now (unedited at `kagent init`) and store the values as the workspace baseline."""
+    values = session.probes.downstream(session.model, session.tok)
+    return session.ws.save_baseline(values.get("known_acc"), values["perplexity"], fingerprint(session.model))

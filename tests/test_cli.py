@@ -1,0 +1,101 @@
+"""The kagent CLI end to end on a tiny random Llama saved to disk, through click's CliRunner."""
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import agent.session
+from agent.cli import cli
+from agent.workspace import Workspace
+
+SUBJECTS = ["Paris", "Berlin", "Rome", "Madrid", "Oslo", "Vienna", "Lisbon", "Dublin"]
+
+
+class ToyEmbedder:
+    """Hashed character trigrams: deterministic, no download, same relation text -> same vector."""
+
+    name = "toy-trigram"
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), 64), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for j in range(len(t) - 2):
+                out[i, zlib.crc32(t[j:j + 3].encode()) % 64] += 1.0
+        out += 1e-6
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def fact(subject: str, target: str, relation: str = "{} is the capital of") -> str:
+    return json.dumps({"subject": subject, "prompt": relation, "target": target})
+
+
+@pytest.fixture(scope="module")
+def shared_home(tmp_path_factory):
+    """One KAGENT_HOME for the module, so covariance statistics are computed once."""
+    return tmp_path_factory.mktemp("kagent-home")
+
+
+@pytest.fixture(autouse=True)
+def toy_embedder(monkeypatch, shared_home):
+    monkeypatch.setattr(agent.session, "default_embedder", ToyEmbedder)
+    monkeypatch.setenv("KAGENT_HOME", str(shared_home))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from conftest import make_tiny_llama, toy_tokenizer
+
+    tok = toy_tokenizer()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fresh_ws(tmp_path_factory, model_dir, shared_home):
+    """A freshly initialised workspace, made once per module; tests get copies."""
+    root = tmp_path_factory.mktemp("fresh") / "ws"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(agent.session, "default_embedder", ToyEmbedder)
+        mp.setenv("KAGENT_HOME", str(shared_home))
+        res = run("init", "--model", model_dir, "--layers", "1,2", "--stats-tokens", "4000", "--workspace", root)
+    assert res.exit_code == 0, res.output
+    return root
+
+
+@pytest.fixture
+def ws(tmp_path, fresh_ws):
+    return Path(shutil.copytree(fresh_ws, tmp_path / "ws"))
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_init_writes_a_documented_config_and_baseline(ws):
+    text = (ws / "config.toml").read_text()
+    assert "# facts applied together in one batch\nbatch_size = 10" in text
+    assert "layers = [1, 2]" in text
+    assert Workspace.open(ws).baseline().perplexity > 1
+    again = run("init", "--model", "nowhere", "--workspace", ws)
+    assert again.exit_code != 0 and "already exists" in again.output
+
+
+def test_watch_once_applies_facts_and_reports_bad_lines(ws, tmp_path):
+    feed = tmp_path / "feed.jsonl"
+    lines = [fact(s, t) for s, t in zip(SUBJECTS[:4], ["Spain", "Norway", "Chile", "Peru"])]
+    feed.write_text("\n".join(lines[:2] + ["{not json", lines[0]] + lines[2:]) + "\n")
+    res = run("watch", feed, "--once", "--batch-size", "2", "--workspace", ws)
+    assert res.exit_code == 0, res.output
+    assert "line 3: field '-': not valid JSON" in res.output
+    assert "4 new fact(s), 1 duplicate(s)" in res.output and ", 1 bad;" in res.output
+    hist = json.loads(run("history", "--json", "--workspace", ws).output)
+    assert sum(h["facts"] for h in hist if h["status"] == "committed") + \
+        len(run("facts", "--status", "quarantined", "--workspace", ws).output.splitlines()) == 4
