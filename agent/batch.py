@@ -60,7 +60,14 @@ def measure(session: Session, result: EditResult, group: list[StoredFact], sampl
 
 
 def compute(session: Session, group: list[StoredFact]) -> EditResult:
-    return session.editor.compute([f.record.to_request() for f in group])
+    result = session.editor.compute([f.record.to_request() for f in group])
+    result.keys = {l: dense(k) for l, k in result.keys.items()}
+    return result
+
+
+def dense(t):
+    """A copy with row-major strides (a (d, 1) transposed view keeps a stride the ledger's hashing rejects)."""
+    return t.detach().cpu().reshape(-1).clone().view(t.shape)
 
 
 def reject(session: Session, result: EditResult, kind: str, reason: str, metrics: dict) -> Verdict:

@@ -67,6 +67,8 @@ def fresh_ws(tmp_path_factory, model_dir, shared_home):
         mp.setenv("KAGENT_HOME", str(shared_home))
         res = run("init", "--model", model_dir, "--layers", "1,2", "--stats-tokens", "4000", "--workspace", root)
     assert res.exit_code == 0, res.output
+    fast = Workspace.open(root)
+    fast.save_config(fast.config().model_copy(update={"probe_texts": 2, "retention_sample": 8}))
     return root
 
 
@@ -99,3 +101,62 @@ def test_watch_once_applies_facts_and_reports_bad_lines(ws, tmp_path):
     hist = json.loads(run("history", "--json", "--workspace", ws).output)
     assert sum(h["facts"] for h in hist if h["status"] == "committed") + \
         len(run("facts", "--status", "quarantined", "--workspace", ws).output.splitlines()) == 4
+
+
+def write_facts(path: Path, pairs, mode: str = "w") -> None:
+    with path.open(mode) as fh:
+        for s, t in pairs:
+            fh.write(fact(s, t) + "\n")
+
+
+def applied(ws: Path) -> list[str]:
+    return run("facts", "--status", "applied", "--workspace", ws).output.splitlines()
+
+
+def test_restart_resumes_at_the_stored_offset_and_picks_up_appends(ws, tmp_path):
+    feed = tmp_path / "feed.jsonl"
+    write_facts(feed, [("Paris", "Spain")])
+    assert run("watch", feed, "--once", "--workspace", ws).exit_code == 0
+    write_facts(feed, [("Rome", "Chile")], mode="a")
+    res = run("watch", feed, "--once", "--workspace", ws)
+    assert res.exit_code == 0, res.output
+    assert res.output.strip().splitlines()[-1].startswith("1 line(s): 1 new fact(s), 0 duplicate(s)")
+    assert len(applied(ws)) == 2
+    assert str(feed.stat().st_size) in run("status", "--workspace", ws).output
+
+
+def test_rotated_and_truncated_feeds_are_followed(ws, tmp_path):
+    feed = tmp_path / "feed.jsonl"
+    write_facts(feed, [("Paris", "Spain")])
+    run("watch", feed, "--once", "--workspace", ws)
+    feed.rename(tmp_path / "feed.jsonl.1")
+    write_facts(feed, [("Madrid", "Peru"), ("Oslo", "Cuba")])
+    res = run("watch", feed, "--once", "--workspace", ws)  # new inode, larger than the old offset
+    assert "2 line(s): 2 new fact(s)" in res.output
+    write_facts(feed, [("Rome", "Fiji")])  # truncated: shorter than the stored offset
+    res = run("watch", feed, "--once", "--workspace", ws)
+    assert "1 line(s): 1 new fact(s)" in res.output
+    assert len(applied(ws)) == 4
+
+
+def test_a_second_writer_is_refused(ws, tmp_path):
+    feed = tmp_path / "feed.jsonl"
+    write_facts(feed, [("Paris", "Spain")])
+    with Workspace.open(ws).writer():
+        res = run("watch", feed, "--once", "--workspace", ws)
+    assert res.exit_code == 1
+    assert res.output.startswith("Error: workspace") and "in use by another kagent process" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert run("status", "--workspace", ws).exit_code == 0  # readers are not blocked
+
+
+def test_schedule_dry_run_prints_cron_line_and_systemd_timer(ws):
+    res = run("schedule", "--daily", "03:30", "--dry-run", "--workspace", ws)
+    assert res.exit_code == 0, res.output
+    line = res.output.strip()
+    assert line.startswith("30 3 * * * ") and f"refresh --workspace {ws}" in line and "# kagent-refresh-" in line
+    res = run("schedule", "--daily", "03:30", "--systemd", "--dry-run", "--workspace", ws)
+    assert "OnCalendar=*-*-* 03:30:00" in res.output and "Type=oneshot" in res.output
+    assert "ExecStart=" in res.output and "refresh --workspace" in res.output
+    bad = run("schedule", "--daily", "25:00", "--dry-run", "--workspace", ws)
+    assert bad.exit_code == 1 and "HH:MM" in bad.output
