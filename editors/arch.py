@@ -22,12 +22,16 @@ class ArchSpec:
     layers_path: str  # attribute path of the decoder block list
     final_norm: str  # attribute path of the final norm before the LM head
     transposed: bool = False  # weight stored as (in, out) (Conv1D)
+    embed: str | None = None  # token embedding module, when inputs pass straight into the blocks
+    rotary: str | None = None  # rotary-embedding module giving (cos, sin) to each block: enables the fast value path
 
+
+_LLAMA_MLP, _LLAMA_EMBED, _LLAMA_ROPE = "model.layers.{}.mlp.down_proj", "model.embed_tokens", "model.rotary_emb"
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec("model.layers.{}.mlp.down_proj", "model.layers", "model.norm"),
-    "mistral": ArchSpec("model.layers.{}.mlp.down_proj", "model.layers", "model.norm"),
-    "qwen2": ArchSpec("model.layers.{}.mlp.down_proj", "model.layers", "model.norm"),
+    "llama": ArchSpec(_LLAMA_MLP, "model.layers", "model.norm", embed=_LLAMA_EMBED, rotary=_LLAMA_ROPE),
+    "mistral": ArchSpec(_LLAMA_MLP, "model.layers", "model.norm", embed=_LLAMA_EMBED, rotary=_LLAMA_ROPE),
+    "qwen2": ArchSpec(_LLAMA_MLP, "model.layers", "model.norm", embed=_LLAMA_EMBED, rotary=_LLAMA_ROPE),
     "gpt2": ArchSpec("transformer.h.{}.mlp.c_proj", "transformer.h", "transformer.ln_f", transposed=True),
     "gptj": ArchSpec("transformer.h.{}.mlp.fc_out", "transformer.h", "transformer.ln_f"),
     "gpt_neox": ArchSpec("gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.layers", "gpt_neox.final_layer_norm"),

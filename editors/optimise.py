@@ -1,0 +1,119 @@
+"""The target-value loop: Adam on one delta per edit, with a pluggable stopping rule.
+
+Loss per edit = mean target NLL over its prompts + kl_factor * KL on "{subject} is a"
++ weight_decay * ||delta|| / ||h0||^2 (the reference formula), with ||delta|| clamped to
+clamp_factor * ||h0||. Stopping rules: "nll" (MEMIT: NLL below a threshold) and "mpes"
+(ENCORE's Most-Probable Early Stopping: every target token is the argmax in every prompt,
+for `mpes_patience` consecutive checks). A stopped edit leaves the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from editors.hparams import EditHParams
+from editors.prompts import EditRequest, value_rows
+from editors.values import SuffixRunner, make_batch
+
+
+@dataclass
+class ValueResult:
+    z: torch.Tensor  # (n, d) target outputs of the last edited layer
+    steps: list[int]  # forward checks each edit took
+    flops: float  # matmul FLOPs spent
+
+
+@dataclass
+class _Adam:
+    m: torch.Tensor
+    v: torch.Tensor
+    lr: float
+
+    def step(self, p: torch.Tensor, idx: torch.Tensor, t: int, b1=0.9, b2=0.999, eps=1e-8) -> None:
+        g = p.grad[idx]
+        self.m[idx] = b1 * self.m[idx] + (1 - b1) * g
+        self.v[idx] = b2 * self.v[idx] + (1 - b2) * g * g
+        mhat, vhat = self.m[idx] / (1 - b1**t), self.v[idx] / (1 - b2**t)
+        p.data[idx] -= self.lr * mhat / (vhat.sqrt() + eps)
+
+
+def _per_request(values: torch.Tensor, req: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, req, values)
+
+
+def _losses(runner: SuffixRunner, lm_head: nn.Module, delta, h0, init_kl, n: int, n_prompts: int, hp: EditHParams):
+    b = runner.batch
+    hs = runner.run(delta[b.req])  # (B, T, d)
+    logp = F.log_softmax(lm_head(hs[b.tmask]).float(), -1)  # (Npos, V)
+    tok = b.ttok[b.tmask]
+    row = torch.nonzero(b.tmask)[:, 0]
+    nll_tok = -logp.gather(1, tok[:, None])[:, 0]
+    counts = b.tmask.sum(1).clamp(min=1).float()
+    row_nll = torch.zeros(len(b.req), device=hs.device).index_add_(0, row, nll_tok) / counts
+    nll = _per_request(row_nll, b.req, n) / n_prompts
+    wrong = _per_request((logp.argmax(-1) != tok).float(), b.req[row], n)
+    kl_logp = F.log_softmax(lm_head(hs[b.is_kl, 0]).float(), -1)
+    kl_req = b.req[b.is_kl]
+    kl_rows = (kl_logp.exp() * (kl_logp - init_kl[kl_req])).sum(-1)
+    kl = _per_request(kl_rows, kl_req, n)
+    wd = delta.norm(dim=1) / h0.norm(dim=1) ** 2
+    loss = nll + hp.kl_factor * kl + hp.weight_decay * wd
+    runner.flops += 4 * (len(tok) + len(kl_req)) * lm_head.weight.numel()
+    return loss, nll.detach(), wrong == 0
+
+
+def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates: list[str],
+                   hp: EditHParams, layer: int) -> ValueResult:
+    device = next(model.parameters()).device
+    rows = value_rows(tok, requests, templates)
+    batch, P = make_batch(rows, tok.pad_token_id or 0, device)
+    runner = SuffixRunner(model, layer)
+    runner.precompute(batch, P)
+    lm_head = model.get_output_embeddings()
+    n, n_prompts = len(requests), 1 + len(templates)
+    plain = torch.tensor([i * (n_prompts + 1) for i in range(n)], device=device)
+    h0 = runner.h_layer()[plain].detach()
+    with torch.no_grad():
+        init_kl = F.log_softmax(lm_head(runner.initial()[batch.is_kl, 0]).float(), -1)
+    delta = torch.zeros_like(h0, requires_grad=True)
+    adam = _Adam(torch.zeros_like(h0), torch.zeros_like(h0), hp.lr)
+    steps = torch.zeros(n, dtype=torch.long)
+    streak = torch.zeros(n, dtype=torch.long, device=device)
+    active = torch.arange(n, device=device)
+    max_norm = hp.clamp_factor * h0.norm(dim=1)
+    for it in range(hp.max_steps):
+        loss, nll, all_top = _losses(runner, lm_head, delta, h0, init_kl, n, n_prompts, hp)
+        steps[active.cpu()] += 1
+        streak = torch.where(all_top, streak + 1, torch.zeros_like(streak))
+        done = streak >= hp.mpes_patience if hp.stop == "mpes" else nll < hp.nll_stop
+        keep = active[~done[active]]
+        if len(keep) == 0 or it == hp.max_steps - 1:
+            break
+        loss[keep].sum().backward()
+        with torch.no_grad():
+            adam.step(delta, keep, it + 1)
+            norms = delta[keep].norm(dim=1)
+            scale = (max_norm[keep] / norms.clamp(min=1e-12)).clamp(max=1.0)
+            delta.data[keep] *= scale[:, None]
+        delta.grad = None
+        if len(keep) < len(active):
+            runner.select(torch.isin(runner.batch.req, keep).nonzero()[:, 0])
+            active = keep
+    return ValueResult((h0 + delta).detach(), steps.tolist(), runner.flops)
+
+
+def optimise_values(model: nn.Module, tok, requests: list[EditRequest], templates: list[str],
+                    hp: EditHParams, progress=None) -> ValueResult:
+    """Target values z (n, d) at layer hp.layers[-1] for all requests, in chunks of hp.value_chunk."""
+    zs, steps, flops = [], [], 0.0
+    for i in range(0, len(requests), hp.value_chunk):
+        r = optimise_chunk(model, tok, requests[i : i + hp.value_chunk], templates, hp, hp.layers[-1])
+        zs.append(r.z)
+        steps += r.steps
+        flops += r.flops
+        if progress is not None:
+            progress.update(len(r.steps))
+    return ValueResult(torch.cat(zs), steps, flops)

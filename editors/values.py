@@ -1,0 +1,183 @@
+"""Target-value optimisation: one residual delta per edit, all edits of a chunk together.
+
+Each edit gets a vector delta added to the last edited layer's output at its subject's
+last token. All prompt rows of a chunk run in one padded batch per step. Rows are
+aligned so that every suffix starts at the same column: the prefix (unaffected by the
+delta) is computed once without gradient, and each step recomputes only the suffix in
+the layers above the edited one (fast path, rotary decoders), with logits only at the
+positions the loss reads. Finished edits (stopping rule) drop out of the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from editors.arch import arch_of, get_module, layers_of
+from editors.hooks import forward_hook
+from editors.prompts import PromptRow
+
+
+class PrefixKV:
+    """Duck-typed KV cache: prepends each layer's fixed prefix keys/values; never grows."""
+
+    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, record_upto: int = 0):
+        self.kv = kv if kv is not None else {}
+        self.record_upto = record_upto  # recording mode: keep the first `record_upto` columns
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        if layer_idx in self.kv and not self.record_upto:
+            pk, pv = self.kv[layer_idx]
+            return torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+        if self.record_upto:
+            self.kv[layer_idx] = (k[:, :, : self.record_upto].detach(), v[:, :, : self.record_upto].detach())
+        return k, v
+
+
+@dataclass
+class Batch:
+    """Row-aligned tensors of a chunk (row dim first); `select` keeps a subset of rows."""
+
+    ids: torch.Tensor  # (B, P+S) left-padded prefix | right-padded suffix
+    mask: torch.Tensor  # (B, P+S) bool, real tokens
+    pos: torch.Tensor  # (B, P+S) position ids
+    req: torch.Tensor  # (B,) edit index of each row
+    is_kl: torch.Tensor  # (B,) bool
+    tcol: torch.Tensor  # (B, T) suffix columns read by the loss (col 0 for KL rows)
+    ttok: torch.Tensor  # (B, T) target token ids
+    tmask: torch.Tensor  # (B, T) bool
+
+    def select(self, rows: torch.Tensor) -> "Batch":
+        return Batch(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+
+def make_batch(rows: list[PromptRow], pad_id: int, device) -> tuple[Batch, int]:
+    P = max(len(r.prefix) for r in rows)
+    S = max(len(r.suffix) for r in rows)
+    T = max(max(len(r.target_cols) for r in rows), 1)
+    B = len(rows)
+    ids = torch.full((B, P + S), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, P + S, dtype=torch.bool)
+    tcol = torch.zeros(B, T, dtype=torch.long)
+    ttok = torch.zeros(B, T, dtype=torch.long)
+    tmask = torch.zeros(B, T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, P - len(r.prefix) : P] = torch.tensor(r.prefix, dtype=torch.long)
+        ids[b, P : P + len(r.suffix)] = torch.tensor(r.suffix, dtype=torch.long)
+        mask[b, P - len(r.prefix) : P + len(r.suffix)] = True
+        n = len(r.target_cols)
+        tcol[b, :n] = torch.tensor(r.target_cols) if n else 0
+        tcol[b, 0] = len(r.suffix) - 1 if r.is_kl else tcol[b, 0]
+        ttok[b, :n] = torch.tensor(r.target_ids, dtype=torch.long) if n else 0
+        tmask[b, :n] = True
+    pos = (mask.long().cumsum(1) - 1).clamp(min=0)
+    req = torch.tensor([r.request for r in rows])
+    is_kl = torch.tensor([r.is_kl for r in rows])
+    batch = Batch(ids, mask, pos, req, is_kl, tcol, ttok, tmask)
+    return Batch(*(getattr(batch, f.name).to(device) for f in fields(batch))), P
+
+
+def additive_mask(mask: torch.Tensor, q_from: int, dtype) -> torch.Tensor:
+    """(B, 1, Q, K) additive causal+padding mask for queries at columns q_from.. of `mask`."""
+    K = mask.shape[1]
+    q = torch.arange(q_from, K, device=mask.device)[:, None]
+    k = torch.arange(K, device=mask.device)[None, :]
+    allowed = (k <= q)[None] & mask[:, None, :]
+    allowed |= (k == q)[None]  # a padded query still attends to itself: no NaN rows
+    out = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+    return out.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _output_tensor(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class SuffixRunner:
+    """Runs a chunk's rows with a delta at column P of layer `layer`'s output.
+
+    `precompute` (no grad) records h_L at the suffix columns, the prefix keys/values of
+    every layer above, and the initial hidden states read by the loss. `run(delta_rows)`
+    returns final-norm hidden states at the loss positions (B, T, d).
+    """
+
+    def __init__(self, model: nn.Module, layer: int):
+        self.model, self.layer = model, layer
+        self.arch = arch_of(model)
+        self.blocks = layers_of(model)
+        self.fast = self.arch.rotary is not None
+        self.flops = 0.0  # matmul FLOPs of run() calls (forward + input-gradient backward)
+        lin = lambda mods: sum(m.weight.numel() for b in mods for m in b.modules() if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2)
+        self._above_params = lin(self.blocks[layer + 1 :])
+        self._all_params = lin(self.blocks)
+
+    @torch.no_grad()
+    def precompute(self, batch: Batch, P: int) -> None:
+        self.batch, self.P = batch, P
+        if not self.fast:
+            self._h0 = self._generic(batch, None)[1]
+            return
+        emb = get_module(self.model, self.arch.embed)(batch.ids)
+        rec = PrefixKV(record_upto=P)
+        h = self._blocks(emb, batch.pos, additive_mask(batch.mask, 0, emb.dtype), rec, range(len(self.blocks)),
+                         capture=self.layer)
+        self.kv = rec.kv
+        self._hL = self._captured[:, P:]
+        self._h0 = self._gather(get_module(self.model, self.arch.final_norm)(h[:, P:]), batch)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (edits still optimising)."""
+        self.batch = self.batch.select(rows)
+        if self.fast:
+            self._hL = self._hL[rows]
+            self.kv = {l: (k[rows], v[rows]) for l, (k, v) in self.kv.items()}
+
+    def h_layer(self) -> torch.Tensor:
+        """Layer output at the subject's last token for every row (B, d)."""
+        return self._hL[:, 0] if self.fast else self._hLsub
+
+    def initial(self) -> torch.Tensor:
+        return self._h0
+
+    def run(self, delta_rows: torch.Tensor) -> torch.Tensor:
+        b = self.batch
+        if not self.fast:
+            return self._generic(b, delta_rows)[1]
+        h = self._hL.clone()
+        h[:, 0] = h[:, 0] + delta_rows
+        qmask = additive_mask(b.mask, self.P, h.dtype)
+        h = self._blocks(h, b.pos[:, self.P :], qmask, PrefixKV(self.kv), range(self.layer + 1, len(self.blocks)))
+        n_tok = int(b.mask[:, self.P :].sum())
+        self.flops += 2 * 2 * n_tok * self._above_params
+        return self._gather(get_module(self.model, self.arch.final_norm)(h), b)
+
+    def _blocks(self, h, pos, mask4, kv, idx, capture: int | None = None):
+        rope = get_module(self.model, self.arch.rotary)(h, pos)
+        for i in idx:
+            h = _output_tensor(self.blocks[i](h, attention_mask=mask4, position_ids=pos, past_key_values=kv,
+                                              use_cache=True, position_embeddings=rope))
+            if i == capture:
+                self._captured = h
+        return h
+
+    def _gather(self, h: torch.Tensor, b: Batch) -> torch.Tensor:
+        rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(b.tcol)
+        return h[rows, b.tcol]
+
+    def _generic(self, b: Batch, delta_rows):
+        """Any architecture: a full forward with a hook adding the delta at column P."""
+        P = self.P
+
+        def hook(_m, _args, out):
+            h = _output_tensor(out)
+            self._hLsub = h[:, P].detach()
+            if delta_rows is None:
+                return out
+            h = h.clone()
+            h[:, P] = h[:, P] + delta_rows
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        with forward_hook(self.blocks[self.layer], hook):
+            hs = self.model.base_model(input_ids=b.ids, attention_mask=b.mask.long(), position_ids=b.pos).last_hidden_state
+        self.flops += 2 * (2 if delta_rows is not None else 1) * int(b.mask.sum()) * self._all_params
+        return None, self._gather(hs[:, P:], b)
