@@ -11,9 +11,11 @@ import shutil
 from pathlib import Path
 
 import click
+from transformers.utils import logging as transformers_logging
 
 from agent import schedule as sched
 from agent import views
+from agent.batch import compute
 from agent.config import AgentConfig, ConfigError
 from agent.loop import WatchOptions, watch as watch_feed
 from agent.report import render
@@ -55,6 +57,8 @@ def cli(verbose: int) -> None:
     """kagent: keep an LLM's facts current by editing its weights from a feed of fact updates."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        transformers_logging.disable_progress_bar()  # "Loading weights" bars on every command are noise
 
 
 @cli.command()
@@ -234,7 +238,7 @@ def rollback_messages(session, batch: int | None, to_batch: int | None) -> list[
             [f"nothing committed after batch {to_batch}"]
 
     def recompute(facts):
-        result = session.editor.compute([f.record.to_request() for f in facts])
+        result = compute(session, facts)
         return result.delta, result.keys
 
     return [session.ledger.rollback(batch, session.model, state, recompute).message]

@@ -6,6 +6,7 @@ single facts; the facts that fail alone are returned with their verdicts so the 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -34,7 +35,9 @@ def probe_failures(after: dict[str, float], baseline_acc: float | None, baseline
     if baseline_acc is not None and "known_acc" in after and after["known_acc"] < baseline_acc - cfg.known_acc_drop:
         out.append(f"known-fact accuracy {after['known_acc']:.3f} < baseline {baseline_acc:.3f} - {cfg.known_acc_drop}")
     if "perplexity" in after and not after["perplexity"] <= baseline_ppl * cfg.ppl_ratio:
-        out.append(f"perplexity {after['perplexity']:.2f} > {cfg.ppl_ratio} x baseline {baseline_ppl:.2f}")
+        ppl = after["perplexity"]
+        shown = f"{ppl:.2f}" if math.isfinite(ppl) else f"is not finite ({ppl})"
+        out.append(f"perplexity {shown} > {cfg.ppl_ratio} x baseline {baseline_ppl:.2f}")
     if retention_before is not None and "retention" in after and \
             after["retention"] < retention_before - cfg.retention_drop:
         out.append(f"retention {after['retention']:.3f} < {retention_before:.3f} - {cfg.retention_drop}")

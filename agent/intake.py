@@ -85,7 +85,7 @@ def store_chunk(memory: FactMemory, key: str, items: list[FeedLine], position: F
                                                                      "field": b.field, "reason": b.reason})
         ledger.log_event("feed", f"read {Path(key).name} to line {position.lineno} (byte {position.offset})",
                          data={"feed": key, "offset": position.offset, "lineno": position.lineno,
-                               "inode": position.inode, "facts": len(facts), "bad": len(bad)})
+                               "inode": position.inode, "n_facts": len(facts), "n_bad": len(bad)})
     for b in bad:
         log.warning("skipped bad line: %s: %s", Path(key).name, b)
     return IntakeStats(len(items), len(plan.added), plan.duplicates + plan.paraphrase_duplicates,

@@ -50,7 +50,8 @@ def fact_detail(ledger: Ledger, f: StoredFact) -> str:
     if f.superseded_by:
         lines.append(f"superseded by fact {f.superseded_by}")
     for e in ledger.events():
-        if f.id in e.data.get("facts", []) or e.data.get("fact") == f.id:
+        ids = e.data.get("facts")
+        if (isinstance(ids, list) and f.id in ids) or e.data.get("fact") == f.id:
             lines.append(f"  {when(e.at)} {e.kind}: {e.message}")
     return "\n".join(lines)
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
+import agent.batch
 import agent.session
 from agent.cli import cli
 from agent.workspace import Workspace
@@ -47,13 +49,35 @@ def toy_embedder(monkeypatch, shared_home):
     monkeypatch.setenv("KAGENT_HOME", str(shared_home))
 
 
+def pretrain(model, tok, steps: int = 40):
+    """A few Adam steps of character-level LM on the shipped corpus, so perplexity means something."""
+    from evaluators.corpus import stats_text
+
+    data = torch.tensor(tok(stats_text()[:20000]).input_ids)
+    gen = torch.Generator().manual_seed(0)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=3e-2)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - 33, (8,), generator=gen)
+        x = torch.stack([data[s:s + 32] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p in params:
+        p.requires_grad_(False)
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from conftest import make_tiny_llama, toy_tokenizer
 
     tok = toy_tokenizer()
     path = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_llama(len(tok)).save_pretrained(path)
+    pretrain(make_tiny_llama(len(tok)), tok).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -85,7 +109,7 @@ def test_init_writes_a_documented_config_and_baseline(ws):
     text = (ws / "config.toml").read_text()
     assert "# facts applied together in one batch\nbatch_size = 10" in text
     assert "layers = [1, 2]" in text
-    assert Workspace.open(ws).baseline().perplexity > 1
+    assert 1 < Workspace.open(ws).baseline().perplexity < 40  # the pretrained tiny model beats uniform (80)
     again = run("init", "--model", "nowhere", "--workspace", ws)
     assert again.exit_code != 0 and "already exists" in again.output
 
@@ -160,3 +184,91 @@ def test_schedule_dry_run_prints_cron_line_and_systemd_timer(ws):
     assert "ExecStart=" in res.output and "refresh --workspace" in res.output
     bad = run("schedule", "--daily", "25:00", "--dry-run", "--workspace", ws)
     assert bad.exit_code == 1 and "HH:MM" in bad.output
+
+
+def poison(monkeypatch, subject: str, size: float = 100.0) -> None:
+    """Make every edit that includes `subject` destructive: a random rank-4 update `size` times ||W|| per layer."""
+    from editors.arch import weight_view
+    from editors.delta import LayerDelta
+
+    real = agent.batch.compute
+
+    def destructive(session, group):
+        result = real(session, group)
+        if any(f.record.subject == subject for f in group):
+            gen = torch.Generator().manual_seed(0)
+            for i, d in enumerate(result.delta.layers):
+                w = weight_view(session.model, d.layer)
+                u, v = torch.randn(w.shape[0], 4, generator=gen), torch.randn(w.shape[1], 4, generator=gen)
+                u *= size * float(w.norm()) / float((u @ v.T).norm())
+                result.delta.layers[i] = LayerDelta(d.layer, u, v)
+        return result
+
+    monkeypatch.setattr(agent.batch, "compute", destructive)
+
+
+def set_config(ws: Path, **values) -> None:
+    w = Workspace.open(ws)
+    w.save_config(w.config().model_copy(update=values))
+
+
+def events(ws: Path, kind: str) -> list:
+    from memory.ledger import Ledger
+
+    with Ledger(ws / "ledger") as ledger:
+        return ledger.events(kind)
+
+
+FOUR = [("Paris", "Spain"), ("Berlin", "Norway"), ("Oslo", "Cuba"), ("Madrid", "Peru")]
+
+
+def test_a_destructive_edit_is_rolled_back_bisected_and_quarantined(ws, tmp_path, monkeypatch):
+    set_config(ws, interference_threshold=1e9)  # let the bad delta through to the probes
+    poison(monkeypatch, "Oslo")
+    feed = tmp_path / "feed.jsonl"
+    write_facts(feed, FOUR)
+    res = run("watch", feed, "--once", "--batch-size", "4", "--workspace", ws)
+    assert res.exit_code == 0, res.output
+    quarantined = run("facts", "--status", "quarantined", "--workspace", ws).output.splitlines()
+    assert len(quarantined) == 1, res.output
+    assert "Oslo" in quarantined[0] and "perplexity" in quarantined[0]
+    assert sorted(l.split()[4] for l in applied(ws)) == ["Berlin", "Madrid", "Paris"]
+    assert len(events(ws, "reject")) == 3 and len(events(ws, "bisect")) == 2
+    from memory.ledger import Ledger
+
+    with Ledger(ws / "ledger") as ledger:
+        assert ledger.verify() == []
+
+
+def test_predicted_interference_splits_the_batch_and_defers_the_culprit(ws, tmp_path, monkeypatch):
+    poison(monkeypatch, "Oslo")
+    feed = tmp_path / "feed.jsonl"
+    write_facts(feed, FOUR)
+    res = run("watch", feed, "--once", "--batch-size", "4", "--workspace", ws)
+    assert res.exit_code == 0, res.output
+    assert len(applied(ws)) == 3
+    quarantined = run("facts", "--status", "quarantined", "--workspace", ws).output
+    assert "Oslo" in quarantined and "predicted interference" in quarantined
+    assert len(events(ws, "defer")) == 1 and not events(ws, "reject")
+
+
+def test_rollback_history_show_ask_and_report(ws, tmp_path):
+    feed = tmp_path / "feed.jsonl"
+    write_facts(feed, FOUR[:2])
+    assert run("watch", feed, "--once", "--batch-size", "1", "--workspace", ws).exit_code == 0
+    res = run("rollback", "1", "--workspace", ws)
+    assert res.exit_code == 0 and "rolled back batch 1" in res.output and "replayed later batches 2->3" in res.output
+    hist = json.loads(run("history", "--json", "--workspace", ws).output)
+    assert [(h["batch"], h["status"]) for h in hist] == [(3, "committed"), (2, "replaced"), (1, "rolled_back")]
+    assert "Berlin is the capital of -> Norway" in run("show", "b3", "--workspace", ws).output
+    assert "rolled_back" in run("show", "f1", "--workspace", ws).output
+    res = run("ask", "Berlin is the capital of", "--base", "--workspace", ws)
+    assert res.exit_code == 0 and res.output.startswith("base:   Berlin is the capital of")
+    assert "\nedited: Berlin is the capital of" in res.output
+    out = tmp_path / "r.html"
+    res = run("report", "--out", out, "--workspace", ws)
+    assert res.exit_code == 0 and out.read_text().count("data:image/png;base64,") == 3
+    assert run("rollback", "--to", "0", "--workspace", ws).exit_code == 0
+    assert applied(ws) == []
+    bad = run("rollback", "7", "--workspace", ws)
+    assert bad.exit_code == 1 and bad.output == "Error: no batch 7 in the ledger\n"

@@ -1,0 +1,68 @@
+"""The `kagent bench` and `kagent stats` commands (editor benchmark and covariance statistics)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _overrides(pairs: tuple[str, ...]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not _:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--set")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@click.command()
+@click.option("--facts", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="CounterFact or zsRE JSON file.")
+@click.option("--format", "fmt", type=click.Choice(["counterfact", "zsre"]), default="counterfact", show_default=True)
+@click.option("--n", type=int, default=100, show_default=True, help="Edit the first N records.")
+@click.option("--batch-size", type=int, default=100, show_default=True)
+@click.option("--methods", default="encore,memit,alphaedit", show_default=True, help="Comma-separated editors.")
+@click.option("--model", default="smollm2-135m", show_default=True, help="Alias, local HF dir or hub name.")
+@click.option("--device", default=None, help="torch device (default: CUDA when available).")
+@click.option("--order", type=click.Choice(["arrival", "random", "cluster"]), default="arrival", show_default=True)
+@click.option("--set", "sets", multiple=True, help="Hyperparameter override KEY=VALUE (JSON values), repeatable.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
+def bench(facts, fmt, n, batch_size, methods, model, device, order, sets, json_out) -> None:
+    """Benchmark editors on sequential edits: quality, side effects and speed."""
+    from evaluators.bench import BenchConfig, run_bench, table
+
+    cfg = BenchConfig(facts=facts, format=fmt, n=n, batch_size=batch_size, methods=methods.split(","), model=model,
+                      device=device, order=order, overrides=_overrides(sets))
+    rows = run_bench(cfg)
+    click.echo(table(rows))
+    if json_out:
+        json_out.write_text(json.dumps([r.model_dump() for r in rows], indent=2))
+        click.echo(f"wrote {json_out}")
+
+
+@click.command()
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--method", default="encore", show_default=True, help="Whose default layers to use.")
+@click.option("--layers", default=None, help="Comma-separated layers (default: the method's).")
+@click.option("--tokens", type=int, default=None, help="Corpus tokens (default: the method's).")
+def stats(model, method, layers, tokens) -> None:
+    """Compute (once, cached) and show the covariance statistics of the edited layers."""
+    import torch
+
+    from editors.arch import n_layers
+    from editors.hparams import hparams_for
+    from editors.models import load_model
+    from editors.stats import default_corpus, layer_stats
+
+    lm = load_model(model)
+    over = {"layers": [int(x) for x in layers.split(",")]} if layers else {}
+    over |= {"stats_tokens": tokens} if tokens else {}
+    hp = hparams_for(method, lm.model.config.model_type, n_layers(lm.model), **over)
+    for layer, st in layer_stats(lm.model, lm.tok, hp.layers, default_corpus(), hp.stats_tokens).items():
+        ev = torch.linalg.eigvalsh(st.mom2)
+        click.echo(f"layer {layer}: {st.count} tokens, dim {st.mom2.shape[0]}, trace {st.mom2.trace():.4g}, "
+                   f"eigenvalues {ev[0]:.3g}..{ev[-1]:.3g}, below 1e-2: {(ev < 1e-2).sum().item()}")
