@@ -27,7 +27,7 @@ class IntakeStats:
     lines: int = 0  # non-blank lines read
     added: int = 0  # new pending facts
     duplicates: int = 0  # exact or paraphrase duplicates dropped
-    superseding: int = 0  # facts that replace an earlier pending or applied one
+    superseding: int = 0  # facts that replace an earlier one (pending, applied, or earlier in the same chunk)
     bad: list[str] = field(default_factory=list)  # one-line reasons of bad lines
 
     def merge(self, other: "IntakeStats") -> None:
@@ -89,7 +89,7 @@ def store_chunk(memory: FactMemory, key: str, items: list[FeedLine], position: F
     for b in bad:
         log.warning("skipped bad line: %s: %s", Path(key).name, b)
     return IntakeStats(len(items), len(plan.added), plan.duplicates + plan.paraphrase_duplicates,
-                       len(plan.dropped_pending) + len(plan.supersedes), [str(b) for b in bad])
+                       len(plan.dropped_pending) + len(plan.supersedes) + plan.dropped_in_chunk, [str(b) for b in bad])
 
 
 def intake(memory: FactMemory, follower: FeedFollower, final: bool) -> IntakeStats:
