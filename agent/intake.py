@@ -87,7 +87,7 @@ def store_chunk(memory: FactMemory, key: str, items: list[FeedLine], position: F
                          data={"feed": key, "offset": position.offset, "lineno": position.lineno,
                                "inode": position.inode, "n_facts": len(facts), "n_bad": len(bad)})
     for b in bad:
-        log.warning("skipped bad line: %s: %s", Path(key).name, b)
+        log.info("skipped bad line: %s: %s", Path(key).name, b)
     return IntakeStats(len(items), len(plan.added), plan.duplicates + plan.paraphrase_duplicates,
                        len(plan.dropped_pending) + len(plan.supersedes) + plan.dropped_in_chunk, [str(b) for b in bad])
 

@@ -272,3 +272,28 @@ def test_rollback_history_show_ask_and_report(ws, tmp_path):
     assert applied(ws) == []
     bad = run("rollback", "7", "--workspace", ws)
     assert bad.exit_code == 1 and bad.output == "Error: no batch 7 in the ledger\n"
+
+
+def test_watch_follows_appends_and_waits_max_wait_for_a_partial_batch(ws, tmp_path):
+    from agent.loop import Watcher, WatchOptions
+    from agent.session import open_session
+
+    feed = tmp_path / "feed.jsonl"
+    write_facts(feed, [("Paris", "Spain")])
+    session = open_session(Workspace.open(ws))
+    try:
+        w = Watcher(session, feed, WatchOptions(batch_size=2, max_wait=3600, poll=0), echo=lambda _: None)
+        w.step(final=False)
+        assert w.summary.intake.added == 1 and not w.summary.batches  # one fact: no batch yet
+        write_facts(feed, [("Berlin", "Norway")], mode="a")
+        w.step(final=False)
+        assert w.summary.count("applied") == 2  # the appended line completed a batch
+        write_facts(feed, [("Rome", "Chile")], mode="a")
+        w.step(final=False)
+        assert w.summary.count("applied") == 2  # a partial batch waits for max_wait
+        w.opts.max_wait = 0
+        w.step(final=False)
+        assert w.summary.count("applied") == 3
+    finally:
+        w.follower.close()
+        session.close()
