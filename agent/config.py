@@ -40,7 +40,9 @@ class AgentConfig(BaseModel):
         0.05, gt=0, description="max predicted interference ||dW K|| / ||W K|| on probe and earlier-edit keys")
     flash_k: float = Field(6.0, gt=0, description="a batch's update is a 'flash' above median + k * MAD of history")
     probe_facts: int = Field(40, ge=1, description="known facts used by the probe after every batch")
-    probe_texts: int = Field(8, ge=1, description="held-out passages used for the perplexity probe")
+    probe_tokens: int = Field(1024, ge=16, description="held-out corpus tokens scored by the perplexity probe")
+    probe_file: str = Field("", description="JSONL of facts the model must keep answering "
+                            "({prompt, subject, target, case_id}); empty = the shipped known-fact set")
     retention_sample: int = Field(50, ge=1, description="applied facts sampled for the retention probe")
     seed: int = Field(0, description="random seed for sampling probes and the 'random' order")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,19 @@ def shared_home(tmp_path_factory):
 def toy_embedder(monkeypatch, shared_home):
     monkeypatch.setattr(agent.session, "default_embedder", ToyEmbedder)
     monkeypatch.setenv("KAGENT_HOME", str(shared_home))
+    with one_thread():
+        yield
+
+
+@contextmanager
+def one_thread():
+    """The tiny model runs several times faster on one thread of two shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def pretrain(model, tok, steps: int = 40):
@@ -77,7 +91,8 @@ def model_dir(tmp_path_factory):
 
     tok = toy_tokenizer()
     path = tmp_path_factory.mktemp("tiny-llama")
-    pretrain(make_tiny_llama(len(tok)), tok).save_pretrained(path)
+    with one_thread():
+        pretrain(make_tiny_llama(len(tok)), tok).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -86,13 +101,13 @@ def model_dir(tmp_path_factory):
 def fresh_ws(tmp_path_factory, model_dir, shared_home):
     """A freshly initialised workspace, made once per module; tests get copies."""
     root = tmp_path_factory.mktemp("fresh") / "ws"
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, one_thread():
         mp.setattr(agent.session, "default_embedder", ToyEmbedder)
         mp.setenv("KAGENT_HOME", str(shared_home))
         res = run("init", "--model", model_dir, "--layers", "1,2", "--stats-tokens", "4000", "--workspace", root)
     assert res.exit_code == 0, res.output
     fast = Workspace.open(root)
-    fast.save_config(fast.config().model_copy(update={"probe_texts": 2, "retention_sample": 8}))
+    fast.save_config(fast.config().model_copy(update={"probe_tokens": 256, "probe_facts": 8, "retention_sample": 8}))
     return root
 
 
