@@ -1,0 +1,325 @@
+"""Bad-input reliability: a corpus of malformed (and awkward-but-valid) feed lines run through `parse_line` and
+through `kagent watch --once` on a workspace already holding facts, plus hypothesis properties of the record
+parser and of ledger rollback (k random low-rank batches, roll back j: weights equal applying the first k - j).
+
+Lines that expose a crash in the parser are marked xfail(strict=True) with the bug described; see RELIABILITY.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import make_tiny_llama
+from editors.arch import weight_view
+from editors.delta import EditDelta, LayerDelta
+from memory.ledger import Ledger
+from memory.record import BadRecord, FactRecord, parse_line
+from test_reliability_support import _patched, one_thread, run, shared_workspace
+
+log = logging.getLogger(__name__)
+
+
+def rec(subject: str = "Quito", prompt: str = "{} is the capital of", target: str = "Peru", **extra) -> bytes:
+    return json.dumps({"subject": subject, "prompt": prompt, "target": target} | extra).encode()
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    raw: bytes  # the line without its newline
+    ok: bool  # accepted by `kagent watch` (a new pending fact) or rejected as a bad line
+    field: str | None = None  # field named in the rejection ("-" = not a JSON object)
+    parse_ok: bool | None = None  # parse_line's verdict when it differs from the feed's (None: same as ok)
+    bug: str | None = None  # a known crash: the case is xfail(strict=True) with this reason
+
+    @property
+    def parses(self) -> bool:
+        return self.ok if self.parse_ok is None else self.parse_ok
+
+
+BUG_RECURSION = ("parse_line lets json.loads' RecursionError escape (only JSONDecodeError is caught): a line of "
+                 "deeply nested brackets crashes `kagent watch` instead of being skipped as a bad line")
+BUG_BIGINT = ("parse_line lets json.loads' ValueError for integers over 4300 digits escape: such a line crashes "
+              "`kagent watch` instead of being skipped as a bad line")
+BUG_NEWLINE_KEY = ("BadRecord names the offending field verbatim: an unknown key holding a newline makes the "
+                   "rejection reason span two lines")
+
+MB3 = rec(subject="Lima", target="x" * (3 << 20))
+CORPUS = [
+    Case("truncated_json", b'{"subject": "Quito", "prompt"', False, "-"),
+    Case("plain_text", b"hello world", False, "-"),
+    Case("json_array", b'["Quito", "Peru"]', False, "-"),
+    Case("json_string", b'"Quito is the capital of Peru"', False, "-"),
+    Case("json_number", b"42", False, "-"),
+    Case("json_null", b"null", False, "-"),
+    Case("empty_object", b"{}", False, "subject"),
+    Case("trailing_comma", b'{"subject": "Quito", "prompt": "{} is", "target": "Peru",}', False, "-"),
+    Case("utf8_bom", b"\xef\xbb\xbf" + rec(), False, "-"),
+    Case("missing_target", json.dumps({"subject": "Quito", "prompt": "{} is in"}).encode(), False, "target"),
+    Case("missing_subject", json.dumps({"prompt": "{} is in", "target": "Peru"}).encode(), False, "subject"),
+    Case("unknown_field", rec(colour="red"), False, "colour"),
+    Case("target_is_int", json.dumps({"subject": "Quito", "prompt": "{} is", "target": 5}).encode(), False, "target"),
+    Case("target_is_nan", b'{"subject": "Quito", "prompt": "{} is", "target": NaN}', False, "target"),
+    Case("subject_is_list", rec(subject=["Quito"]), False, "subject"),  # type: ignore[arg-type]
+    Case("prompt_is_null", json.dumps({"subject": "Quito", "prompt": None, "target": "Peru"}).encode(), False,
+         "prompt"),
+    Case("id_is_int", rec(id=5), False, "id"),
+    Case("old_target_is_list", rec(old_target=["Chile"]), False, "old_target"),
+    Case("empty_target", rec(target=""), False, "target"),
+    Case("whitespace_target", rec(target="   \t"), False, "target"),
+    Case("leading_space_target", rec(target=" Peru"), False, "target"),
+    Case("whitespace_subject", rec(subject="\t ", prompt="{} is the capital of"), False, "subject"),
+    Case("subject_not_in_prompt", rec(prompt="It is the capital of"), False, "prompt"),
+    Case("two_placeholders", rec(prompt="{} and {} are capitals of"), False, "prompt"),
+    Case("five_placeholders", rec(prompt="{}{}{}{}{}"), False, "prompt"),
+    Case("paraphrases_not_list", rec(paraphrases="Quito lies in"), False, "paraphrases"),
+    Case("paraphrase_blank", rec(paraphrases=["Quito lies in", "  "]), False, "paraphrases"),
+    Case("paraphrases_ints", rec(paraphrases=[1, 2, 3]), False, "paraphrases.0"),
+    Case("neighbor_missing_target", rec(neighbors=[{"prompt": "Lima is in"}]), False, "neighbors.0.target"),
+    Case("neighbor_unknown_field", rec(neighbors=[{"prompt": "Lima is in", "target": "Peru", "x": 1}]), False,
+         "neighbors.0.x"),
+    Case("time_not_a_date", rec(time="yesterday-ish"), False, "time"),
+    Case("raw_nul_byte", rec(subject="Qui\x00to").replace(b"\\u0000", b"\x00"), False, "-"),
+    Case("raw_control_char", rec(subject="Qui\x01to").replace(b"\\u0001", b"\x01"), False, "-"),
+    Case("invalid_utf8", b'{"subject": "\xff\xfe", "prompt": "{} is", "target": "Peru"}', False, "-",
+         parse_ok=False),
+    Case("overlong_utf8", b'{"subject": "Qu\xc0\xafito", "prompt": "{} is", "target": "Peru"}', False, "-",
+         parse_ok=False),
+    Case("three_megabyte_line", MB3, False, "-", parse_ok=True),
+    Case("deeply_nested", b"[" * 100_000 + b"]" * 100_000, False, "-", bug=BUG_RECURSION),
+    Case("five_thousand_digit_int", b'{"subject": "Quito", "prompt": "{} is", "target": ' + b"7" * 5000 + b"}",
+         False, "-", bug=BUG_BIGINT),
+    Case("unknown_key_with_newline", rec(**{"evil\nkey": 1}), False, "evil\nkey", bug=BUG_NEWLINE_KEY),
+    # valid, if awkward: accepted as new facts (each a distinct subject)
+    Case("plain_valid", rec(subject="Accra", target="Ghana"), True),
+    Case("subject_verbatim_no_placeholder", rec(subject="Bogota", prompt="Bogota is the capital of",
+                                                target="Colombia"), True),
+    Case("crlf_ending", rec(subject="Hanoi", target="Vietnam") + b"\r", True),
+    Case("number_as_string_target", rec(subject="Orwell", prompt="{} wrote the novel", target="1984"), True),
+    Case("date_as_string_target", rec(subject="Moon landing", prompt="{} happened on", target="1969-07-20"), True),
+    Case("iso_date_time", rec(subject="Nairobi", target="Kenya", time="2024-05-01"), True),
+    Case("iso_time_with_zone", rec(subject="Dakar", target="Senegal", time="2024-05-01T10:00:00+02:00"), True),
+    Case("right_to_left_text", rec(subject="\u0627\u0644\u0642\u0627\u0647\u0631\u0629",
+                                   prompt="{} \u0647\u064a \u0639\u0627\u0635\u0645\u0629",
+                                   target="\u0645\u0635\u0631"), True),
+    Case("rtl_marks_and_hebrew", rec(subject="\u05d9\u05e8\u05d5\u05e9\u05dc\u05d9\u05dd\u200f",
+                                     target="\u05d9\u05e9\u05e8\u05d0\u05dc"), True),
+    Case("emoji_and_combining", rec(subject="Cafe\u0301 \U0001F600", target="Paris"), True),
+    Case("target_equals_old_target", rec(subject="Tokyo", target="Japan", old_target="Japan"), True),
+    Case("escaped_nul_in_subject", rec(subject="Riga\u0000", target="Latvia"), True),
+    Case("duplicate_json_keys", b'{"subject": "Oslo", "subject": "Bern", "prompt": "{} is in", "target": "Swiss"}',
+         True),
+    Case("huge_paraphrases", rec(subject="Kyiv", target="Ukraine", paraphrases=[f"Kyiv p{i}" for i in range(20_000)]),
+         True),
+    Case("prompt_longer_than_context", rec(subject="Minsk", prompt="In a long story, " * 120 + "{} is in",
+                                           target="Belarus"), True),
+    Case("all_optional_fields", rec(subject="Sofia", target="Bulgaria", old_target="Greece", id="f-1",
+                                    source="https://example.org", paraphrases=["Sofia lies in"],
+                                    neighbors=[{"prompt": "Athens is in", "target": "Greece"}]), True),
+]
+assert len({c.name for c in CORPUS}) == len(CORPUS)
+assert sum(not c.ok for c in CORPUS) >= 30
+
+
+def _params(cases):
+    return [pytest.param(c, id=c.name, marks=pytest.mark.xfail(strict=True, reason=c.bug) if c.bug else ())
+            for c in cases]
+
+
+@pytest.mark.parametrize("case", _params([c for c in CORPUS if c.parse_ok is not False or c.bug]))
+def test_parse_line_rejects_with_one_line_reason_or_accepts(case):
+    line = case.raw.decode("utf-8").rstrip("\r\n")
+    try:
+        got = parse_line(line, 17)
+    except BadRecord as exc:
+        msg = str(exc)
+        assert not case.parses, f"valid line rejected: {msg}"
+        assert msg.startswith("line 17: field ") and "\n" not in msg and "\r" not in msg, msg
+        assert exc.lineno == 17 and exc.field == case.field
+        return
+    assert case.parses, f"malformed line accepted: {got!r}"[:300]
+    assert parse_line(got.to_json(), 1) == got
+
+
+# ----------------------------------------------------------------------------- through `kagent watch --once`
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return shared_workspace(tmp_path_factory)
+
+
+@pytest.fixture
+def ws_with_facts(shared, tmp_path):
+    """A copy of the shared workspace where three earlier facts are already applied."""
+    _, root, home = shared
+    ws = shutil.copytree(root, tmp_path / "ws")
+    earlier = tmp_path / "earlier.jsonl"
+    earlier.write_text("".join(rec(subject=s, target=t).decode() + "\n"
+                               for s, t in [("Paris", "Spain"), ("Berlin", "Norway"), ("Rome", "Chile")]))
+    with one_thread(), _patched(home):
+        res = run("watch", earlier, "--once", "--batch-size", "3", "--workspace", ws)
+        assert res.exit_code == 0 and "3 applied" in res.output, res.output
+        yield ws, home
+
+
+def applied_subjects(ws) -> list[str]:
+    with Ledger(ws / "ledger") as ledger:
+        return sorted(f.record.subject for f in ledger.facts(status="applied"))
+
+
+def test_watch_skips_every_bad_line_with_its_number_and_keeps_stored_facts(ws_with_facts, tmp_path):
+    ws, _ = ws_with_facts
+    cases = [c for c in CORPUS if not c.bug]
+    feed = tmp_path / "corpus.jsonl"
+    feed.write_bytes(b"".join(c.raw + b"\n" for c in cases))
+    res = run("watch", feed, "--once", "--batch-size", "16", "--workspace", ws)
+    assert res.exit_code == 0, res.output[-3000:]
+    out = res.output.splitlines()
+    n_ok = sum(c.ok for c in cases)
+    assert out[-1].startswith(f"{len(cases)} line(s): {n_ok} new fact(s), 0 duplicate(s), 0 superseding, "
+                              f"{len(cases) - n_ok} bad;"), out[-1]
+    with Ledger(ws / "ledger") as ledger:
+        bad_events = {e.data["lineno"]: e for e in ledger.events("bad_line")}
+        assert ledger.verify() == []
+        stored = ledger.facts()
+    for lineno, case in enumerate(cases, 1):
+        echoed = [l for l in out if l.startswith(f"skipped bad line {lineno}: ")]
+        if case.ok:
+            assert lineno not in bad_events and not echoed, case.name
+        else:
+            assert len(echoed) == 1 and f"field '{case.field}'" in echoed[0], (case.name, echoed)
+            assert "\n" not in bad_events[lineno].message, case.name
+    assert len(stored) == 3 + n_ok
+    assert {"Paris", "Berlin", "Rome"} <= set(applied_subjects(ws))  # nothing stored before was lost
+    assert all(f.status in ("applied", "quarantined") for f in stored)
+
+
+@pytest.mark.parametrize("case", _params([c for c in CORPUS if c.bug]))
+def test_a_crashing_line_is_skipped_not_fatal(ws_with_facts, tmp_path, case):
+    ws, _ = ws_with_facts
+    feed = tmp_path / "one.jsonl"
+    feed.write_bytes(case.raw + b"\n" + rec(subject="Accra", target="Ghana") + b"\n")
+    res = run("watch", feed, "--once", "--workspace", ws)
+    assert res.exit_code == 0, repr(res.exception)
+    with Ledger(ws / "ledger") as ledger:
+        bad = [e for e in ledger.events("bad_line") if e.data["feed"] == str(feed.resolve())]
+    assert [e.data["lineno"] for e in bad] == [1] and "\n" not in bad[0].message
+    assert "Accra" in applied_subjects(ws)
+
+
+def test_resending_the_corpus_stores_nothing_twice(ws_with_facts, tmp_path):
+    ws, _ = ws_with_facts
+    cases = [c for c in CORPUS if c.ok and c.name != "huge_paraphrases"]
+    feed = tmp_path / "valid.jsonl"
+    feed.write_bytes(b"".join(c.raw + b"\n" for c in cases))
+    assert run("watch", feed, "--once", "--batch-size", "16", "--workspace", ws).exit_code == 0
+    again = tmp_path / "again.jsonl"
+    shutil.copy(feed, again)
+    res = run("watch", again, "--once", "--workspace", ws)
+    assert res.exit_code == 0 and f"0 new fact(s), {len(cases)} duplicate(s)" in res.output, res.output
+
+
+# ----------------------------------------------------------------------------- hypothesis: the record parser
+
+FIELDS = list(FactRecord.model_fields)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_any_text_is_a_record_or_a_bad_record(text):
+    try:
+        parse_line(text, 3)
+    except BadRecord as exc:
+        assert str(exc).startswith("line 3: ")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS) | st.text(alphabet="abcxyz_", max_size=6), json_values, max_size=9))
+def test_any_json_object_is_a_record_or_a_bad_record(obj):
+    try:
+        got = parse_line(json.dumps(obj), 5)
+    except BadRecord as exc:
+        assert str(exc).startswith("line 5: field ") and "\n" not in str(exc)
+        return
+    assert parse_line(got.to_json(), 5) == got
+
+
+no_braces = st.text(st.characters(blacklist_characters="{}", blacklist_categories=("Cs",)), max_size=30)
+non_blank = no_braces.filter(lambda s: s.strip() != "")
+
+
+@settings(max_examples=300, deadline=None)
+@given(subject=non_blank, before=no_braces, after=no_braces, target=non_blank.map(str.lstrip).filter(bool),
+       paraphrases=st.lists(non_blank, max_size=3), time=st.none() | st.datetimes().map(lambda d: d.isoformat()))
+def test_valid_records_are_accepted_and_round_trip(subject, before, after, target, paraphrases, time):
+    obj = {"subject": subject, "prompt": before + "{}" + after, "target": target, "paraphrases": paraphrases,
+           "time": time}
+    got = parse_line(json.dumps(obj), 1)
+    assert (got.subject, got.prompt, got.target, got.paraphrases) == (subject, before + "{}" + after, target,
+                                                                      paraphrases)
+    assert got.text == before + subject + after
+    assert parse_line(got.to_json(), 1) == got
+    assert parse_line(json.dumps(obj, ensure_ascii=False), 1) == got
+
+
+# ----------------------------------------------------------------------------- hypothesis: rollback
+
+LAYERS = [1, 2]
+
+
+def random_delta(model, seed: int, rank: int) -> EditDelta:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for layer in LAYERS:
+        o, i = weight_view(model, layer).shape
+        out.append(LayerDelta(layer, 0.05 * torch.randn(o, rank, generator=g), torch.randn(i, rank, generator=g)))
+    return EditDelta(out)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_rollback_of_j_of_k_batches_equals_applying_k_minus_j(tmp_path_factory, data):
+    k = data.draw(st.integers(1, 4), label="k")
+    j = data.draw(st.integers(0, k), label="j")
+    seeds = data.draw(st.lists(st.integers(0, 10**6), min_size=k, max_size=k), label="seeds")
+    ranks = data.draw(st.lists(st.integers(1, 3), min_size=k, max_size=k), label="ranks")
+    root = tmp_path_factory.mktemp("rollback")
+    model = make_tiny_llama(80)
+    base = {layer: weight_view(model, layer).clone() for layer in LAYERS}
+    deltas = [random_delta(model, s, r) for s, r in zip(seeds, ranks)]
+    with Ledger(root) as ledger:
+        ledger.attach(model, LAYERS)
+        for i, delta in enumerate(deltas):
+            ids = ledger.add_facts([FactRecord(subject=f"E{i}", prompt="{} is in", target="X")])
+            delta.apply(model)
+            g = torch.Generator().manual_seed(i)
+            keys = {layer: torch.randn(weight_view(model, layer).shape[1], 1, generator=g) for layer in LAYERS}
+            ledger.commit(ledger.facts(ids=ids), delta, keys, model=model)
+        ledger.rollback_to(k - j, model)
+        assert ledger.verify() == []
+        kept = [b.id for b in ledger.history() if b.status == "committed"]
+    assert kept == list(range(1, k - j + 1))
+    expected = {layer: w.clone() for layer, w in base.items()}
+    for delta in deltas[:k - j]:
+        for d in delta.layers:
+            expected[d.layer] += d.u @ d.v.T
+    for layer in LAYERS:
+        got = weight_view(model, layer)
+        assert float((got - expected[layer]).norm() / expected[layer].norm()) < 1e-6
+    fresh = make_tiny_llama(80)  # a reload gives the same weights
+    with Ledger(root) as ledger:
+        ledger.load_into(fresh)
+    for layer in LAYERS:
+        assert torch.equal(weight_view(fresh, layer), weight_view(model, layer))

@@ -1,0 +1,108 @@
+"""Shared helpers of the reliability suites (no tests here): a tiny-model workspace built once per test run
+and cached on disk, single-threaded torch (the CI machine has two shared cores), and ledger invariant checks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+
+import agent.session
+from agent.cli import cli
+from agent.workspace import Workspace
+from editors.arch import weight_view
+from editors.delta import EditDelta
+from memory.ledger import Ledger
+from test_cli import ToyEmbedder, pretrain
+
+log = logging.getLogger(__name__)
+
+LAYERS = [1, 2]
+
+
+def run(*args):
+    """`kagent ARGS` in-process (the toy embedder must be patched in by the caller)."""
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@contextmanager
+def one_thread():
+    """torch on one thread: on two shared cores this makes the tiny model ~5x faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_workspace(base: Path, home: Path) -> tuple[Path, Path]:
+    """(model_dir, workspace) under `base`, made once and reused (marker file `done`)."""
+    from conftest import make_tiny_llama, toy_tokenizer
+
+    model_dir, root = base / "tiny-llama", base / "ws"
+    if (base / "done").exists():
+        return model_dir, root
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    tok = toy_tokenizer()
+    pretrain(make_tiny_llama(len(tok)), tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    with _patched(home):
+        res = run("init", "--model", model_dir, "--layers", ",".join(map(str, LAYERS)), "--stats-tokens", "4000",
+                  "--workspace", root)
+    assert res.exit_code == 0, res.output
+    ws = Workspace.open(root)
+    ws.save_config(ws.config().model_copy(update={"probe_texts": 2, "retention_sample": 8, "probe_facts": 8}))
+    (base / "done").write_text("ok")
+    return model_dir, root
+
+
+@contextmanager
+def _patched(home: Path):
+    old_embedder, old_home = agent.session.default_embedder, os.environ.get("KAGENT_HOME")
+    agent.session.default_embedder = ToyEmbedder
+    os.environ["KAGENT_HOME"] = str(home)
+    try:
+        yield
+    finally:
+        agent.session.default_embedder = old_embedder
+        if old_home is None:
+            os.environ.pop("KAGENT_HOME", None)
+        else:
+            os.environ["KAGENT_HOME"] = old_home
+
+
+def shared_workspace(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(model_dir, pristine workspace, KAGENT_HOME) shared by every reliability module of this run."""
+    base = tmp_path_factory.getbasetemp() / "reliability-shared"
+    home = base.parent / "reliability-home"
+    with one_thread():
+        model_dir, root = build_workspace(base, home)
+    return model_dir, root, home
+
+
+def committed_weights(ledger_root: Path, model) -> dict[int, torch.Tensor]:
+    """Base weights of the tracked layers (read from `model`, a freshly loaded base model) plus every committed
+    batch's delta file, added in commit order: computed here, independently of Ledger._build."""
+    with Ledger(ledger_root) as ledger:
+        layers = ledger.tracked_layers()
+        committed = [b for b in ledger.history() if b.status == "committed"]
+    out = {layer: weight_view(model, layer).detach().clone().double() for layer in layers}
+    for b in committed:
+        for d in EditDelta.load(ledger_root / "deltas" / f"{b.delta_hash}.safetensors").layers:
+            out[d.layer] += d.u.double() @ d.v.double().T
+    return out
+
+
+def max_rel_err(model, expected: dict[int, torch.Tensor]) -> float:
+    errs = []
+    for layer, w in expected.items():
+        got = weight_view(model, layer).detach().double()
+        errs.append(float((got - w).norm() / w.norm()))
+    return max(errs, default=0.0)
