@@ -58,7 +58,7 @@ def build_workspace(base: Path, home: Path) -> tuple[Path, Path]:
                   "--workspace", root)
     assert res.exit_code == 0, res.output
     ws = Workspace.open(root)
-    ws.save_config(ws.config().model_copy(update={"probe_texts": 2, "retention_sample": 8, "probe_facts": 8}))
+    ws.save_config(ws.config().model_copy(update={"probe_tokens": 256, "probe_facts": 8, "retention_sample": 8}))
     (base / "done").write_text("ok")
     return model_dir, root
 
@@ -87,13 +87,20 @@ def shared_workspace(tmp_path_factory) -> tuple[Path, Path, Path]:
     return model_dir, root, home
 
 
-def committed_weights(ledger_root: Path, model) -> dict[int, torch.Tensor]:
-    """Base weights of the tracked layers (read from `model`, a freshly loaded base model) plus every committed
-    batch's delta file, added in commit order: computed here, independently of Ledger._build."""
+def base_layers(model_dir: Path) -> dict[int, torch.Tensor]:
+    """The tracked layers of the pristine base model, read from its checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return {layer: weight_view(model, layer).detach().clone() for layer in LAYERS}
+
+
+def committed_weights(ledger_root: Path, base: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """`base` plus every committed batch's delta file, added in commit order (float64): computed here,
+    independently of Ledger._build."""
     with Ledger(ledger_root) as ledger:
-        layers = ledger.tracked_layers()
         committed = [b for b in ledger.history() if b.status == "committed"]
-    out = {layer: weight_view(model, layer).detach().clone().double() for layer in layers}
+    out = {layer: w.double().clone() for layer, w in base.items()}
     for b in committed:
         for d in EditDelta.load(ledger_root / "deltas" / f"{b.delta_hash}.safetensors").layers:
             out[d.layer] += d.u.double() @ d.v.double().T
