@@ -20,7 +20,7 @@ from agent.config import AgentConfig, ConfigError
 from agent.loop import WatchOptions, watch as watch_feed
 from agent.report import render
 from agent.schedule import ScheduleError
-from agent.session import measure_baseline, open_ledger, open_session
+from agent.session import initialise, open_ledger, open_session
 from agent.workspace import Workspace, WorkspaceError, default_root
 from editors.arch import UnknownArchitecture
 from editors.models import DEFAULT_MODEL, load_model
@@ -81,7 +81,7 @@ def init(model: str, method: str, layers: str | None, stats_tokens: int, device:
     try:
         with ws.writer():
             session = open_session(ws, loaded)
-            baseline = measure_baseline(session)
+            baseline = initialise(session)
             session.close()
     except BaseException:
         shutil.rmtree(ws.root, ignore_errors=True)

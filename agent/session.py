@@ -7,10 +7,13 @@ agree with the ledger.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from agent.config import AgentConfig
 from agent.monitors import base_weights
@@ -51,10 +54,19 @@ class Session:
     def layers(self) -> list[int]:
         return list(self.editor.hp.layers)
 
+    def probe_settings(self) -> str:
+        """What the probes measure; a baseline taken with other settings is not comparable."""
+        c = self.cfg
+        return f"facts={c.probe_facts} tokens={c.probe_tokens} file={c.probe_file}"
+
     def baseline(self) -> Baseline:
+        """The workspace baseline, re-measured on a fresh base model when the probe settings changed since."""
         baseline = self.ws.baseline()
-        if baseline is None:
-            raise RuntimeError(f"workspace {self.ws.root} has no probe baseline; run `kagent init` again")
+        if baseline is None or baseline.probes != self.probe_settings():
+            log.warning("probe settings changed since the baseline (or none was taken); measuring it again "
+                        "on the unedited model")
+            base = load_model(self.cfg.model, self.cfg.resolved_device())
+            baseline = measure_baseline(self.ws, self.probes, base, self.probe_settings())
         return baseline
 
     def close(self) -> None:
@@ -70,10 +82,19 @@ class Session:
         return {layer: st.mom2 for layer, st in self.editor.stats.items()}
 
     def probe_keys(self) -> dict[int, torch.Tensor]:
-        """Keys of the known-fact probes at every edited layer (what a batch must not move)."""
+        """Keys of the known-fact probes at every edited layer (what a batch must not move); computed once per
+        workspace (at `kagent init`, on the unedited model) and cached under the workspace's cache dir."""
         if self._probe_keys is None:
             reqs = self.probes.key_requests()
-            self._probe_keys = {l: self.editor.keys(reqs, l).float().cpu() for l in self.layers} if reqs else {}
+            digest = hashlib.sha256(json.dumps([self.layers, self.editor.state.context_templates,
+                                                [(r.prompt, r.subject) for r in reqs]]).encode()).hexdigest()[:16]
+            path = self.ws.cache_dir / f"probe-keys-{digest}.safetensors"
+            if path.exists():
+                self._probe_keys = {int(k): v for k, v in load_file(str(path)).items()}
+            else:
+                self._probe_keys = {l: self.editor.keys(reqs, l).float().cpu() for l in self.layers} if reqs else {}
+                self.ws.cache_dir.mkdir(parents=True, exist_ok=True)
+                save_file({str(k): v.contiguous() for k, v in self._probe_keys.items()}, str(path))
         return self._probe_keys
 
     def history_metrics(self) -> list[dict[str, float]]:
@@ -129,7 +150,13 @@ def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
     return session
 
 
-def measure_baseline(session: Session) -> Baseline:
-    """Probe the model as it is now (unedited at `kagent init`) and store the values as the workspace baseline."""
-    values = session.probes.downstream(session.model, session.tok)
-    return session.ws.save_baseline(values.get("known_acc"), values["perplexity"], fingerprint(session.model))
+def measure_baseline(ws: Workspace, probes: ProbeSuite, base: LoadedModel, settings: str) -> Baseline:
+    """Probe the unedited model `base` and store the values as the workspace baseline."""
+    values = probes.downstream(base.model, base.tok)
+    return ws.save_baseline(values.get("known_acc"), values["perplexity"], fingerprint(base.model), settings)
+
+
+def initialise(session: Session) -> Baseline:
+    """At `kagent init` (the model is unedited): the baseline and the probe keys."""
+    session.probe_keys()
+    return measure_baseline(session.ws, session.probes, session.loaded, session.probe_settings())

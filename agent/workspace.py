@@ -40,6 +40,7 @@ class Baseline(BaseModel):
     perplexity: float = Field(description="perplexity of the unedited model on the held-out probe text")
     model_fingerprint: str = Field(description="editors.models.fingerprint of the unedited model")
     measured_at: str = Field(description="ISO-8601 time of measurement")
+    probes: str = Field("", description="probe settings the values were measured with")
 
 
 def default_root() -> Path:
@@ -111,9 +112,10 @@ class Workspace:
             return None
         return Baseline.model_validate_json(self.baseline_path.read_text())
 
-    def save_baseline(self, known_acc: float | None, perplexity: float, model_fingerprint: str) -> Baseline:
+    def save_baseline(self, known_acc: float | None, perplexity: float, model_fingerprint: str,
+                      probes: str) -> Baseline:
         baseline = Baseline(known_acc=known_acc, perplexity=perplexity, model_fingerprint=model_fingerprint,
-                            measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                            measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), probes=probes)
         tmp = self.baseline_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(baseline.model_dump(), indent=2) + "\n")
         tmp.replace(self.baseline_path)

@@ -108,6 +108,11 @@ def fresh_ws(tmp_path_factory, model_dir, shared_home):
     assert res.exit_code == 0, res.output
     fast = Workspace.open(root)
     fast.save_config(fast.config().model_copy(update={"probe_tokens": 256, "probe_facts": 8, "retention_sample": 8}))
+    with pytest.MonkeyPatch.context() as mp, one_thread():
+        mp.setenv("KAGENT_HOME", str(shared_home))
+        session = agent.session.open_session(fast)
+        session.baseline()  # re-measured for the smaller probe settings
+        session.close()
     return root
 
 
@@ -124,7 +129,10 @@ def test_init_writes_a_documented_config_and_baseline(ws):
     text = (ws / "config.toml").read_text()
     assert "# facts applied together in one batch\nbatch_size = 10" in text
     assert "layers = [1, 2]" in text
-    assert 1 < Workspace.open(ws).baseline().perplexity < 40  # the pretrained tiny model beats uniform (80)
+    baseline = Workspace.open(ws).baseline()
+    assert 1 < baseline.perplexity < 40  # the pretrained tiny model beats uniform (80)
+    assert baseline.probes == "facts=8 tokens=256 file="
+    assert list((ws / "cache").glob("probe-keys-*.safetensors"))
     again = run("init", "--model", "nowhere", "--workspace", ws)
     assert again.exit_code != 0 and "already exists" in again.output
 
