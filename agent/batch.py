@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -60,7 +61,7 @@ def measure(session: Session, result: EditResult, group: list[StoredFact], sampl
 
 
 def compute(session: Session, group: list[StoredFact]) -> EditResult:
-    result = session.editor.compute([f.record.to_request() for f in group])
+    result = session.editor.compute([f.record.to_request() for f in group], progress=sys.stderr.isatty())
     result.keys = {l: dense(k) for l, k in result.keys.items()}
     return result
 

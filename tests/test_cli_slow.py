@@ -3,6 +3,7 @@ report, rollback)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,11 @@ def test_example_feed_on_the_embedded_model(tmp_path):
     run("init", "--workspace", ws)
     summary = run("watch", FEED, "--once", "--workspace", ws).strip().splitlines()[-1]
     assert summary.startswith("52 line(s): 48 new fact(s), 2 duplicate(s), 1 superseding, 1 bad;")
-    applied = [json.loads(line) for line in FEED.read_text().splitlines()[:3]]
     facts = run("facts", "--status", "applied", "--workspace", ws).splitlines()
     assert len(facts) >= 40  # most of the 48 facts pass the guard
     hits = 0
     for line in facts:
-        text, target = line.split("  ", 1)[1].split(" -> ")
+        text, target = re.search(r"batch \d+  (.+) -> (.+)$", line).groups()
         hits += run("ask", text, "--tokens", "8", "--workspace", ws).startswith(f"{text} {target}")
     assert hits >= 0.7 * len(facts)
     assert "Melbourne" in run("facts", "--subject", "Australia", "--workspace", ws)
@@ -41,4 +41,4 @@ def test_example_feed_on_the_embedded_model(tmp_path):
     assert out.read_text().count("data:image/png") == 3 and f"{len(facts)} edits applied" in out.read_text()
     run("rollback", "--to", "0", "--workspace", ws)
     eiffel = run("ask", "The Eiffel Tower is located in the city of", "--workspace", ws)
-    assert "Rome" not in eiffel and applied
+    assert "Rome" not in eiffel  # back to the unedited model
