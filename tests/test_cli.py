@@ -320,3 +320,23 @@ def test_watch_follows_appends_and_waits_max_wait_for_a_partial_batch(ws, tmp_pa
     finally:
         w.follower.close()
         session.close()
+
+
+def test_refresh_processes_every_watched_feed_and_export_writes_a_loadable_checkpoint(ws, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_facts(a, [("Paris", "Spain")])
+    write_facts(b, [("Berlin", "Norway")])
+    run("watch", a, "--once", "--workspace", ws)
+    run("watch", b, "--once", "--workspace", ws)
+    write_facts(a, [("Rome", "Chile")], mode="a")
+    write_facts(b, [("Oslo", "Cuba")], mode="a")
+    res = run("refresh", "--workspace", ws)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.count("1 line(s): 1 new fact(s)") == 2 and len(applied(ws)) == 4
+    out = tmp_path / "export"
+    assert run("export", out, "--workspace", ws).exit_code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(f["subject"] for f in manifest["facts"]) == ["Berlin", "Oslo", "Paris", "Rome"]
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
