@@ -307,3 +307,9 @@ def schedule(daily: str, systemd: bool, dry_run: bool, workspace: Path | None) -
         click.echo(plan.describe())
     else:
         click.echo(sched.install_systemd(plan) if systemd else sched.install_cron(plan))
+
+
+from agent.bench_cmd import bench, stats  # noqa: E402  (editor benchmark and covariance statistics)
+
+cli.add_command(bench)
+cli.add_command(stats)

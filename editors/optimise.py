@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from editors.hparams import EditHParams
-from editors.prompts import EditRequest, value_rows
+from editors.prompts import EditRequest, split_at_subject, value_rows
 from editors.values import SuffixRunner, make_batch
 
 
@@ -105,15 +105,28 @@ def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates
     return ValueResult((h0 + delta).detach(), steps.tolist(), runner.flops)
 
 
+def _suffix_length(tok, req: EditRequest) -> int:
+    _head, tail = split_at_subject(tok, req.prompt, req.subject)
+    return len(tail) + len(tok(" " + req.target, add_special_tokens=False)["input_ids"])
+
+
 def optimise_values(model: nn.Module, tok, requests: list[EditRequest], templates: list[str],
                     hp: EditHParams, progress=None) -> ValueResult:
-    """Target values z (n, d) at layer hp.layers[-1] for all requests, in chunks of hp.value_chunk."""
+    """Target values z (n, d) at layer hp.layers[-1] for all requests, in chunks of hp.value_chunk.
+
+    Requests are chunked in order of suffix length so that padded rows waste little compute.
+    """
+    order = sorted(range(len(requests)), key=lambda i: _suffix_length(tok, requests[i]))
     zs, steps, flops = [], [], 0.0
-    for i in range(0, len(requests), hp.value_chunk):
-        r = optimise_chunk(model, tok, requests[i : i + hp.value_chunk], templates, hp, hp.layers[-1])
+    for i in range(0, len(order), hp.value_chunk):
+        chunk = [requests[j] for j in order[i : i + hp.value_chunk]]
+        r = optimise_chunk(model, tok, chunk, templates, hp, hp.layers[-1])
         zs.append(r.z)
         steps += r.steps
         flops += r.flops
         if progress is not None:
             progress.update(len(r.steps))
-    return ValueResult(torch.cat(zs), steps, flops)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    z = torch.cat(zs)[inverse.to(zs[0].device)]
+    return ValueResult(z, [steps[k] for k in inverse.tolist()], flops)

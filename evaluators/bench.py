@@ -1,0 +1,161 @@
+"""`kagent bench`: sequential editing benchmark on CounterFact or zsRE.
+
+Every method starts from the unedited model and applies the same first N records in the
+same order, in batches of B; the final model is evaluated on all N records together with
+perplexity, known-fact accuracy and weight-norm growth.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from tqdm import tqdm
+
+from editors.models import DEFAULT_MODEL, load_model
+from editors.prompts import EditRequest
+from editors.registry import make_editor
+from evaluators import counterfact, norms, probes, zsre
+from evaluators.counterfact import harmonic_mean
+
+log = logging.getLogger(__name__)
+
+
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    facts: Path  # CounterFact or zsRE JSON file
+    format: Literal["counterfact", "zsre"] = "counterfact"  # schema of `facts`
+    n: int = 100  # first N records are edited
+    batch_size: int = 100  # edits per batch
+    methods: list[str] = ["encore", "memit", "alphaedit"]  # each from the unedited model
+    model: str = DEFAULT_MODEL  # alias, local dir or hub name
+    device: str | None = None  # None = CUDA when available
+    order: Literal["arrival", "random", "cluster"] = "arrival"  # batch order (cluster = FAISS k-means)
+    ppl_tokens: int = 4096  # held-out tokens for perplexity
+    overrides: dict = {}  # hyperparameter overrides for every method
+
+
+class MethodResult(BaseModel):
+    method: str  # editor, or "unedited"
+    model: str  # model name
+    n: int  # records edited and evaluated
+    batch_size: int  # edits per batch
+    order: str  # batch order
+    es: float  # efficacy (CounterFact) / edit token accuracy (zsRE)
+    ps: float  # paraphrase success / rephrase token accuracy
+    ns: float  # neighbourhood kept / locality
+    score: float  # harmonic mean of es, ps, ns
+    ppl_before: float  # held-out perplexity of the unedited model
+    ppl_after: float  # ... after all edits
+    known_acc_before: float  # known-fact probe accuracy, unedited
+    known_acc_after: float  # ... after all edits
+    norm_growth: float  # max over edited layers of ||W_t|| / ||W_0||
+    edit_seconds: float  # keys + values + solves + applying, all batches
+    edits_per_second: float  # n / edit_seconds
+    value_seconds: float  # of which target-value optimisation
+    value_gflops: float  # achieved matmul GFLOP/s of the value optimisation
+    mean_steps: float  # mean optimisation checks per edit
+    peak_rss_mb: float  # process peak resident memory so far
+    hparams: dict = {}  # the editor's hyperparameters
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Task:
+    """Records, requests and metrics of one data set format."""
+
+    def __init__(self, cfg: BenchConfig, model, tok):
+        self.cfg = cfg
+        if cfg.format == "counterfact":
+            self.records = counterfact.load_counterfact(cfg.facts, cfg.n)
+            self.requests = counterfact.to_requests(self.records)
+        else:
+            edits = zsre.to_requests(zsre.load_zsre(cfg.facts, cfg.n))
+            self.records, self.requests = edits.records, edits.requests
+            self.pre_loc = zsre.locality_predictions(model, tok, self.records)
+
+    def evaluate(self, model, tok) -> tuple[float, float, float]:
+        if self.cfg.format == "counterfact":
+            r = counterfact.evaluate_counterfact(model, tok, self.records)
+            return r.es, r.ps, r.ns
+        r = zsre.evaluate_zsre(model, tok, self.records, self.pre_loc)
+        return r.edit_acc, r.rephrase_acc, r.locality
+
+
+def batches(requests: list[EditRequest], size: int, order: str) -> list[list[EditRequest]]:
+    from memory.planner import plan
+
+    vectors = None
+    if order == "cluster":
+        from memory.index import MiniLMEmbedder
+
+        vectors = MiniLMEmbedder().embed([r.text() for r in requests])
+    return [[requests[i] for i in b] for b in plan(range(len(requests)), vectors, size, order)]
+
+
+def _row(cfg, method, es, ps, ns, base: dict, after: dict, **extra) -> MethodResult:
+    return MethodResult(method=method, model=cfg.model, n=cfg.n, batch_size=cfg.batch_size, order=cfg.order,
+                        es=es, ps=ps, ns=ns, score=harmonic_mean([es, ps, ns]), ppl_before=base["ppl"],
+                        ppl_after=after["ppl"], known_acc_before=base["known"], known_acc_after=after["known"],
+                        peak_rss_mb=_peak_rss_mb(), **extra)
+
+
+def _probes(model, tok, cfg) -> dict:
+    return {"ppl": probes.perplexity(model, tok, max_tokens=cfg.ppl_tokens), "known": probes.known_fact_accuracy(model, tok)}
+
+
+def run_method(cfg: BenchConfig, method: str, base: dict) -> MethodResult:
+    lm = load_model(cfg.model, cfg.device)
+    task = _Task(cfg, lm.model, lm.tok)
+    editor = make_editor(method, lm.model, lm.tok, **cfg.overrides)
+    w0 = norms.snapshot(lm.model, editor.hp.layers)
+    secs = {"total": 0.0, "values": 0.0}
+    flops, steps = 0.0, []
+    for batch in tqdm(batches(task.requests, cfg.batch_size, cfg.order), desc=f"{method} batches", unit="batch"):
+        t = time.perf_counter()
+        result = editor.edit(batch, progress=True)
+        secs["total"] += time.perf_counter() - t
+        secs["values"] += result.seconds["values"]
+        flops += result.flops
+        steps += result.steps
+    es, ps, ns = task.evaluate(lm.model, lm.tok)
+    after = _probes(lm.model, lm.tok, cfg)
+    return _row(cfg, method, es, ps, ns, base, after, norm_growth=norms.norm_growth(lm.model, w0),
+                edit_seconds=secs["total"], edits_per_second=len(task.requests) / max(secs["total"], 1e-9),
+                value_seconds=secs["values"], value_gflops=flops / max(secs["values"], 1e-9) / 1e9,
+                mean_steps=sum(steps) / max(len(steps), 1), hparams=editor.hp.model_dump())
+
+
+def run_bench(cfg: BenchConfig) -> list[MethodResult]:
+    """The unedited baseline row, then one row per method."""
+    torch.manual_seed(0)
+    lm = load_model(cfg.model, cfg.device)
+    task = _Task(cfg, lm.model, lm.tok)
+    base = _probes(lm.model, lm.tok, cfg)
+    es, ps, ns = task.evaluate(lm.model, lm.tok)
+    rows = [_row(cfg, "unedited", es, ps, ns, base, base, norm_growth=1.0, edit_seconds=0.0, edits_per_second=0.0,
+                 value_seconds=0.0, value_gflops=0.0, mean_steps=0.0)]
+    del lm
+    for method in cfg.methods:
+        rows.append(run_method(cfg, method, base))
+        log.info("%s: %s", method, rows[-1].model_dump(exclude={"hparams"}))
+    return rows
+
+
+COLUMNS = ["method", "es", "ps", "ns", "score", "ppl_after", "known_acc_after", "norm_growth", "edits_per_second",
+           "value_gflops", "mean_steps", "peak_rss_mb"]
+
+
+def table(rows: list[MethodResult]) -> str:
+    """A fixed-width text table of the main columns."""
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    cells = [COLUMNS] + [[fmt(getattr(r, c)) for c in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
