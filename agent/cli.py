@@ -109,6 +109,8 @@ def load_checked(model: str, device: str | None):
 def watch(feed: Path, once: bool, batch_size: int | None, max_wait: float | None, workspace: Path | None) -> None:
     """Follow FEED (JSONL) like tail -F and apply its facts in guarded batches."""
     ws = Workspace.open(ws_root(workspace))
+    if once and not feed.exists():
+        raise click.ClickException(f"feed {feed} does not exist")
     with ws.writer():
         remember_feed(ws, feed)
         summary = run_feed(ws, feed, once, batch_size, max_wait)
@@ -255,6 +257,8 @@ def status(workspace: Path | None) -> None:
     if baseline:
         acc = "n/a" if baseline.known_acc is None else f"{baseline.known_acc:.3f}"
         click.echo(f"baseline known-fact accuracy {acc}, perplexity {baseline.perplexity:.2f}")
+    holder = ws.writer_holder()
+    click.echo(f"writer: {holder}" if holder else "writer: none (idle)")
     with open_ledger(ws) as ledger:
         counts = views.status_counts(ledger)
         click.echo("facts: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))

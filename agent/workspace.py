@@ -137,6 +137,16 @@ class Workspace:
         finally:
             lock.release()
 
+    def writer_holder(self) -> str | None:
+        """Who holds the write lock right now (None when nobody does); does not block."""
+        lock = FileLock(str(self.lock_path), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return self._holder()
+        lock.release()
+        return None
+
     def _holder(self) -> str:
         try:
             return "pid " + (self.root / ".lock.pid").read_text().strip()

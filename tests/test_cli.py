@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import zlib
 from contextlib import contextmanager
@@ -191,10 +192,14 @@ def test_a_second_writer_is_refused(ws, tmp_path):
     write_facts(feed, [("Paris", "Spain")])
     with Workspace.open(ws).writer():
         res = run("watch", feed, "--once", "--workspace", ws)
+        status = run("status", "--workspace", ws)  # readers are not blocked
     assert res.exit_code == 1
     assert res.output.startswith("Error: workspace") and "in use by another kagent process" in res.output
     assert len(res.output.strip().splitlines()) == 1
-    assert run("status", "--workspace", ws).exit_code == 0  # readers are not blocked
+    assert status.exit_code == 0 and f"writer: pid {os.getpid()}" in status.output
+    assert "writer: none" in run("status", "--workspace", ws).output
+    missing = run("watch", tmp_path / "nope.jsonl", "--once", "--workspace", ws)
+    assert missing.exit_code == 1 and "does not exist" in missing.output
 
 
 def test_schedule_dry_run_prints_cron_line_and_systemd_timer(ws):
