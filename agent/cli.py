@@ -23,9 +23,9 @@ from agent.schedule import ScheduleError
 from agent.session import initialise, open_ledger, open_session
 from agent.workspace import Workspace, WorkspaceError, default_root
 from editors.arch import UnknownArchitecture
-from editors.models import DEFAULT_MODEL, load_model
+from editors.models import DEFAULT_MODEL, fingerprint, load_model
 from memory.export import export as export_model
-from memory.ledger import LedgerError
+from memory.ledger import LedgerError, LedgerMismatch
 
 USER_ERRORS = (WorkspaceError, ConfigError, ScheduleError, LedgerError, UnknownArchitecture, FileNotFoundError,
                FileExistsError, OSError)
@@ -206,13 +206,22 @@ def ask(prompt: str, base: bool, tokens: int, workspace: Path | None) -> None:
     loaded = load_checked(cfg.model, cfg.resolved_device())
     before = greedy_answers(loaded.model, loaded.tok, [prompt], tokens)[0] if base else None
     with open_ledger(ws) as ledger:
-        ledger.load_into(loaded.model)
+        load_edits(ledger, loaded)
     after = greedy_answers(loaded.model, loaded.tok, [prompt], tokens)[0]
     if before is not None:
         click.echo(f"base:   {prompt}{before}")
         click.echo(f"edited: {prompt}{after}")
     else:
         click.echo(f"{prompt}{after}")
+
+
+def load_edits(ledger, loaded) -> None:
+    """Write base + committed deltas into a freshly loaded model, after checking it is the ledger's base model."""
+    expected, got = ledger.base_fingerprint(), fingerprint(loaded.model)
+    if expected is not None and expected != got:
+        raise LedgerMismatch(f"model {loaded.name} (fingerprint {got}) is not the base model of this workspace's "
+                             f"ledger ({expected})")
+    ledger.load_into(loaded.model)
 
 
 @cli.command()
@@ -277,7 +286,7 @@ def export_cmd(out_dir: Path, workspace: Path | None) -> None:
     cfg = ws.config()
     loaded = load_checked(cfg.model, cfg.resolved_device())
     with open_ledger(ws) as ledger:
-        ledger.load_into(loaded.model)
+        load_edits(ledger, loaded)
         path = export_model(loaded.model, loaded.tok, ledger, out_dir)
     click.echo(f"exported to {path}")
 
