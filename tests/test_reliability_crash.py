@@ -42,8 +42,8 @@ import json, os, sys, traceback
 sys.path.insert(0, {str(TESTS)!r})
 import torch
 torch.set_num_threads(1)
-import agent.session, test_cli
-agent.session.default_embedder = test_cli.ToyEmbedder
+import agent.session, test_reliability_support
+agent.session.default_embedder = test_reliability_support.ToyEmbedder
 from agent.cli import cli
 print(json.dumps({{"ready": os.getpid()}}), flush=True)
 for line in sys.stdin:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from click.testing import CliRunner
 
@@ -18,11 +20,46 @@ from agent.workspace import Workspace
 from editors.arch import weight_view
 from editors.delta import EditDelta
 from memory.ledger import Ledger
-from test_cli import ToyEmbedder, pretrain
 
 log = logging.getLogger(__name__)
 
 LAYERS = [1, 2]
+
+
+class ToyEmbedder:
+    """Hashed character trigrams (as in test_cli, copied so these suites do not depend on that module)."""
+
+    name = "toy-trigram"
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), 64), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for j in range(len(t) - 2):
+                out[i, zlib.crc32(t[j:j + 3].encode("utf-8", "surrogatepass")) % 64] += 1.0
+        out += 1e-6
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def pretrain(model, tok, steps: int = 40):
+    """A few Adam steps of character-level LM on the shipped corpus, so perplexity means something."""
+    from evaluators.corpus import stats_text
+
+    data = torch.tensor(tok(stats_text()[:20000]).input_ids)
+    gen = torch.Generator().manual_seed(0)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=3e-2)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - 33, (8,), generator=gen)
+        x = torch.stack([data[s:s + 32] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p in params:
+        p.requires_grad_(False)
+    return model.eval()
 
 
 def run(*args):
