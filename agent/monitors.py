@@ -18,6 +18,7 @@ from torch import nn
 
 from editors.arch import weight_view
 from editors.delta import EditDelta
+from evaluators import norms
 from evaluators.superposition import superposition
 
 MAD_SCALE = 1.4826  # makes the MAD a consistent estimator of the standard deviation for Gaussian data
@@ -26,7 +27,7 @@ MIN_HISTORY = 3  # batches needed before a flash can be called
 
 def base_weights(model: nn.Module, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """Copies of the edited weights W_0 (call on the unedited model)."""
-    return {l: weight_view(model, l).detach().clone() for l in layers}
+    return norms.snapshot(model, layers)
 
 
 def lowrank_norm(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -38,11 +39,9 @@ def lowrank_norm(u: torch.Tensor, v: torch.Tensor) -> float:
 def norm_metrics(model: nn.Module, w0: dict[int, torch.Tensor], delta: EditDelta) -> dict[str, float]:
     """Norm growth of every edited layer after `delta` was applied, and the delta's relative size."""
     out: dict[str, float] = {}
-    for layer, base in w0.items():
-        w = weight_view(model, layer).double()
-        b = base.double().to(w.device)
-        out[f"norm_ratio.L{layer}"] = float(w.norm() / b.norm())
-        out[f"norm_drift.L{layer}"] = float((w - b).norm() / b.norm())
+    for n in norms.layer_norms(model, w0):
+        out[f"norm_ratio.L{n.layer}"] = n.norm_ratio
+        out[f"norm_drift.L{n.layer}"] = n.change_ratio
     for d in delta.layers:
         out[f"delta_ratio.L{d.layer}"] = lowrank_norm(d.u, d.v) / float(weight_view(model, d.layer).double().norm())
     out["delta_ratio"] = max((out[f"delta_ratio.L{d.layer}"] for d in delta.layers), default=0.0)
