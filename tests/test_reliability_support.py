@@ -96,6 +96,12 @@ def build_workspace(base: Path, home: Path) -> tuple[Path, Path]:
     assert res.exit_code == 0, res.output
     ws = Workspace.open(root)
     ws.save_config(ws.config().model_copy(update={"probe_tokens": 256, "probe_facts": 8, "retention_sample": 8}))
+    with _patched(home):  # take the baseline with these probe settings once, not in every kagent run
+        session = agent.session.open_session(ws)
+        try:
+            session.baseline()
+        finally:
+            session.close()
     (base / "done").write_text("ok")
     return model_dir, root
 
