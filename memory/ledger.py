@@ -442,7 +442,10 @@ class Ledger:
         path = self.root / kind / f"{digest}.safetensors"
         if not path.exists():
             raise LedgerMismatch(f"{kind} file {path} is missing")
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error type for damaged files
+            raise LedgerMismatch(f"{kind} file {path} is unreadable ({type(exc).__name__}); run verify()") from None
 
     def load_delta(self, batch_id: int) -> EditDelta:
         """The batch's delta, checked against its recorded content hash."""

@@ -24,7 +24,12 @@ class BadRecord(ValueError):
         self.lineno = lineno  # 1-based line number in the feed
         self.field = field  # offending field ("-" when the line is not a JSON object)
         self.reason = reason  # what is wrong, one line
-        super().__init__(f"line {lineno}: field '{field}': {reason}")
+        super().__init__(f"line {lineno}: field '{_one_line(field)}': {_one_line(reason)}")
+
+
+def _one_line(text: str) -> str:
+    """Control characters (newlines included) escaped, so an error message stays on one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def normalise(text: str) -> str:
@@ -162,6 +167,10 @@ def parse_line(line: str, lineno: int) -> FactRecord:
         data = json.loads(line)
     except json.JSONDecodeError as exc:
         raise BadRecord(lineno, "-", f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise BadRecord(lineno, "-", "not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python's digit limit
+        raise BadRecord(lineno, "-", f"not valid JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise BadRecord(lineno, "-", f"expected a JSON object, got {type(data).__name__}")
     try:

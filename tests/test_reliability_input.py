@@ -26,6 +26,11 @@ from test_reliability_support import _patched, one_thread, run, shared_workspace
 log = logging.getLogger(__name__)
 
 
+
+def escaped(field: str) -> str:
+    """A field name as one-line error messages show it (control characters escaped)."""
+    return field.encode("unicode_escape").decode("ascii")
+
 def rec(subject: str = "Quito", prompt: str = "{} is the capital of", target: str = "Peru", **extra) -> bytes:
     return json.dumps({"subject": subject, "prompt": prompt, "target": target} | extra).encode()
 
@@ -93,10 +98,10 @@ CORPUS = [
     Case("overlong_utf8", b'{"subject": "Qu\xc0\xafito", "prompt": "{} is", "target": "Peru"}', False, "-",
          parse_ok=False),
     Case("three_megabyte_line", MB3, False, "-", parse_ok=True),
-    Case("deeply_nested", b"[" * 100_000 + b"]" * 100_000, False, "-", bug=BUG_RECURSION),
+    Case("deeply_nested", b"[" * 100_000 + b"]" * 100_000, False, "-"),
     Case("five_thousand_digit_int", b'{"subject": "Quito", "prompt": "{} is", "target": ' + b"7" * 5000 + b"}",
-         False, "-", bug=BUG_BIGINT),
-    Case("unknown_key_with_newline", rec(**{"evil\nkey": 1}), False, "evil\nkey", bug=BUG_NEWLINE_KEY),
+         False, "-"),
+    Case("unknown_key_with_newline", rec(**{"evil\nkey": 1}), False, "evil\nkey"),
     # valid, if awkward: accepted as new facts (each a distinct subject)
     Case("plain_valid", rec(subject="Accra", target="Ghana"), True),
     Case("subject_verbatim_no_placeholder", rec(subject="Bogota", prompt="Bogota is the capital of",
@@ -195,7 +200,7 @@ def test_watch_skips_every_bad_line_with_its_number_and_keeps_stored_facts(ws_wi
         if case.ok:
             assert lineno not in bad_events and not echoed, case.name
         else:
-            assert len(echoed) == 1 and f"field '{case.field}'" in echoed[0], (case.name, echoed)
+            assert len(echoed) == 1 and f"field '{escaped(case.field)}'" in echoed[0], (case.name, echoed)
             assert "\n" not in bad_events[lineno].message, case.name
     assert len(stored) == 3 + n_ok
     assert {"Paris", "Berlin", "Rome"} <= set(applied_subjects(ws))  # nothing stored before was lost
