@@ -64,31 +64,9 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def pretrain(model, tok, steps: int = 40):
-    """A few Adam steps of character-level LM on the shipped corpus, so perplexity means something."""
-    from evaluators.corpus import stats_text
-
-    data = torch.tensor(tok(stats_text()[:20000]).input_ids)
-    gen = torch.Generator().manual_seed(0)
-    params = list(model.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=3e-2)
-    for _ in range(steps):
-        starts = torch.randint(0, len(data) - 33, (8,), generator=gen)
-        x = torch.stack([data[s:s + 32] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    for p in params:
-        p.requires_grad_(False)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from conftest import make_tiny_llama, toy_tokenizer
+    from conftest import make_tiny_llama, pretrain, toy_tokenizer
 
     tok = toy_tokenizer()
     path = tmp_path_factory.mktemp("tiny-llama")

@@ -40,28 +40,6 @@ class ToyEmbedder:
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
-def pretrain(model, tok, steps: int = 40):
-    """A few Adam steps of character-level LM on the shipped corpus, so perplexity means something."""
-    from evaluators.corpus import stats_text
-
-    data = torch.tensor(tok(stats_text()[:20000]).input_ids)
-    gen = torch.Generator().manual_seed(0)
-    params = list(model.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=3e-2)
-    for _ in range(steps):
-        starts = torch.randint(0, len(data) - 33, (8,), generator=gen)
-        x = torch.stack([data[s:s + 32] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    for p in params:
-        p.requires_grad_(False)
-    return model.eval()
-
-
 def run(*args):
     """`kagent ARGS` in-process (the toy embedder must be patched in by the caller)."""
     return CliRunner().invoke(cli, [str(a) for a in args])
@@ -80,7 +58,7 @@ def one_thread():
 
 def build_workspace(base: Path, home: Path) -> tuple[Path, Path]:
     """(model_dir, workspace) under `base`, made once and reused (marker file `done`)."""
-    from conftest import make_tiny_llama, toy_tokenizer
+    from conftest import make_tiny_llama, pretrain, toy_tokenizer
 
     model_dir, root = base / "tiny-llama", base / "ws"
     if (base / "done").exists():
