@@ -103,8 +103,13 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
         session.ledger.log_event("reject", f"rolled back facts {ids} before commit: {verdict.reason}",
                                  data={"facts": ids, "metrics": after})
         return verdict
-    bid = session.ledger.commit(group, result.delta, result.keys, {"before": before, "after": after},
-                                session.cfg.method, session.model)
+    try:
+        bid = session.ledger.commit(group, result.delta, result.keys, {"before": before, "after": after},
+                                    session.cfg.method, session.model)
+    except BaseException:  # not committed (e.g. disk full): model and editor state back to the ledger's
+        session.ledger.restore(session.model)
+        session.editor.state.add_keys(result.keys, sign=-1.0)
+        raise
     session.add_prior_keys(result.keys)
     if after.get("flash"):
         session.ledger.log_event("flash", f"batch {bid}: update size {after['delta_ratio']:.4g} is an outlier",

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -419,17 +420,25 @@ class Ledger:
     # ------------------------------------------------------------------ files
 
     def _write_file(self, kind: str, digest: str, tensors: Mapping[str, torch.Tensor]) -> Path:
-        """Write tensors to <root>/<kind>/<digest>.safetensors via temp + fsync + rename (idempotent)."""
+        """Write tensors to <root>/<kind>/<digest>.safetensors via temp + fsync + rename (idempotent).
+
+        A failed write (disk full, I/O error) removes its temp file and raises LedgerError; callers write files
+        before their DB transaction, so nothing is committed."""
         folder = self.root / kind
         folder.mkdir(exist_ok=True)
         path = folder / f"{digest}.safetensors"
         if path.exists() and self._file_hash(kind, path) == digest:
             return path
         tmp = folder / f".{digest}.{os.getpid()}.tmp"
-        save_file(dict(tensors), str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            save_file(dict(tensors), str(tmp))
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except (OSError, SafetensorError) as exc:  # safetensors reports a failed write as SafetensorError
+            tmp.unlink(missing_ok=True)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
+            raise LedgerError(f"cannot write {kind} file {path} ({why})") from exc
         return path
 
     @staticmethod
@@ -598,9 +607,13 @@ class Ledger:
             self.check_model(model, self.expected_weights() | new_weights)
         self._check_pending(fact_ids)
         delta_hash = delta.content_hash()
-        self._write_file("deltas", delta_hash, delta.tensors())
         keys_hash = hash_tensors(keys_tensors(keys))
-        self._write_file("keys", keys_hash, keys_tensors(keys))
+        try:
+            self._write_file("deltas", delta_hash, delta.tensors())
+            self._write_file("keys", keys_hash, keys_tensors(keys))
+        except LedgerError as exc:
+            raise LedgerError(f"{exc}; the batch of {len(fact_ids)} fact(s) was not committed, they stay pending"
+                              ) from exc.__cause__
         batch_id = self._record_batch(fact_ids, delta, delta_hash, keys_hash, metrics or {}, method, replay_of,
                                       new_weights)
         self.expected_weights().update(new_weights)

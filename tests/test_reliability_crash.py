@@ -12,10 +12,12 @@ a whole run: model loading, value optimisation, file writes, DB commits and roll
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -30,7 +32,7 @@ import torch
 
 from agent.workspace import Workspace
 from editors.delta import EditDelta
-from memory.ledger import MIGRATIONS, Ledger, LedgerMismatch
+from memory.ledger import MIGRATIONS, Ledger, LedgerError, LedgerMismatch
 from test_reliability_support import (LAYERS, _patched, base_layers, committed_weights, max_rel_err, one_thread,
                                       run, shared_workspace)
 
@@ -292,6 +294,161 @@ def test_truncated_delta_is_reported_and_refuses_to_load(shared, edited):
     path = delta_path(ws, 1)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert_load_refused(ws, shared[0], "unreadable")
+
+
+# ----------------------------------------------------------------------------- disk full
+
+
+def _real_write_failure(save, tensors, filename, metadata=None):
+    """The real safetensors writer under a 64-byte file-size limit: the kernel refuses the write (EFBIG, the same
+    path as ENOSPC), so this is exactly what safetensors raises when a write fails."""
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, old_limit[1]))
+    try:
+        save(tensors, filename, metadata)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def _partial_then_enospc(save, tensors, filename, metadata=None):
+    """100 bytes of the file reach the disk, then it is full (reported the way safetensors reports I/O errors)."""
+    from safetensors import SafetensorError
+
+    save(tensors, filename, metadata)
+    Path(filename).write_bytes(Path(filename).read_bytes()[:100])
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+DISK_FULL = {  # where the write fails: (what of memory.ledger fails, on which kind of file)
+    "safetensors-write": ("save_file", "deltas"),  # the real library, file-size limit
+    "partial-write": ("save_file", "deltas"),  # a partial temp file is left, then ENOSPC
+    "fsync": ("os.fsync", "deltas"),
+    "rename": ("os.replace", "deltas"),
+    "keys-file": ("save_file", "keys"),  # the delta file is already in place
+}
+
+
+def fail_writes(monkeypatch, where: str) -> list:
+    """Make memory.ledger's writes of one kind of tensor file fail as DISK_FULL[where] says; returns the list of
+    failed calls (to check the failure was reached)."""
+    import memory.ledger as ledger_mod
+
+    target, kind = DISK_FULL[where]
+    failed: list = []
+
+    def in_kind(path) -> bool:
+        return Path(path).parent.name == kind
+
+    if target == "save_file":
+        real_save = ledger_mod.save_file
+        fail = _real_write_failure if where == "safetensors-write" else _partial_then_enospc
+
+        def save_file(tensors, filename, metadata=None):
+            if in_kind(filename):
+                failed.append(filename)
+                return fail(real_save, tensors, filename, metadata)
+            return real_save(tensors, filename, metadata)
+
+        monkeypatch.setattr(ledger_mod, "save_file", save_file)
+    elif target == "os.fsync":
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            if in_kind(os.readlink(f"/proc/self/fd/{fd}")):
+                failed.append(fd)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_fsync(fd)
+
+        monkeypatch.setattr(ledger_mod.os, "fsync", fsync)
+    else:
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if in_kind(dst):
+                failed.append(dst)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(ledger_mod.os, "replace", replace)
+    return failed
+
+
+@pytest.mark.parametrize("where", list(DISK_FULL))
+def test_disk_full_while_writing_a_delta_aborts_the_batch_cleanly(shared, edited, monkeypatch, where):
+    """A write error while the batch's tensor files are written: the batch is not committed, its facts stay
+    pending (and are applied by the next run), nothing partial is left, the weights are base + committed deltas,
+    and the CLI says so in one `Error:` line."""
+    from transformers import AutoModelForCausalLM
+
+    ws, feed = edited
+    with feed.open("a") as fh:
+        fh.write(fact_line(4) + "\n" + fact_line(5) + "\n")
+    with Ledger(ws / "ledger") as ledger:
+        before = {f.id: (f.status, f.batch_id) for f in ledger.facts()}
+        history = ledger.history()
+    failed = fail_writes(monkeypatch, where)
+    with one_thread():
+        res = run("watch", feed, "--once", "--batch-size", "2", "--workspace", ws)
+    monkeypatch.undo()
+    assert failed, "the write failure was never reached"
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), repr(res.exception)  # not a crash
+    errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and res.output.rstrip("\n").endswith(errors[0]), res.output
+    assert "not committed, they stay pending" in errors[0], errors[0]
+    assert "os error" in errors[0] or "No space left" in errors[0], errors[0]
+
+    ledger_root = ws / "ledger"
+    with Ledger(ledger_root) as ledger:
+        assert ledger.verify() == []
+        assert ledger.history() == history
+        facts = ledger.facts()
+        assert {f.id: (f.status, f.batch_id) for f in facts if f.id in before} == before
+        new = [(f.record.subject, f.status) for f in facts if f.id not in before]
+        assert new == [("Town004", "pending"), ("Town005", "pending")]
+        assert ledger.feed_offset(str(feed.resolve())) == feed.stat().st_size
+        assert not [p for p in ledger_root.rglob(".*") if p.is_file()], "a temp file was left behind"
+        ledger.gc()  # the keys-file case leaves the complete delta file, which no batch refers to
+        assert ledger.orphan_files() == []
+        model = AutoModelForCausalLM.from_pretrained(shared[0])
+        ledger.load_into(model)
+    assert max_rel_err(model, committed_weights(ledger_root, base_layers(shared[0]))) < 1e-6
+
+    with one_thread():  # the disk has room again: the same facts are applied, nothing was lost
+        res = run("watch", feed, "--once", "--batch-size", "2", "--workspace", ws)
+    assert res.exit_code == 0 and "2 applied in 1 batch(es)" in res.output, res.output
+    with Ledger(ledger_root) as ledger:
+        assert ledger.verify() == [] and not ledger.facts(status="pending")
+        assert len(ledger.facts(status="applied")) == 6
+
+
+def test_disk_full_leaves_the_running_session_consistent(edited, monkeypatch):
+    """In the process that hit the error, the model and the editor's key sums are back to the ledger's, so the
+    same facts commit once the disk has room again, without a restart."""
+    import agent.session
+    from agent.batch import run_batch
+    from memory.record import parse_line
+
+    ws, _ = edited
+    session = agent.session.open_session(Workspace.open(ws))
+    try:
+        session.memory.add([parse_line(fact_line(i), i) for i in (4, 5)])
+        facts = session.memory.pending()
+        state = session.editor.state
+        n_edits, kkt = state.n_edits, {layer: t.clone() for layer, t in state.kkt.items()}
+        failed = fail_writes(monkeypatch, "rename")
+        with pytest.raises(LedgerError, match="not committed"):
+            run_batch(session, facts, {})
+        monkeypatch.undo()
+        assert failed
+        session.ledger.check_model(session.model)
+        assert state.n_edits == n_edits
+        assert all(torch.allclose(state.kkt[layer], kkt[layer], rtol=1e-12, atol=1e-9) for layer in kkt)
+        out = run_batch(session, facts, {})
+        assert sorted(out.applied) == sorted(f.id for f in facts) and len(out.committed) == 1
+    finally:
+        session.close()
 
 
 def test_deleted_faiss_index_is_rebuilt_and_still_deduplicates(edited, tmp_path):
