@@ -92,7 +92,7 @@ class Session:
             if path.exists():
                 self._probe_keys = {int(k): v for k, v in load_file(str(path)).items()}
             else:
-                self._probe_keys = {l: self.editor.keys(reqs, l).float().cpu() for l in self.layers} if reqs else {}
+                self._probe_keys = {l: k.float().cpu() for l, k in self.editor.keys_by_layer(reqs).items()} if reqs else {}
                 self.ws.cache_dir.mkdir(parents=True, exist_ok=True)
                 save_file({str(k): v.contiguous() for k, v in self._probe_keys.items()}, str(path))
         return self._probe_keys

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from editors.arch import get_module, layers_of, module_name, weight_view
+from editors.arch import weight_view
 from editors.delta import EditDelta, LayerDelta
-from editors.hooks import StopForward, capture_input, forward_hook
+from editors.keys import key_source
 from editors.hparams import EditHParams
 from editors.optimise import optimise_values
 from editors.prompts import EditRequest, key_rows
@@ -53,41 +53,6 @@ def generate_context_templates(model: nn.Module, tok, n: int, length: int, seed:
     return out
 
 
-def _padded(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    last = torch.tensor([len(s) - 1 for s in seqs])
-    return ids.to(device), mask.to(device), last.to(device)
-
-
-@torch.no_grad()
-def _at_last_token(model: nn.Module, seqs: list[list[int]], pad: int, module: nn.Module, kind: str,
-                   chunk: int = 256) -> torch.Tensor:
-    """The input ("in") or output ("out") of `module` at each sequence's last token, (N, d)."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(seqs), chunk):
-        ids, mask, last = _padded(seqs[i : i + chunk], pad, device)
-        store: list[torch.Tensor] = []
-
-        def grab(_m, _a, o):
-            store.append((o[0] if isinstance(o, tuple) else o).detach())
-            raise StopForward
-
-        ctx = capture_input(module, store, stop=True) if kind == "in" else forward_hook(module, grab)
-        with ctx:
-            try:
-                model(input_ids=ids, attention_mask=mask)
-            except StopForward:
-                pass
-        out.append(store[0][torch.arange(len(last), device=device), last])
-    return torch.cat(out)
-
-
 class Editor:
     """Locate-then-edit on `hparams.layers`; subclasses set the stopping rule and `solve`."""
 
@@ -110,16 +75,24 @@ class Editor:
     # --- shared core ---------------------------------------------------------------------
     def keys(self, requests: list[EditRequest], layer: int) -> torch.Tensor:
         """(d_in, n): 0.5 k(prompt) + 0.5 mean over the context prefixes, at the subject's last token."""
-        seqs = key_rows(self.tok, requests, self.state.context_templates)
-        module = get_module(self.model, module_name(self.model, layer))
-        k = _at_last_token(self.model, seqs, self.pad, module, "in").view(len(requests), 1 + len(self.state.context_templates), -1)
+        return self._layer_keys(self._key_source(requests), layer, len(requests))
+
+    def keys_by_layer(self, requests: list[EditRequest]) -> dict[int, torch.Tensor]:
+        """Keys of every edited layer for the current model, read in one pass up the stack."""
+        source = self._key_source(requests)
+        return {layer: self._layer_keys(source, layer, len(requests)) for layer in self.hp.layers}
+
+    def _key_source(self, requests: list[EditRequest]):
+        return key_source(self.model, key_rows(self.tok, requests, self.state.context_templates), self.pad)
+
+    def _layer_keys(self, source, layer: int, n: int) -> torch.Tensor:
+        k = source.keys(layer).view(n, 1 + len(self.state.context_templates), -1)
         return (0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1)).T
 
-    def current_outputs(self, requests: list[EditRequest]) -> torch.Tensor:
+    def _current_outputs(self, source, n: int) -> torch.Tensor:
         """(d, n): the last edited layer's output at the subject's last token of the plain prompt."""
-        seqs = key_rows(self.tok, requests, [])
-        block = layers_of(self.model)[self.hp.layers[-1]]
-        return _at_last_token(self.model, seqs, self.pad, block, "out").T
+        plain = torch.arange(n) * (1 + len(self.state.context_templates))
+        return source.outputs(self.hp.layers[-1], plain).T
 
     def compute(self, requests: list[EditRequest], progress: bool = False) -> EditResult:
         """Deltas and keys for `requests`; the model is unchanged afterwards."""
@@ -130,11 +103,12 @@ class Editor:
         t1 = time.perf_counter()
         originals = {l: weight_view(self.model, l).clone() for l in self.hp.layers}
         deltas, keys, t_keys = [], {}, 0.0
+        source = self._key_source(requests)
         try:
             for i, layer in enumerate(self.hp.layers):
                 tk = time.perf_counter()
-                K = self.keys(requests, layer).double()
-                H = self.current_outputs(requests).double()
+                K = self._layer_keys(source, layer, len(requests)).double()
+                H = self._current_outputs(source, len(requests)).double()
                 t_keys += time.perf_counter() - tk
                 R = (values.z.T.double() - H) / (len(self.hp.layers) - i)
                 V = self.solve(layer, K.cpu(), R.cpu())

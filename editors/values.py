@@ -89,7 +89,7 @@ def additive_mask(mask: torch.Tensor, q_from: int, dtype) -> torch.Tensor:
     return out.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def _output_tensor(out):
+def output_tensor(out):
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -154,7 +154,7 @@ class SuffixRunner:
     def _blocks(self, h, pos, mask4, kv, idx, capture: int | None = None):
         rope = get_module(self.model, self.arch.rotary)(h, pos)
         for i in idx:
-            h = _output_tensor(self.blocks[i](h, attention_mask=mask4, position_ids=pos, past_key_values=kv,
+            h = output_tensor(self.blocks[i](h, attention_mask=mask4, position_ids=pos, past_key_values=kv,
                                               use_cache=True, position_embeddings=rope))
             if i == capture:
                 self._captured = h
@@ -169,7 +169,7 @@ class SuffixRunner:
         P = self.P
 
         def hook(_m, _args, out):
-            h = _output_tensor(out)
+            h = output_tensor(out)
             self._hLsub = h[:, P].detach()
             if delta_rows is None:
                 return out

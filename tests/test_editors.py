@@ -7,7 +7,8 @@ import torch
 from editors.arch import UnknownArchitecture, arch_of, weight_view
 from editors.core import cholesky_solve
 from editors.hparams import EditHParams
-from editors.prompts import EditRequest, value_rows
+from editors.keys import FullForwardKeys, LayerwiseKeys
+from editors.prompts import EditRequest, key_rows, value_rows
 from editors.registry import make_editor
 from editors.state import EditorState
 from editors.values import SuffixRunner, make_batch
@@ -113,6 +114,20 @@ def test_fast_suffix_path_equals_full_forward(tiny_llama, tok):
         outs.append((runner.run(delta), runner.initial(), runner.h_layer()))
     for a, b in zip(*outs):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_layerwise_keys_follow_edits_below_like_full_forwards(tiny_llama, tok):
+    seqs = key_rows(tok, REQUESTS, ["Hello there. {}", "A. {}"])
+    stream = LayerwiseKeys(tiny_llama, seqs, 0)
+    full = FullForwardKeys(tiny_llama, seqs, 0)
+    assert torch.allclose(stream.keys(1), full.keys(1), atol=1e-5)
+    with torch.no_grad():
+        weight_view(tiny_llama, 1).add_(0.5 * torch.randn_like(weight_view(tiny_llama, 1)))  # edit below layer 2
+    rows = torch.tensor([0, 3])
+    assert torch.allclose(stream.keys(2), full.keys(2), atol=1e-5)
+    assert torch.allclose(stream.outputs(2, rows), full.outputs(2, rows), atol=1e-5)
+    with pytest.raises(ValueError):
+        stream.keys(1)  # the stream cannot go back down
 
 
 def test_alphaedit_update_spares_preserved_keys(tiny_llama, tok):
