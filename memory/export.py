@@ -10,6 +10,8 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -38,6 +40,36 @@ def manifest(ledger: Ledger) -> dict:
     }
 
 
+def quant_method(model: nn.Module) -> str | None:
+    """The quantization method named in the model's config ("gguf", ...), or None."""
+    qcfg = getattr(model.config, "quantization_config", None)
+    method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
+    return None if method is None else str(getattr(method, "value", method))
+
+
+@contextmanager
+def without_gguf_marker(model: nn.Module) -> Iterator[None]:
+    """Hide a GGUF quantizer record from a model whose weights are plain float tensors, while saving it.
+
+    The embedded SmolLM2 is dequantised from GGUF once and cached with `quantization_config: gguf` still in its
+    config.json, so every load of it carries transformers' GGUF quantizer although nothing is quantized, and
+    `save_pretrained` refuses such a model ("quantized with gguf and is not serializable"). The export is a plain
+    float checkpoint, so it is written without that record. The model gets it back afterwards: its config (and
+    with it `editors.models.fingerprint`, which the ledger and the statistics cache are keyed by) is unchanged.
+    """
+    if quant_method(model) != "gguf" or not all(p.dtype.is_floating_point for p in model.parameters()):
+        yield
+        return
+    quantizer, qcfg = getattr(model, "hf_quantizer", None), model.config.quantization_config
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        model.config.quantization_config = qcfg
+
+
 def export(model: nn.Module, tok: PreTrainedTokenizerBase, ledger: Ledger, out_dir: Path | str) -> Path:
     """Write model + tokenizer + manifest.json to `out_dir` (via a temp dir, then rename).
 
@@ -50,7 +82,8 @@ def export(model: nn.Module, tok: PreTrainedTokenizerBase, ledger: Ledger, out_d
     ledger.check_model(model)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    with without_gguf_marker(model):
+        model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / MANIFEST).write_text(json.dumps(manifest(ledger), indent=2))
     if out.exists():

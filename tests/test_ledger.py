@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_gpt2, make_tiny_llama
 from editors.arch import weight_view
 from editors.delta import EditDelta, LayerDelta
+from editors.models import fingerprint
 from editors.state import EditorState
 from memory.export import export
 from memory.ledger import MIGRATIONS, Ledger, LedgerError, LedgerMismatch
@@ -317,3 +318,23 @@ def test_export_loads_with_plain_transformers(tmp_path, tok):
     with pytest.raises(LedgerMismatch):  # a model that is not base + committed deltas is refused
         rand_delta(model, LAYERS, 5).apply(model)
         export(model, tok, s.ledger, tmp_path / "out2")
+
+
+def test_export_of_a_model_dequantised_from_gguf_is_a_plain_checkpoint(tmp_path, tok):
+    """The embedded SmolLM2 cache keeps `quantization_config: gguf` beside fp32 weights; export must still work."""
+    src = tmp_path / "dequantised"
+    make_tiny_llama(len(tok)).save_pretrained(src)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    (src / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    assert model.hf_quantizer is not None  # what every load of the cached SmolLM2 looks like
+    s = Session(tmp_path / "ledger", model)
+    s.commit(2, seed=1)
+    fp = fingerprint(model)
+    out = export(model, tok, s.ledger, tmp_path / "out")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert getattr(loaded, "hf_quantizer", None) is None
+    assert_layers_equal(loaded, layers_of(model), tol=0.0)
+    assert model.hf_quantizer is not None and fingerprint(model) == fp  # the workspace's model is left as it was
