@@ -1,11 +1,16 @@
 """Shared fixtures: tiny random models and a character-level toy tokenizer (no downloads).
 
-An autouse fixture points KAGENT_HOME at a temp dir so no test touches the user's data.
+An autouse fixture points KAGENT_HOME at a temp dir so no test touches the user's data. Slow tests that load the
+embedded model can ask for `user_cache`: the user's dequantised SmolLM2 and covariance statistics are linked
+(read-only use) into that temp dir instead of being recomputed.
 """
 from __future__ import annotations
 
+import os
 import string
+from pathlib import Path
 
+import platformdirs
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models
@@ -52,11 +57,44 @@ def pretrain(model, tok, steps: int = 40):
     return model.eval()
 
 
+# the user's KAGENT_HOME as it was before any fixture replaced it
+USER_HOME = Path(os.environ.get("KAGENT_HOME") or platformdirs.user_data_dir("kagent"))
+
+
 @pytest.fixture(autouse=True)
 def kagent_home(tmp_path, monkeypatch):
     home = tmp_path / "kagent-home"
     monkeypatch.setenv("KAGENT_HOME", str(home))
     return home
+
+
+def link_user_cache(home: Path, source: Path = USER_HOME) -> list[Path]:
+    """Symlink the dequantised models and cached statistics files of `source`/cache into `home`/cache.
+
+    Only files and model directories that already exist are linked, one by one, so whatever a test computes anew
+    is written into `home`, never into the user's cache. Returns the links made (none when the user has no cache:
+    the test then computes everything itself, as on a fresh machine).
+    """
+    src, dst = source / "cache", home / "cache"
+    made = []
+    for model in sorted((src / "models").glob("*")):
+        if (model / "model.safetensors").is_file() and not (dst / "models" / model.name).exists():
+            (dst / "models").mkdir(parents=True, exist_ok=True)
+            (dst / "models" / model.name).symlink_to(model, target_is_directory=True)
+            made.append(dst / "models" / model.name)
+    for stats in sorted((src / "stats").glob("*.safetensors")):
+        if not (dst / "stats" / stats.name).exists():
+            (dst / "stats").mkdir(parents=True, exist_ok=True)
+            (dst / "stats" / stats.name).symlink_to(stats)
+            made.append(dst / "stats" / stats.name)
+    return made
+
+
+@pytest.fixture
+def user_cache(kagent_home):
+    """The temp KAGENT_HOME with the user's cached model and statistics linked in (see link_user_cache)."""
+    link_user_cache(kagent_home)
+    return kagent_home
 
 
 @pytest.fixture
