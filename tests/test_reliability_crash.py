@@ -1,14 +1,18 @@
 """Crash and corruption reliability: `kagent watch FEED --once` (and `kagent rollback --to`) run in a separate
-process on a tiny-model workspace and are SIGKILLed at random times; after every kill the workspace is reopened
-and checked: every feed line up to the stored offset is one fact (none lost, none stored twice), every applied
-fact is in exactly one committed batch, `Ledger.verify()` passes and the weights a reload gives equal the base
-weights plus the committed delta files. Then corruption: altered / truncated / deleted delta files, a deleted
-FAISS index, an older schema and a workspace made by a different model.
+process on a tiny-model workspace and are SIGKILLed, at random times and at named phases; after every kill the
+workspace is reopened and checked: every feed line up to the stored offset is one fact (none lost, none stored
+twice), every applied fact is in exactly one committed batch, `Ledger.verify()` passes and the weights a reload
+gives equal the base weights plus the committed delta files. Then a full disk while a batch's files are written,
+and corruption: altered / truncated / deleted delta files, a deleted FAISS index, an older schema and a workspace
+made by a different model.
 
-The kagent processes are forked from a "zygote" subprocess that has imported torch, transformers and kagent
-once, so each run starts in about a second instead of ten; each child runs the real click CLI and is killed by
-its pid. The code has no sleep or fault hooks, so kills land at random times, uniform over 1.1 times the length of
-a whole run: model loading, value optimisation, file writes, DB commits and rollback.
+The kagent processes are forked from a "zygote" subprocess that has imported torch, transformers and kagent and
+loaded the tiny model once (transformers imports most of itself lazily, on first load: 4 s of a 4.3 s run), so a
+run takes well under a second; each child runs the real click CLI and is killed by its pid. Random kills land
+uniformly over 1.1 times the length of a whole run. Phase kills need no hook in kagent: the child wraps one of
+kagent's functions from the test side (`test_reliability_support.arm`), stops itself with SIGSTOP when it gets
+to the phase (between the delta file and the keys file, before the COMMIT of a batch, inside value optimisation,
+between two rollbacks, ...) and is SIGKILLed there.
 """
 from __future__ import annotations
 
@@ -33,8 +37,8 @@ import torch
 from agent.workspace import Workspace
 from editors.delta import EditDelta
 from memory.ledger import MIGRATIONS, Ledger, LedgerError, LedgerMismatch
-from test_reliability_support import (LAYERS, _patched, base_layers, committed_weights, max_rel_err, one_thread,
-                                      run, shared_workspace)
+from test_reliability_support import (LAYERS, PHASES, STOP_MARK, Phase, _patched, base_layers, committed_weights,
+                                      max_rel_err, one_thread, run, shared_workspace)
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +51,13 @@ torch.set_num_threads(1)
 import agent.session, test_reliability_support
 agent.session.default_embedder = test_reliability_support.ToyEmbedder
 from agent.cli import cli
+from transformers import AutoModelForCausalLM, AutoTokenizer
+AutoModelForCausalLM.from_pretrained(sys.argv[1]), AutoTokenizer.from_pretrained(sys.argv[1])  # import lazy modules
 print(json.dumps({{"ready": os.getpid()}}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
     if "wait" in req:
-        _, status = os.waitpid(req["wait"], 0)
+        _, status = os.waitpid(req["wait"], req["flags"])
         print(json.dumps({{"status": status}}), flush=True)
         continue
     pid = os.fork()
@@ -60,6 +66,8 @@ for line in sys.stdin:
         os.dup2(fd, 1); os.dup2(fd, 2)
         code = 1
         try:
+            if req["stop"]:
+                test_reliability_support.arm(req["stop"], req["layer_calls"])
             cli.main(req["args"], prog_name="kagent")
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -74,9 +82,9 @@ for line in sys.stdin:
 class Zygote:
     """A subprocess that forks kagent CLI runs on request."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, model_dir: Path):
         env = os.environ | {"KAGENT_HOME": str(home), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(model_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env, cwd=TESTS.parent)
         assert "ready" in self._reply()
 
@@ -90,12 +98,14 @@ class Zygote:
         self.proc.stdin.flush()
         return self._reply()
 
-    def start(self, args: list, logfile: Path) -> int:
-        return self._send({"args": [str(a) for a in args], "log": str(logfile)})["pid"]
+    def start(self, args: list, logfile: Path, stop: str | None = None, layer_calls: int = 0) -> int:
+        """Fork `kagent ARGS`; with `stop`, the child stops itself at that phase (test_reliability_support.arm)."""
+        return self._send({"args": [str(a) for a in args], "log": str(logfile), "stop": stop,
+                           "layer_calls": layer_calls})["pid"]
 
-    def wait(self, pid: int) -> int:
-        """Raw wait status of a child."""
-        return self._send({"wait": pid})["status"]
+    def wait(self, pid: int, stopped: bool = False) -> int:
+        """Raw wait status of a child: when it ends, or (`stopped`) also when it stops itself."""
+        return self._send({"wait": pid, "flags": os.WUNTRACED if stopped else 0})["status"]
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -109,15 +119,20 @@ class Tally:
     survived: int = 0  # kills after which every invariant held
     finished: int = 0  # runs that ended on their own before the kill
     by_command: Counter = field(default_factory=Counter)
-    orphans: int = 0  # orphan tensor files seen (a kill between file write and DB commit)
+    orphans: set = field(default_factory=set)  # distinct orphan tensor files seen (kill between file write and commit)
+    phase_kills: Counter = field(default_factory=Counter)  # phase -> kills that landed at it
+    phase_survived: Counter = field(default_factory=Counter)  # phase -> of those, kills after which all held
+    stops: Counter = field(default_factory=Counter)  # where the children said they stopped ("optimise mid" ...)
+    missed: int = 0  # runs that ended without reaching their phase (the guard rejected every fact), run again
+    setup_runs: int = 0  # uninterrupted runs giving a rollback phase two committed batches to undo
 
 
 def fact_line(i: int) -> str:
     return json.dumps({"subject": f"Town{i:03d}", "prompt": "{} is the capital of", "target": f"Land{i % 7}"})
 
 
-def check_invariants(ws: Path, feed: Path, base: dict[int, torch.Tensor], model) -> int:
-    """Assert the crash invariants on a closed workspace; return the number of orphan files."""
+def check_invariants(ws: Path, feed: Path, base: dict[int, torch.Tensor], model) -> set[str]:
+    """Assert the crash invariants on a closed workspace; return the names of the orphan files."""
     ledger_root = ws / "ledger"
     with Ledger(ledger_root) as ledger:
         assert ledger.verify() == []
@@ -125,7 +140,7 @@ def check_invariants(ws: Path, feed: Path, base: dict[int, torch.Tensor], model)
         facts = ledger.facts()
         history = ledger.history()
         members = {b.id: [f.id for f in ledger.batch_facts(b.id)] for b in history}
-        orphans = len(ledger.orphan_files())
+        orphans = {p.name for p in ledger.orphan_files()}
         ledger.load_into(model)
     read, pos = [], 0
     for raw in feed.read_bytes().splitlines(keepends=True):
@@ -147,74 +162,167 @@ def check_invariants(ws: Path, feed: Path, base: dict[int, torch.Tensor], model)
     return orphans
 
 
-def kill_loop(ws: Path, model_dir: Path, home: Path, tmp: Path, kills: int, seed: int) -> Tally:
-    from transformers import AutoModelForCausalLM
+class Harness:
+    """A workspace, its feed and the zygote; runs kagent to the end or kills it, checking the invariants."""
 
+    def __init__(self, ws: Path, model_dir: Path, zygote: Zygote, tmp: Path):
+        from transformers import AutoModelForCausalLM
+
+        self.ws, self.zygote, self.tmp = ws, zygote, tmp
+        self.base = base_layers(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir)
+        self.feed = tmp / "feed.jsonl"
+        self.feed.write_text("")
+        self.n_lines = 0
+        self.n_runs = 0
+        self.tally = Tally()
+
+    def append(self, k: int) -> None:
+        with self.feed.open("a") as fh:
+            for _ in range(k):
+                fh.write(fact_line(self.n_lines) + "\n")
+                self.n_lines += 1
+
+    def watch(self, batch_size: int | None = None) -> list:
+        return ["watch", self.feed, "--once"] + (["--batch-size", str(batch_size)] if batch_size else [])
+
+    def committed(self) -> list[int]:
+        with Ledger(self.ws / "ledger") as ledger:
+            return [b.id for b in ledger.history() if b.status == "committed"]
+
+    def pending(self) -> int:
+        with Ledger(self.ws / "ledger") as ledger:
+            return len(ledger.facts(status="pending"))
+
+    def start(self, cmd: list, **arm) -> tuple[int, Path]:
+        self.n_runs += 1
+        logfile = self.tmp / f"run{self.n_runs}.log"
+        return self.zygote.start(cmd + ["--workspace", self.ws], logfile, **arm), logfile
+
+    def check(self) -> None:
+        self.tally.orphans |= check_invariants(self.ws, self.feed, self.base, self.model)
+
+    def to_the_end(self, cmd: list) -> None:
+        pid, logfile = self.start(cmd)
+        status = self.zygote.wait(pid)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, logfile.read_text()[-3000:]
+        self.check()
+
+    def finish(self) -> Tally:
+        """A last uninterrupted run applies everything; then gc() removes the orphans and nothing changes."""
+        self.to_the_end(self.watch())
+        with Ledger(self.ws / "ledger") as ledger:
+            assert len(ledger.facts()) == self.n_lines and not ledger.facts(status="pending")
+            ledger.gc()
+            assert ledger.orphan_files() == []
+        self.check()
+        return self.tally
+
+
+def kill_loop(ws: Path, model_dir: Path, zygote: Zygote, tmp: Path, kills: int, seed: int) -> Tally:
+    """SIGKILL runs at random times, uniform over 1.1 times the length of a whole run."""
     rng = random.Random(seed)
-    base = base_layers(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    feed = tmp / "feed.jsonl"
-    feed.write_text("")
-    tally, n_lines, cycle = Tally(), 0, 0
-    zygote = Zygote(home)
-    try:
-        # one uninterrupted run first: it commits batches (so rollback has work) and times a whole run, so the
-        # kills below are spread over loading, intake, value optimisation, file writes and DB commits alike
-        with feed.open("a") as fh:
-            for _ in range(6):
-                fh.write(fact_line(n_lines) + "\n")
-                n_lines += 1
-        started = time.monotonic()
-        pid = zygote.start(["watch", feed, "--once", "--batch-size", "2", "--workspace", ws], tmp / "first.log")
-        assert zygote.wait(pid) == 0, (tmp / "first.log").read_text()[-3000:]
-        window = 1.1 * (time.monotonic() - started)
-        check_invariants(ws, feed, base, model)
-        while tally.killed < kills:
-            cycle += 1
-            with feed.open("a") as fh:
-                for _ in range(rng.randint(2, 6)):
-                    fh.write(fact_line(n_lines) + "\n")
-                    n_lines += 1
-            with Ledger(ws / "ledger") as ledger:
-                committed = [b.id for b in ledger.history() if b.status == "committed"]
-            if cycle % 4 == 0 and committed:
-                cmd = ["rollback", "--to", str(committed[max(0, len(committed) - 3)] - 1)]
-            else:
-                cmd = ["watch", feed, "--once", "--batch-size", str(rng.randint(1, 4))]
-            logfile = tmp / f"run{cycle}.log"
-            pid = zygote.start(cmd + ["--workspace", ws], logfile)
-            time.sleep(rng.uniform(0.2, window))
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            status = zygote.wait(pid)
-            tally.runs += 1
-            tally.by_command[cmd[0]] += 1
-            if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-                tally.killed += 1
-                tally.orphans += check_invariants(ws, feed, base, model)
-                tally.survived += 1
-            else:
-                assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, logfile.read_text()[-3000:]
-                tally.finished += 1
-                check_invariants(ws, feed, base, model)
-            log.info("cycle %d (%s): status %d", cycle, cmd[0], status)
-        pid = zygote.start(["watch", feed, "--once", "--workspace", ws], tmp / "final.log")
+    h = Harness(ws, model_dir, zygote, tmp)
+    tally, cycle = h.tally, 0
+    # one uninterrupted run first: it commits batches (so rollback has work) and times a whole run, so the
+    # kills below are spread over loading, intake, value optimisation, file writes and DB commits alike
+    h.append(6)
+    started = time.monotonic()
+    h.to_the_end(h.watch(2))
+    window = 1.1 * (time.monotonic() - started)
+    while tally.killed < kills:
+        cycle += 1
+        h.append(rng.randint(2, 6))
+        committed = h.committed()
+        if cycle % 4 == 0 and committed:
+            cmd = ["rollback", "--to", str(committed[max(0, len(committed) - 3)] - 1)]
+        else:
+            cmd = h.watch(rng.randint(1, 4))
+        pid, logfile = h.start(cmd)
+        time.sleep(rng.uniform(0.05, window))
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         status = zygote.wait(pid)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (tmp / "final.log").read_text()[-3000:]
-    finally:
-        zygote.close()
-    check_invariants(ws, feed, base, model)
-    with Ledger(ws / "ledger") as ledger:
-        assert len(ledger.facts()) == n_lines and not ledger.facts(status="pending")
-    log.info("crash harness: %s", tally)
-    return tally
+        tally.runs += 1
+        tally.by_command[cmd[0]] += 1
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+            tally.killed += 1
+            h.check()
+            tally.survived += 1
+        else:
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, logfile.read_text()[-3000:]
+            tally.finished += 1
+            h.check()
+        log.info("cycle %d (%s): status %d", cycle, cmd[0], status)
+    return h.finish()
+
+
+def kill_at(h: Harness, phase: Phase, cmd: list, layer_calls: int) -> bool:
+    """Run `cmd` armed at `phase` and SIGKILL it there; False if it ended without getting there."""
+    pid, logfile = h.start(cmd, stop=phase.name, layer_calls=layer_calls)
+    status = h.zygote.wait(pid, stopped=True)
+    h.tally.runs += 1
+    h.tally.by_command[cmd[0]] += 1
+    if os.WIFEXITED(status):
+        assert os.WEXITSTATUS(status) == 0, logfile.read_text()[-3000:]  # e.g. arm() found no such function
+        h.tally.missed += 1
+        h.check()
+        return False
+    assert os.WIFSTOPPED(status), status
+    os.kill(pid, signal.SIGKILL)
+    status = h.zygote.wait(pid)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    where = logfile.read_text().rsplit(STOP_MARK, 1)[1].split("]")[0]
+    assert where.split()[0] == phase.name, where
+    h.tally.killed += 1
+    h.tally.phase_kills[phase.name] += 1
+    h.tally.stops[where] += 1
+    h.check()
+    h.tally.survived += 1
+    h.tally.phase_survived[phase.name] += 1
+    return True
+
+
+def phase_loop(ws: Path, model_dir: Path, zygote: Zygote, tmp: Path, rounds: int, seed: int) -> Tally:
+    """Each round kills one run at every phase of PHASES, in order: the child stops itself there (SIGSTOP) and
+    is SIGKILLed while stopped; the crash invariants are checked after every kill."""
+    rng = random.Random(seed)
+    h = Harness(ws, model_dir, zygote, tmp)
+    h.append(6)
+    h.to_the_end(h.watch(2))
+    for _ in range(rounds):
+        for phase in PHASES:
+            for attempt in range(3):
+                if phase.command == "rollback":
+                    if len(h.committed()) < 2:
+                        h.append(4)
+                        h.to_the_end(h.watch(2))
+                        h.tally.setup_runs += 1
+                    cmd = ["rollback", "--to", str(h.committed()[-2] - 1)]  # undo the last two batches
+                else:
+                    if phase.name.startswith("intake") or attempt or h.pending() < 2:
+                        h.append(rng.randint(2, 4))
+                    cmd = h.watch(1 if phase.name == "committed" else rng.randint(1, 3))  # committed: 2+ batches
+                # "during" phases stop after this many transformer-layer calls (a 2-fact compute makes ~36)
+                if kill_at(h, phase, cmd, rng.randint(1, 36) if phase.when == "during" else 0):
+                    break
+            else:
+                pytest.fail(f"three runs ended without reaching phase {phase.name}")
+    return h.finish()
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     return shared_workspace(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def zygote(shared):
+    z = Zygote(shared[2], shared[0])
+    yield z
+    z.close()
 
 
 @pytest.fixture
@@ -223,24 +331,39 @@ def ws(shared, tmp_path):
 
 
 def report(tally: Tally, request) -> None:
-    request.node.user_properties.append(("tally", vars(tally)))
-    log.warning("kills %d, survived %d, finished before the kill %d, runs %s, orphan files seen %d",
-                tally.killed, tally.survived, tally.finished, dict(tally.by_command), tally.orphans)
+    request.node.user_properties.append(("tally", {k: v if not isinstance(v, set) else len(v)
+                                                   for k, v in vars(tally).items()}))
+    log.warning("kills %d, survived %d, finished before the kill %d, runs %s, distinct orphan files %d",
+                tally.killed, tally.survived, tally.finished, dict(tally.by_command), len(tally.orphans))
+    if tally.phase_kills:
+        log.warning("per phase %s; stops %s; runs that missed their phase %d, setup runs %d",
+                    dict(tally.phase_kills), dict(tally.stops), tally.missed, tally.setup_runs)
 
 
-def test_sigkill_at_random_points_loses_nothing_and_applies_nothing_twice(shared, ws, tmp_path, request):
-    model_dir, _, home = shared
-    tally = kill_loop(ws, model_dir, home, tmp_path, kills=10, seed=int(os.environ.get("KAGENT_CRASH_SEED", 0)))
+def test_sigkill_at_random_points_loses_nothing_and_applies_nothing_twice(shared, zygote, ws, tmp_path, request):
+    tally = kill_loop(ws, shared[0], zygote, tmp_path, kills=10, seed=int(os.environ.get("KAGENT_CRASH_SEED", 0)))
     report(tally, request)
     assert tally.survived == tally.killed == 10
 
 
 @pytest.mark.slow
-def test_fifty_sigkills(shared, ws, tmp_path, request):
-    model_dir, _, home = shared
-    tally = kill_loop(ws, model_dir, home, tmp_path, kills=50, seed=int(os.environ.get("KAGENT_CRASH_SEED", 1)))
+def test_fifty_sigkills(shared, zygote, ws, tmp_path, request):
+    tally = kill_loop(ws, shared[0], zygote, tmp_path, kills=50, seed=int(os.environ.get("KAGENT_CRASH_SEED", 1)))
     report(tally, request)
     assert tally.survived == tally.killed == 50
+
+
+def test_sigkill_at_each_named_phase_loses_nothing_and_applies_nothing_twice(shared, zygote, ws, tmp_path, request):
+    tally = phase_loop(ws, shared[0], zygote, tmp_path, rounds=1, seed=int(os.environ.get("KAGENT_CRASH_SEED", 0)))
+    report(tally, request)
+    assert tally.phase_survived == tally.phase_kills == Counter({p.name: 1 for p in PHASES})
+
+
+@pytest.mark.slow
+def test_five_sigkills_at_each_named_phase(shared, zygote, ws, tmp_path, request):
+    tally = phase_loop(ws, shared[0], zygote, tmp_path, rounds=5, seed=int(os.environ.get("KAGENT_CRASH_SEED", 1)))
+    report(tally, request)
+    assert tally.phase_survived == tally.phase_kills == Counter({p.name: 5 for p in PHASES})
 
 
 # ----------------------------------------------------------------------------- corruption
