@@ -176,7 +176,10 @@ def parse_line(line: str, lineno: int) -> FactRecord:
     try:
         return FactRecord.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
-        first = errors[0]
-        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        raise BadRecord(lineno, _field_of(first), _reason_of(first) + more) from None
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    # Raised here, not in the except block, so the BadRecord does not keep the ValidationError as its context:
+    # pydantic-core holds a validator's ValueError (whose traceback reaches the caller's frames) where the garbage
+    # collector cannot see it, and that cycle, with the caller's feed chunk, would never be freed.
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    raise BadRecord(lineno, _field_of(first), _reason_of(first) + more)
