@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sqlite3
 from pathlib import Path
 
 import click
@@ -28,7 +29,7 @@ from memory.export import export as export_model
 from memory.ledger import LedgerError, LedgerMismatch
 
 USER_ERRORS = (WorkspaceError, ConfigError, ScheduleError, LedgerError, UnknownArchitecture, FileNotFoundError,
-               FileExistsError, OSError)
+               FileExistsError, OSError, sqlite3.OperationalError)  # the last: database or disk full, I/O error
 
 
 class KagentGroup(click.Group):

@@ -261,7 +261,7 @@ class Ledger:
             yield self.db
         except BaseException:
             self._depth -= 1
-            if self._depth == 0:
+            if self._depth == 0 and self.db.in_transaction:  # SQLite has rolled back itself on e.g. a full disk
                 self.db.execute("ROLLBACK")
             raise
         self._depth -= 1
@@ -614,8 +614,12 @@ class Ledger:
         except LedgerError as exc:
             raise LedgerError(f"{exc}; the batch of {len(fact_ids)} fact(s) was not committed, they stay pending"
                               ) from exc.__cause__
-        batch_id = self._record_batch(fact_ids, delta, delta_hash, keys_hash, metrics or {}, method, replay_of,
-                                      new_weights)
+        try:
+            batch_id = self._record_batch(fact_ids, delta, delta_hash, keys_hash, metrics or {}, method, replay_of,
+                                          new_weights)
+        except sqlite3.OperationalError as exc:  # disk full, I/O error: SQLite rolled the transaction back
+            raise LedgerError(f"cannot record the batch in {self.root / 'ledger.db'} ({exc}); the batch of "
+                              f"{len(fact_ids)} fact(s) was not committed, they stay pending") from exc
         self.expected_weights().update(new_weights)
         return batch_id
 

@@ -24,6 +24,7 @@ import random
 import resource
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -84,8 +85,8 @@ class Zygote:
 
     def __init__(self, home: Path, model_dir: Path):
         env = os.environ | {"KAGENT_HOME": str(home), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(model_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env, cwd=TESTS.parent)
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(model_dir)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env, cwd=TESTS.parent)
         assert "ready" in self._reply()
 
     def _reply(self) -> dict:
@@ -450,12 +451,23 @@ DISK_FULL = {  # where the write fails: (what of memory.ledger fails, on which k
     "fsync": ("os.fsync", "deltas"),
     "rename": ("os.replace", "deltas"),
     "keys-file": ("save_file", "keys"),  # the delta file is already in place
+    "database": ("sqlite", None),  # both files written, then SQLite finds no room for the commit transaction
 }
 
 
+def database_full(db: sqlite3.Connection) -> None:
+    """A real SQLITE_FULL: with the page count capped at the database's size, write something needing new pages
+    (into a table the test made). SQLite rolls back the open transaction itself, as on a full disk."""
+    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+    try:
+        db.execute("INSERT INTO fill VALUES (zeroblob(1 << 20))")
+    finally:
+        db.execute("PRAGMA max_page_count = 1073741823")
+
+
 def fail_writes(monkeypatch, where: str) -> list:
-    """Make memory.ledger's writes of one kind of tensor file fail as DISK_FULL[where] says; returns the list of
-    failed calls (to check the failure was reached)."""
+    """Make the batch's writes fail as DISK_FULL[where] says (one kind of tensor file, or the commit transaction);
+    returns the list of failed calls (to check the failure was reached)."""
     import memory.ledger as ledger_mod
 
     target, kind = DISK_FULL[where]
@@ -464,7 +476,19 @@ def fail_writes(monkeypatch, where: str) -> list:
     def in_kind(path) -> bool:
         return Path(path).parent.name == kind
 
-    if target == "save_file":
+    if target == "sqlite":
+        real_attach = Ledger._attach_facts
+
+        def attach_facts(self, *args):  # inside the commit transaction
+            try:
+                database_full(self.db)
+            except sqlite3.OperationalError as exc:
+                failed.append(exc)
+                raise
+            return real_attach(self, *args)
+
+        monkeypatch.setattr(Ledger, "_attach_facts", attach_facts)
+    elif target == "save_file":
         real_save = ledger_mod.save_file
         fail = _real_write_failure if where == "safetensors-write" else _partial_then_enospc
 
@@ -511,6 +535,7 @@ def test_disk_full_while_writing_a_delta_aborts_the_batch_cleanly(shared, edited
     with Ledger(ws / "ledger") as ledger:
         before = {f.id: (f.status, f.batch_id) for f in ledger.facts()}
         history = ledger.history()
+        ledger.db.execute("CREATE TABLE fill (b BLOB)")  # for database_full
     failed = fail_writes(monkeypatch, where)
     with one_thread():
         res = run("watch", feed, "--once", "--batch-size", "2", "--workspace", ws)
@@ -520,7 +545,7 @@ def test_disk_full_while_writing_a_delta_aborts_the_batch_cleanly(shared, edited
     errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and res.output.rstrip("\n").endswith(errors[0]), res.output
     assert "not committed, they stay pending" in errors[0], errors[0]
-    assert "os error" in errors[0] or "No space left" in errors[0], errors[0]
+    assert any(why in errors[0] for why in ("os error", "No space left", "database or disk is full")), errors[0]
 
     ledger_root = ws / "ledger"
     with Ledger(ledger_root) as ledger:
@@ -532,7 +557,7 @@ def test_disk_full_while_writing_a_delta_aborts_the_batch_cleanly(shared, edited
         assert new == [("Town004", "pending"), ("Town005", "pending")]
         assert ledger.feed_offset(str(feed.resolve())) == feed.stat().st_size
         assert not [p for p in ledger_root.rglob(".*") if p.is_file()], "a temp file was left behind"
-        ledger.gc()  # the keys-file case leaves the complete delta file, which no batch refers to
+        ledger.gc()  # complete files no batch refers to (keys-file: the delta; database: both)
         assert ledger.orphan_files() == []
         model = AutoModelForCausalLM.from_pretrained(shared[0])
         ledger.load_into(model)
@@ -544,6 +569,33 @@ def test_disk_full_while_writing_a_delta_aborts_the_batch_cleanly(shared, edited
     with Ledger(ledger_root) as ledger:
         assert ledger.verify() == [] and not ledger.facts(status="pending")
         assert len(ledger.facts(status="applied")) == 6
+
+
+def test_database_full_while_reading_the_feed_stores_nothing_and_resumes(edited, monkeypatch):
+    """SQLite finds no room while a feed chunk is stored: one `Error:` line naming the cause, neither the facts
+    nor the feed offset are stored, and the next run reads the same lines."""
+    ws, feed = edited
+    with feed.open("a") as fh:
+        fh.write(fact_line(4) + "\n" + fact_line(5) + "\n")
+    with Ledger(ws / "ledger") as ledger:
+        offset, n_facts = ledger.feed_offset(str(feed.resolve())), len(ledger.facts())
+        ledger.db.execute("CREATE TABLE fill (b BLOB)")
+    real_add = Ledger.add_facts
+
+    def add_facts(self, *args, **kwargs):  # inside the chunk's transaction
+        database_full(self.db)
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "add_facts", add_facts)
+    res = run("watch", feed, "--once", "--workspace", ws)
+    monkeypatch.undo()
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), repr(res.exception)
+    assert res.output.splitlines() == ["Error: database or disk is full"], res.output
+    with Ledger(ws / "ledger") as ledger:
+        assert ledger.verify() == [] and len(ledger.facts()) == n_facts
+        assert ledger.feed_offset(str(feed.resolve())) == offset
+    res = run("watch", feed, "--once", "--batch-size", "2", "--workspace", ws)
+    assert res.exit_code == 0 and "2 new fact(s)" in res.output and "2 applied" in res.output, res.output
 
 
 def test_disk_full_leaves_the_running_session_consistent(edited, monkeypatch):
