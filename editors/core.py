@@ -18,7 +18,7 @@ from editors.arch import weight_view
 from editors.delta import EditDelta, LayerDelta
 from editors.keys import key_source
 from editors.hparams import EditHParams
-from editors.optimise import optimise_values
+from editors.optimise import ValueResult, optimise_values
 from editors.prompts import EditRequest, key_rows
 from editors.state import EditorState
 from editors.stats import LayerStats
@@ -100,7 +100,14 @@ class Editor:
         bar = tqdm(total=len(requests), desc=f"{self.name} values", unit="edit", disable=not progress, leave=False)
         with bar:
             values = optimise_values(self.model, self.tok, requests, self.state.context_templates, self.hp, bar)
-        t1 = time.perf_counter()
+        result = self.solve_values(requests, values)
+        result.seconds["values"] = time.perf_counter() - t0 - result.seconds["total"]
+        result.seconds["total"] += result.seconds["values"]
+        return result
+
+    def solve_values(self, requests: list[EditRequest], values: ValueResult) -> EditResult:
+        """The layer updates that move each request's output towards its target value (model unchanged)."""
+        t0 = time.perf_counter()
         originals = {l: weight_view(self.model, l).clone() for l in self.hp.layers}
         deltas, keys, t_keys = [], {}, 0.0
         source = self._key_source(requests)
@@ -120,8 +127,8 @@ class Editor:
             with torch.no_grad():
                 for layer, w0 in originals.items():
                     weight_view(self.model, layer).copy_(w0)
-        t2 = time.perf_counter()
-        secs = {"values": t1 - t0, "keys": t_keys, "solve": t2 - t1 - t_keys, "total": t2 - t0}
+        total = time.perf_counter() - t0
+        secs = {"keys": t_keys, "solve": total - t_keys, "total": total}
         return EditResult(EditDelta(deltas), keys, values.steps, secs, values.flops)
 
     def apply(self, result: EditResult) -> None:
