@@ -60,7 +60,10 @@ def parse(item: FeedLine) -> FactRecord | BadRecord:
     try:
         return parse_line(item.line, item.lineno)
     except BadRecord as exc:
-        return exc
+        bad = (exc.lineno, exc.field, exc.reason)
+    # a fresh BadRecord: the caught one's traceback holds this frame and the caller's (with its whole chunk), a
+    # reference cycle that only the cyclic garbage collector frees, so a long feed piled them up until it ran
+    return BadRecord(*bad)
 
 
 def read_chunk(follower: FeedFollower, final: bool) -> list[FeedLine]:

@@ -373,9 +373,12 @@ def test_the_follower_streams_a_long_feed_instead_of_reading_it_whole(tmp_path):
 
 
 def test_rejected_lines_do_not_keep_their_chunk_alive():
-    """A line failing a field validator used to raise BadRecord inside `except ValidationError`; pydantic-core
-    holds the validator's exception out of the garbage collector's sight, so the chain (the caller's frame and
-    its whole feed chunk) was never freed: memory grew with the feed (~3.5 KB a line through intake)."""
+    """Two ways a chunk of rejected lines outlived its intake: (1) a line failing a field validator raised
+    BadRecord inside `except ValidationError`, and pydantic-core holds the validator's exception out of the
+    garbage collector's sight, so the caller's frame with its whole chunk was never freed (~3.5 KB a line through
+    intake); (2) each returned BadRecord's traceback tied it to the frames holding the chunk, a cycle only the
+    cyclic collector frees, so a long feed piled chunks up until a full collection. Now reference counting alone
+    frees a chunk."""
     from agent.feed import FeedLine
     from agent.intake import parse
 
@@ -389,6 +392,12 @@ def test_rejected_lines_do_not_keep_their_chunk_alive():
         assert all(isinstance(p, BadRecord) and p.field in ("subject", "target") for p in parsed)
         return weakref.ref(chunk)
 
-    refs = [read_one_chunk() for _ in range(3)]
+    gc.disable()
+    try:
+        refs = [read_one_chunk() for _ in range(3)]
+        alive_without_gc = sum(r() is not None for r in refs)
+    finally:
+        gc.enable()
     gc.collect()
-    assert [r() for r in refs] == [None, None, None]
+    assert [r() for r in refs] == [None, None, None], "leaked: not freed even by the cyclic garbage collector"
+    assert alive_without_gc == 0, "left in reference cycles: freed only when the cyclic garbage collector runs"
