@@ -29,7 +29,7 @@ class AgentConfig(BaseModel):
     batch_size: int = Field(10, ge=1, description="facts applied together in one batch")
     max_wait: float = Field(30.0, ge=0, description="seconds to wait before applying a partial batch")
     order: Literal["cluster", "arrival", "random"] = Field(
-        "cluster", description="order in which pending facts are batched: cluster, arrival or random")
+        "arrival", description="order in which pending facts are batched: arrival (measured best at 1,000 edits, BENCHMARKS.md), cluster or random")
     feeds: list[str] = Field(default_factory=list, description="feed files that `kagent refresh` processes")
     known_acc_drop: float = Field(
         0.05, ge=0, description="max drop of known-fact accuracy below the baseline (absolute, 0-1)")

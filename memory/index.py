@@ -323,7 +323,7 @@ class FactMemory:
         interrupted replay) is left out."""
         return [f for f in self.ledger.facts(status="pending") if f.superseded_by is None]
 
-    def plan_batches(self, batch_size: int, order: str = "cluster", seed: int = 0) -> list[list[StoredFact]]:
+    def plan_batches(self, batch_size: int, order: str = "arrival", seed: int = 0) -> list[list[StoredFact]]:
         """Pending facts split into batches of at most `batch_size`, in the chosen order."""
         facts = self.pending()
         vecs = self.vectors([f.id for f in facts]) if order == "cluster" and facts else None

@@ -58,7 +58,7 @@ def cluster_order(vectors: np.ndarray, batch_size: int, seed: int = 0) -> list[i
     return [i for c in chain for i in groups[c]]
 
 
-def plan(ids: Sequence[int], vectors: np.ndarray | None, batch_size: int, order: str = "cluster",
+def plan(ids: Sequence[int], vectors: np.ndarray | None, batch_size: int, order: str = "arrival",
          seed: int = 0) -> list[list[int]]:
     """Split fact `ids` (arrival order, rows of `vectors`) into batches of at most `batch_size`."""
     if batch_size < 1:
