@@ -22,7 +22,7 @@ def record():
     return load_counterfact(CF, 1)[0]
 
 
-def test_one_counterfact_edit_flips_the_answer_and_keeps_locality(record):
+def test_one_counterfact_edit_flips_the_answer_and_keeps_locality(record, user_cache):
     lm = load_model()
     editor = make_editor("encore", lm.model, lm.tok)
     before = target_nll(lm.model, lm.tok, [record.locality_prompt] * 2, [record.locality_ground_truth, record.target_new])
