@@ -401,3 +401,19 @@ def test_rejected_lines_do_not_keep_their_chunk_alive():
     gc.collect()
     assert [r() for r in refs] == [None, None, None], "leaked: not freed even by the cyclic garbage collector"
     assert alive_without_gc == 0, "left in reference cycles: freed only when the cyclic garbage collector runs"
+
+
+def test_the_feed_benchmark_counts_its_feed(tmp_path):
+    """`python -m evaluators.feedbench` on a small feed, in-process: both stages see every line, agree on the bad
+    ones, and the index holds exactly the new facts (the figures themselves are in RELIABILITY.md)."""
+    from evaluators.feedbench import feed_line, feed_line_fact, run_stage, write_feed
+
+    feed = tmp_path / "feed.jsonl"
+    write_feed(feed, 600)
+    read = run_stage("read", feed, tmp_path)
+    intake = run_stage("intake", feed, tmp_path)
+    assert read["lines"] == intake["lines"] == 600 and read["valid"] + read["bad"] == 600
+    assert read["bad"] == intake["bad"] > 0 and intake["duplicates"] > 0 and intake["superseding"] > 0
+    assert intake["index_vectors"] == intake["added"] and intake["peak_rss_added_mb"] >= 0
+    assert {feed_line(i, 5) for i in range(600) if '"subject": "Place' in feed_line(i, 5)} == {
+        feed_line_fact(i) for i in range(5)}  # --distinct 5: every valid line is one of five facts
