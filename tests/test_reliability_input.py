@@ -225,19 +225,6 @@ def test_a_prompt_longer_than_the_model_context_is_applied_alone(ws_with_facts, 
     assert {"Paris", "Berlin", "Rome"} <= set(applied_subjects(ws))
 
 
-@pytest.mark.parametrize("case", _params([c for c in CORPUS if c.bug]))
-def test_a_crashing_line_is_skipped_not_fatal(ws_with_facts, tmp_path, case):
-    ws, _ = ws_with_facts
-    feed = tmp_path / "one.jsonl"
-    feed.write_bytes(case.raw + b"\n" + rec(subject="Accra", target="Ghana") + b"\n")
-    res = run("watch", feed, "--once", "--workspace", ws)
-    assert res.exit_code == 0, repr(res.exception)
-    with Ledger(ws / "ledger") as ledger:
-        bad = [e for e in ledger.events("bad_line") if e.data["feed"] == str(feed.resolve())]
-    assert [e.data["lineno"] for e in bad] == [1] and "\n" not in bad[0].message
-    assert "Accra" in applied_subjects(ws)
-
-
 def test_resending_the_corpus_stores_nothing_twice(ws_with_facts, tmp_path):
     ws, _ = ws_with_facts
     cases = [c for c in CORPUS if c.ok and c.name not in SEPARATE]
