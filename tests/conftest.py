@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models and a character-level toy tokenizer (no downloads).
+"""Shared fixtures: tiny random models, a character-level toy tokenizer and a toy embedder (no downloads).
 
 An autouse fixture points KAGENT_HOME at a temp dir so no test touches the user's data. Slow tests that load the
 embedded model can ask for `user_cache`: the user's dequantised SmolLM2 and covariance statistics are linked
@@ -8,13 +8,56 @@ from __future__ import annotations
 
 import os
 import string
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import platformdirs
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+
+class ToyEmbedder:
+    """Hashed character trigrams: deterministic, no download, same relation text -> same vector."""
+
+    name = "toy-trigram"
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), 64), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for j in range(len(t) - 2):
+                out[i, zlib.crc32(t[j:j + 3].encode("utf-8", "surrogatepass")) % 64] += 1.0
+        out += 1e-6
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+@contextmanager
+def one_thread():
+    """torch on one thread: on two shared cores the tiny models run several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def rand_delta(model, layers, seed: int, rank: int = 2):
+    """A random low-rank update of `layers` (small enough to keep the model finite)."""
+    from editors.arch import weight_view
+    from editors.delta import EditDelta, LayerDelta
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for layer in layers:
+        o, i = weight_view(model, layer).shape
+        out.append(LayerDelta(layer, 0.05 * torch.randn(o, rank, generator=g), torch.randn(i, rank, generator=g)))
+    return EditDelta(out)
+
 
 CHARS = string.ascii_letters + string.digits + " .,:;!?'\"-()"
 

@@ -7,7 +7,7 @@ from agent.feed import FeedFollower, FeedPosition
 from agent.intake import intake
 from memory.index import FactMemory
 from memory.ledger import Ledger
-from test_cli import ToyEmbedder
+from conftest import ToyEmbedder
 
 FEED = Path(__file__).resolve().parent.parent / "examples" / "feed.jsonl"
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -17,22 +14,9 @@ import agent.batch
 import agent.session
 from agent.cli import cli
 from agent.workspace import Workspace
+from conftest import ToyEmbedder, one_thread
 
 SUBJECTS = ["Paris", "Berlin", "Rome", "Madrid", "Oslo", "Vienna", "Lisbon", "Dublin"]
-
-
-class ToyEmbedder:
-    """Hashed character trigrams: deterministic, no download, same relation text -> same vector."""
-
-    name = "toy-trigram"
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), 64), dtype=np.float32)
-        for i, t in enumerate(texts):
-            for j in range(len(t) - 2):
-                out[i, zlib.crc32(t[j:j + 3].encode()) % 64] += 1.0
-        out += 1e-6
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 def fact(subject: str, target: str, relation: str = "{} is the capital of") -> str:
@@ -53,15 +37,7 @@ def toy_embedder(monkeypatch, shared_home):
         yield
 
 
-@contextmanager
-def one_thread():
-    """The tiny model runs several times faster on one thread of two shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+
 
 
 @pytest.fixture(scope="module")

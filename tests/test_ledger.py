@@ -8,9 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_gpt2, make_tiny_llama
+from conftest import make_tiny_gpt2, make_tiny_llama, rand_delta
 from editors.arch import weight_view
-from editors.delta import EditDelta, LayerDelta
 from editors.models import fingerprint
 from editors.state import EditorState
 from memory.export import export
@@ -20,13 +19,7 @@ from memory.record import FactRecord
 LAYERS = [1, 2]
 
 
-def rand_delta(model, layers, seed: int, rank: int = 2) -> EditDelta:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for layer in layers:
-        o, i = weight_view(model, layer).shape
-        out.append(LayerDelta(layer, 0.05 * torch.randn(o, rank, generator=g), torch.randn(i, rank, generator=g)))
-    return EditDelta(out)
+
 
 
 def rand_keys(model, layers, n: int, seed: int) -> dict[int, torch.Tensor]:

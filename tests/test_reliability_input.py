@@ -19,9 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, rand_delta
 from editors.arch import weight_view
-from editors.delta import EditDelta, LayerDelta
 from memory.ledger import Ledger
 from memory.record import BadRecord, FactRecord, parse_line
 from test_reliability_support import _patched, one_thread, run, shared_workspace
@@ -289,13 +288,7 @@ def test_valid_records_are_accepted_and_round_trip(subject, before, after, targe
 LAYERS = [1, 2]
 
 
-def random_delta(model, seed: int, rank: int) -> EditDelta:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for layer in LAYERS:
-        o, i = weight_view(model, layer).shape
-        out.append(LayerDelta(layer, 0.05 * torch.randn(o, rank, generator=g), torch.randn(i, rank, generator=g)))
-    return EditDelta(out)
+
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -308,7 +301,7 @@ def test_rollback_of_j_of_k_batches_equals_applying_k_minus_j(tmp_path_factory, 
     root = tmp_path_factory.mktemp("rollback")
     model = make_tiny_llama(80)
     base = {layer: weight_view(model, layer).clone() for layer in LAYERS}
-    deltas = [random_delta(model, s, r) for s, r in zip(seeds, ranks)]
+    deltas = [rand_delta(model, LAYERS, s, r) for s, r in zip(seeds, ranks)]
     with Ledger(root) as ledger:
         ledger.attach(model, LAYERS)
         for i, delta in enumerate(deltas):

@@ -9,18 +9,17 @@ import logging
 import os
 import shutil
 import signal
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from click.testing import CliRunner
 
 import agent.session
 from agent.cli import cli
 from agent.workspace import Workspace
+from conftest import ToyEmbedder, one_thread  # noqa: F401  (one_thread is re-exported to the suites)
 from editors.arch import weight_view
 from editors.delta import EditDelta
 from memory.ledger import Ledger
@@ -30,34 +29,12 @@ log = logging.getLogger(__name__)
 LAYERS = [1, 2]
 
 
-class ToyEmbedder:
-    """Hashed character trigrams (as in test_cli, copied so these suites do not depend on that module)."""
-
-    name = "toy-trigram"
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), 64), dtype=np.float32)
-        for i, t in enumerate(texts):
-            for j in range(len(t) - 2):
-                out[i, zlib.crc32(t[j:j + 3].encode("utf-8", "surrogatepass")) % 64] += 1.0
-        out += 1e-6
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-
 def run(*args):
     """`kagent ARGS` in-process (the toy embedder must be patched in by the caller)."""
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-@contextmanager
-def one_thread():
-    """torch on one thread: on two shared cores this makes the tiny model ~5x faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+
 
 
 def build_workspace(base: Path, home: Path) -> tuple[Path, Path]:
