@@ -19,7 +19,7 @@ from editors.delta import EditDelta, LayerDelta
 from editors.keys import key_source
 from editors.hparams import EditHParams
 from editors.optimise import ValueResult, optimise_values
-from editors.prompts import EditRequest, key_rows
+from editors.prompts import EditRequest, context_ids, key_rows
 from editors.state import EditorState
 from editors.stats import LayerStats
 
@@ -83,7 +83,9 @@ class Editor:
         return {layer: self._layer_keys(source, layer, len(requests)) for layer in self.hp.layers}
 
     def _key_source(self, requests: list[EditRequest]):
-        return key_source(self.model, key_rows(self.tok, requests, self.state.context_templates), self.pad)
+        templates = self.state.context_templates
+        return key_source(self.model, key_rows(self.tok, requests, templates), self.pad,
+                          context_ids(self.tok, templates))
 
     def _layer_keys(self, source, layer: int, n: int) -> torch.Tensor:
         k = source.keys(layer).view(n, 1 + len(self.state.context_templates), -1)

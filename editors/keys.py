@@ -9,50 +9,96 @@ forward per call). `key_source` picks one.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from editors.arch import arch_of, get_module, layers_of, module_name
 from editors.hooks import StopForward, capture_input, forward_hook
-from editors.values import additive_mask, output_tensor
+from editors.values import PrefixKV, additive_mask, output_tensor
+
+
+@dataclass
+class _Stream:
+    """Right-padded rows that begin with the same shared context (or none), and that context's stream."""
+
+    rows: torch.Tensor  # indices of these rows among the source's rows
+    h: torch.Tensor  # (n, W, d) residual stream of each row's own tokens (after the context)
+    mask: torch.Tensor  # (n, W) bool, real tokens
+    pos: torch.Tensor  # (n, W) position ids (the context takes the first ones)
+    last: torch.Tensor  # (n,) column of each row's last token
+    ctx: torch.Tensor | None  # (1, c, d) residual stream of the shared context
+
+
+def _context_of(seq: list[int], contexts: list[list[int]]) -> int:
+    for j, c in enumerate(contexts):
+        if 0 < len(c) < len(seq) and seq[: len(c)] == c:
+            return j
+    return -1
 
 
 class LayerwiseKeys:
-    """Residual stream of right-padded key rows, advanced one block at a time (no grad)."""
+    """Residual stream of key rows, advanced one block at a time (no grad).
 
-    def __init__(self, model: nn.Module, seqs: list[list[int]], pad: int, row_chunk: int = 256):
+    Rows that begin with one of `contexts` (the editor's context prefixes) keep only their own
+    tokens; the context's stream is kept once and lends its keys/values to every such row.
+    """
+
+    def __init__(self, model: nn.Module, seqs: list[list[int]], pad: int, contexts: list[list[int]] | None = None,
+                 row_chunk: int = 256):
         self.model, self.arch, self.blocks = model, arch_of(model), layers_of(model)
+        self.n = len(seqs)
         device = next(model.parameters()).device
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        self.mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            self.mask[i, : len(s)] = True
-        self.mask = self.mask.to(device)
-        self.last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-        self.pos = torch.arange(width, device=device)[None].expand(len(seqs), -1)
-        self.chunk = row_chunk
+        contexts = contexts or []
+        which = [_context_of(s, contexts) for s in seqs]
+        embed = get_module(model, self.arch.embed)
+        self.streams: list[_Stream] = []
         with torch.no_grad():
-            self.h = get_module(model, self.arch.embed)(ids.to(device))  # input of block `self.at`
-        self.at = 0
+            for c in sorted(set(which)):
+                members = [i for i, w in enumerate(which) if w == c]
+                n_ctx = len(contexts[c]) if c >= 0 else 0
+                for start in range(0, len(members), row_chunk):
+                    rows = members[start : start + row_chunk]
+                    ids, mask, last = _padded([seqs[i][n_ctx:] for i in rows], pad, device)
+                    pos = (n_ctx + torch.arange(ids.shape[1], device=device))[None].expand_as(ids)
+                    ctx = embed(torch.tensor([contexts[c]], device=device)) if c >= 0 else None
+                    self.streams.append(_Stream(torch.tensor(rows, device=device), embed(ids), mask.bool(), pos,
+                                                last, ctx))
+        self.at = 0  # every stream is at the input of this block
 
-    @torch.no_grad()
-    def _run(self, h: torch.Tensor, rows: slice | torch.Tensor, block: int) -> torch.Tensor:
-        pos = self.pos[rows]
+    def _block(self, block: int, h, pos, mask, q_from: int, cache: PrefixKV) -> torch.Tensor:
         rope = get_module(self.model, self.arch.rotary)(h, pos)
-        mask4 = additive_mask(self.mask[rows], 0, h.dtype)
-        return output_tensor(self.blocks[block](h, attention_mask=mask4, position_ids=pos, position_embeddings=rope))
+        mask4 = additive_mask(mask, q_from, h.dtype)
+        return output_tensor(self.blocks[block](h, attention_mask=mask4, position_ids=pos, past_key_values=cache,
+                                                use_cache=True, position_embeddings=rope))
 
-    def _chunks(self):
-        return [slice(i, i + self.chunk) for i in range(0, self.h.shape[0], self.chunk)]
+    def _context_step(self, ctx: torch.Tensor | None, block: int, n: int) -> tuple[PrefixKV, torch.Tensor | None]:
+        """The context's keys/values at `block` for n rows, and its stream after the block."""
+        if ctx is None:
+            return PrefixKV(), None
+        c = ctx.shape[1]
+        rec = PrefixKV(record_upto=c)
+        pos = torch.arange(c, device=ctx.device)[None]
+        out = self._block(block, ctx, pos, torch.ones(1, c, dtype=torch.bool, device=ctx.device), 0, rec)
+        k, v = rec.recorded[block]
+        return PrefixKV({block: (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))}), out
+
+    def _own_step(self, s: _Stream, sel: torch.Tensor, h: torch.Tensor, block: int, cache: PrefixKV) -> torch.Tensor:
+        c = 0 if s.ctx is None else s.ctx.shape[1]
+        mask = torch.cat([s.mask.new_ones(len(sel), c), s.mask[sel]], 1)
+        return self._block(block, h, s.pos[sel], mask, c, cache)
 
     def advance_to(self, layer: int) -> None:
-        """Move the stream to the input of block `layer` with the model's current weights."""
+        """Move the streams to the input of block `layer` with the model's current weights."""
         if layer < self.at:
             raise ValueError(f"the key stream is already at block {self.at}, past {layer}")
-        for block in range(self.at, layer):
-            self.h = torch.cat([self._run(self.h[r], r, block) for r in self._chunks()])
+        with torch.no_grad():
+            for block in range(self.at, layer):
+                for s in self.streams:
+                    everyone = torch.arange(len(s.rows), device=s.h.device)
+                    cache, ctx = self._context_step(s.ctx, block, len(s.rows))
+                    s.h, s.ctx = self._own_step(s, everyone, s.h, block, cache), ctx
         self.at = layer
 
     @torch.no_grad()
@@ -60,21 +106,37 @@ class LayerwiseKeys:
         """(rows, d_in): the edited module's input of `layer` at each row's last token."""
         self.advance_to(layer)
         module = get_module(self.model, module_name(self.model, layer))
-        out = []
-        for r in self._chunks():
+        out = None
+        for s in self.streams:
+            everyone = torch.arange(len(s.rows), device=s.h.device)
+            cache, _ = self._context_step(s.ctx, layer, len(s.rows))
             store: list[torch.Tensor] = []
             with capture_input(module, store):
-                self._run(self.h[r], r, layer)
-            out.append(store[0][torch.arange(store[0].shape[0], device=self.h.device), self.last[r]])
-        return torch.cat(out)
+                self._own_step(s, everyone, s.h, layer, cache)
+            k = store[0][everyone, s.last]
+            out = k.new_empty(self.n, k.shape[-1]) if out is None else out
+            out[s.rows] = k
+        return out
 
     @torch.no_grad()
     def outputs(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        """(len(rows), d): output of block `layer` at the last token of `rows`, from the current stream."""
-        h = self.h[rows]
-        for block in range(self.at, layer + 1):
-            h = self._run(h, rows, block)
-        return h[torch.arange(len(rows), device=h.device), self.last[rows]]
+        """(len(rows), d): output of block `layer` at the last token of `rows`, from the current streams."""
+        rows = rows.to(self.streams[0].rows.device)
+        where = torch.full((self.n,), -1, dtype=torch.long, device=rows.device)
+        where[rows] = torch.arange(len(rows), device=rows.device)
+        out = None
+        for s in self.streams:
+            sel = torch.nonzero(where[s.rows] >= 0)[:, 0]
+            if len(sel) == 0:
+                continue
+            h, ctx = s.h[sel], s.ctx
+            for block in range(self.at, layer + 1):
+                cache, ctx = self._context_step(ctx, block, len(sel))
+                h = self._own_step(s, sel, h, block, cache)
+            o = h[torch.arange(len(sel), device=h.device), s.last[sel]]
+            out = o.new_empty(len(rows), o.shape[-1]) if out is None else out
+            out[where[s.rows[sel]]] = o
+        return out
 
 
 def _padded(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,8 +189,9 @@ class FullForwardKeys:
         return at_last_token(self.model, seqs, self.pad, layers_of(self.model)[layer], "out")
 
 
-def key_source(model: nn.Module, seqs: list[list[int]], pad: int) -> LayerwiseKeys | FullForwardKeys:
-    """The layer-wise stream for rotary decoders, full forwards otherwise."""
+def key_source(model: nn.Module, seqs: list[list[int]], pad: int,
+               contexts: list[list[int]] | None = None) -> LayerwiseKeys | FullForwardKeys:
+    """The layer-wise stream for rotary decoders (sharing `contexts`), full forwards otherwise."""
     if arch_of(model).rotary is not None and arch_of(model).embed is not None:
-        return LayerwiseKeys(model, seqs, pad)
+        return LayerwiseKeys(model, seqs, pad, contexts)
     return FullForwardKeys(model, seqs, pad)

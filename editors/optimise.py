@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from editors.hparams import EditHParams
-from editors.prompts import EditRequest, split_at_subject, value_rows
+from editors.prompts import EditRequest, context_ids, split_at_subject, value_rows
 from editors.values import SuffixRunner, make_batch
 
 
@@ -71,7 +71,7 @@ def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates
     rows = value_rows(tok, requests, templates)
     batch, P = make_batch(rows, tok.pad_token_id or 0, device)
     runner = SuffixRunner(model, layer)
-    runner.precompute(batch, P)
+    runner.precompute(batch, P, context_ids(tok, templates))
     lm_head = model.get_output_embeddings()
     n, n_prompts = len(requests), 1 + len(templates)
     plain = torch.tensor([i * (n_prompts + 1) for i in range(n)], device=device)

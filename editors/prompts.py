@@ -27,6 +27,7 @@ class PromptRow:
     target_cols: list[int] = field(default_factory=list)  # suffix indices whose logits predict target_ids
     target_ids: list[int] = field(default_factory=list)  # the target tokens
     is_kl: bool = False  # the "{subject} is a" row of the KL term
+    context: int = -1  # index of the shared context whose ids begin `prefix` (-1: none)
 
 
 def split_at_subject(tok, template: str, subject: str) -> tuple[list[int], list[int]]:
@@ -44,16 +45,27 @@ def in_context(context_template: str, prompt: str) -> str:
     return context_template.replace("{}", prompt, 1)
 
 
+def context_ids(tok, templates: list[str]) -> list[list[int]]:
+    """Token ids of each context template's text before its "{}" (trailing space dropped)."""
+    return [tok(t[: t.index("{}")].rstrip())["input_ids"] for t in templates]
+
+
 def value_rows(tok, requests: list[EditRequest], templates: list[str]) -> list[PromptRow]:
-    """Rows of the value optimisation: each edit's prompt in every template, then its KL row."""
+    """Rows of the value optimisation: each edit's prompt in every template, then its KL row.
+
+    A row in template j whose prefix begins with `context_ids(tok, templates)[j]` is marked
+    `context=j`, so that the context's keys/values can be computed once for the whole chunk.
+    """
     rows: list[PromptRow] = []
+    shared = context_ids(tok, templates)
     for i, req in enumerate(requests):
         target = tok(" " + req.target, add_special_tokens=False)["input_ids"]
-        for ctx in ["{}", *templates]:
+        for j, ctx in enumerate(["{}", *templates], start=-1):
             head, tail = split_at_subject(tok, in_context(ctx, req.prompt), req.subject)
             suffix = [head[-1], *tail, *target[:-1]]
-            cols = [len(tail) + j for j in range(len(target))]
-            rows.append(PromptRow(i, head[:-1], suffix, cols, target))
+            cols = [len(tail) + k for k in range(len(target))]
+            ctx_j = j if j >= 0 and 0 < len(shared[j]) < len(head) and head[: len(shared[j])] == shared[j] else -1
+            rows.append(PromptRow(i, head[:-1], suffix, cols, target, context=ctx_j))
         head, tail = split_at_subject(tok, "{} is a", req.subject)
         rows.append(PromptRow(i, head[:-1], [head[-1], *tail], is_kl=True))
     return rows

@@ -20,18 +20,20 @@ from editors.prompts import PromptRow
 
 
 class PrefixKV:
-    """Duck-typed KV cache: prepends each layer's fixed prefix keys/values; never grows."""
+    """Duck-typed KV cache: prepends each layer's fixed prefix keys/values and never grows;
+    with `record_upto`, also keeps the first `record_upto` columns of the new ones (`recorded`)."""
 
     def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, record_upto: int = 0):
         self.kv = kv if kv is not None else {}
-        self.record_upto = record_upto  # recording mode: keep the first `record_upto` columns
+        self.record_upto = record_upto
+        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, k, v, layer_idx, *args, **kwargs):
-        if layer_idx in self.kv and not self.record_upto:
+        if self.record_upto:
+            self.recorded[layer_idx] = (k[:, :, : self.record_upto].detach(), v[:, :, : self.record_upto].detach())
+        if layer_idx in self.kv:
             pk, pv = self.kv[layer_idx]
             return torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-        if self.record_upto:
-            self.kv[layer_idx] = (k[:, :, : self.record_upto].detach(), v[:, :, : self.record_upto].detach())
         return k, v
 
 
@@ -44,6 +46,7 @@ class Batch:
     pos: torch.Tensor  # (B, P+S) position ids
     req: torch.Tensor  # (B,) edit index of each row
     is_kl: torch.Tensor  # (B,) bool
+    ctx: torch.Tensor  # (B,) index of the shared context the prefix begins with (-1: none)
     tcol: torch.Tensor  # (B, T) suffix columns read by the loss (col 0 for KL rows)
     ttok: torch.Tensor  # (B, T) target token ids
     tmask: torch.Tensor  # (B, T) bool
@@ -74,7 +77,8 @@ def make_batch(rows: list[PromptRow], pad_id: int, device) -> tuple[Batch, int]:
     pos = (mask.long().cumsum(1) - 1).clamp(min=0)
     req = torch.tensor([r.request for r in rows])
     is_kl = torch.tensor([r.is_kl for r in rows])
-    batch = Batch(ids, mask, pos, req, is_kl, tcol, ttok, tmask)
+    ctx = torch.tensor([r.context for r in rows])
+    batch = Batch(ids, mask, pos, req, is_kl, ctx, tcol, ttok, tmask)
     return Batch(*(getattr(batch, f.name).to(device) for f in fields(batch))), P
 
 
@@ -91,6 +95,14 @@ def additive_mask(mask: torch.Tensor, q_from: int, dtype) -> torch.Tensor:
 
 def output_tensor(out):
     return out[0] if isinstance(out, tuple) else out
+
+
+def prefix_groups(prefix_mask: torch.Tensor, step: int = 8) -> list[tuple[torch.Tensor, int]]:
+    """Rows grouped by their prefix length rounded up to `step`, each group with the number of
+    left-padding columns (`cut`) all its rows can skip: the prefix pass computes less padding."""
+    P = prefix_mask.shape[1]
+    width = ((prefix_mask.sum(1) + step - 1) // step * step).clamp(max=P)
+    return [(torch.nonzero(width == w)[:, 0], P - int(w)) for w in width.unique().tolist()]
 
 
 class SuffixRunner:
@@ -112,18 +124,64 @@ class SuffixRunner:
         self._all_params = lin(self.blocks)
 
     @torch.no_grad()
-    def precompute(self, batch: Batch, P: int) -> None:
+    def precompute(self, batch: Batch, P: int, contexts: list[list[int]] | None = None) -> None:
+        """Prefix keys/values of the blocks above the layer, h_L at the suffix, initial outputs.
+
+        `contexts[j]` are the ids that rows with `batch.ctx == j` begin with: their keys/values
+        are computed once and shared; the rest of each prefix runs in groups of similar length.
+        """
         self.batch, self.P = batch, P
         if not self.fast:
             self._h0 = self._generic(batch, None)[1]
             return
-        emb = get_module(self.model, self.arch.embed)(batch.ids)
-        rec = PrefixKV(record_upto=P)
-        h = self._blocks(emb, batch.pos, additive_mask(batch.mask, 0, emb.dtype), rec, range(len(self.blocks)),
+        B, S, d = batch.ids.shape[0], batch.ids.shape[1] - P, self.model.config.hidden_size
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hL = torch.empty(B, S, d, device=batch.ids.device)
+        self._h0 = torch.empty(B, batch.tcol.shape[1], d, device=batch.ids.device)
+        ctx = batch.ctx if contexts else torch.full_like(batch.ctx, -1)
+        cols = torch.arange(P, device=batch.ids.device)
+        for c in ctx.unique().tolist():
+            members = torch.nonzero(ctx == c)[:, 0]
+            shared = self._context_kv(contexts[c]) if c >= 0 else {}
+            n_ctx = len(contexts[c]) if c >= 0 else 0
+            own_len = batch.mask[members, :P].sum(1) - n_ctx
+            own = cols[None] >= P - own_len[:, None]  # the prefix columns not covered by the context
+            for sub, cut in prefix_groups(own):
+                self._prefix_group(members[sub], own[sub], own_len[sub], cut, shared, n_ctx)
+
+    def _context_kv(self, ids: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Every block's keys/values of one shared context (1, heads, n, head_dim)."""
+        device = self.batch.ids.device
+        t = torch.tensor([ids], device=device)
+        rec = PrefixKV(record_upto=len(ids))
+        emb = get_module(self.model, self.arch.embed)(t)
+        mask = torch.ones_like(t, dtype=torch.bool)
+        self._blocks(emb, torch.arange(len(ids), device=device)[None], additive_mask(mask, 0, emb.dtype), rec,
+                     range(len(self.blocks)))
+        return rec.recorded
+
+    def _prefix_group(self, rows, own, own_len, cut: int, shared: dict, n_ctx: int) -> None:
+        """Run `rows` from column `cut` (after their shared context) and store what `run` needs."""
+        b, P, n = self.batch, self.P, len(rows)
+        mask = torch.cat([own[:, cut:], b.mask[rows, P:]], 1)
+        mask = torch.cat([mask.new_ones(n, n_ctx), mask], 1)
+        kv = {l: (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for l, (k, v) in shared.items()}
+        rec = PrefixKV(kv, record_upto=P - cut)
+        emb = get_module(self.model, self.arch.embed)(b.ids[rows, cut:])
+        h = self._blocks(emb, b.pos[rows, cut:], additive_mask(mask, n_ctx, emb.dtype), rec, range(len(self.blocks)),
                          capture=self.layer)
-        self.kv = rec.kv
-        self._hL = self._captured[:, P:]
-        self._h0 = self._gather(get_module(self.model, self.arch.final_norm)(h[:, P:]), batch)
+        self._hL[rows] = self._captured[:, P - cut :]
+        self._h0[rows] = self._gather(get_module(self.model, self.arch.final_norm)(h[:, P - cut :]), b.select(rows))
+        ctx_cols = (P - own_len - n_ctx)[:, None] + torch.arange(n_ctx, device=rows.device)
+        for layer, (k, v) in rec.recorded.items():
+            if layer <= self.layer:  # run() replays only the blocks above the edited layer
+                continue
+            K, V = self.kv.setdefault(layer, (k.new_zeros(len(b.req), k.shape[1], P, k.shape[3]),
+                                              v.new_zeros(len(b.req), v.shape[1], P, v.shape[3])))
+            K[rows, :, cut:], V[rows, :, cut:] = k, v
+            if n_ctx:
+                K[rows[:, None], :, ctx_cols] = shared[layer][0][0].transpose(0, 1)
+                V[rows[:, None], :, ctx_cols] = shared[layer][1][0].transpose(0, 1)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (edits still optimising)."""

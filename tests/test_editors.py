@@ -8,10 +8,10 @@ from editors.arch import UnknownArchitecture, arch_of, weight_view
 from editors.core import cholesky_solve
 from editors.hparams import EditHParams
 from editors.keys import FullForwardKeys, LayerwiseKeys
-from editors.prompts import EditRequest, key_rows, value_rows
+from editors.prompts import EditRequest, context_ids, key_rows, value_rows
 from editors.registry import make_editor
 from editors.state import EditorState
-from editors.values import SuffixRunner, make_batch
+from editors.values import SuffixRunner, make_batch, prefix_groups
 
 CORPUS = "The quick brown fox jumps over the lazy dog. Paris is the capital of France. " * 60
 REQUESTS = [EditRequest("{} is located in", "Eiffel Tower", "Rome"), EditRequest("The capital of {} is", "France", "Lyon")]
@@ -103,31 +103,39 @@ def test_no_hooks_or_changes_left_after_an_exception(tiny_llama, tok, monkeypatc
 
 
 def test_fast_suffix_path_equals_full_forward(tiny_llama, tok):
-    rows = value_rows(tok, REQUESTS, ["Hello there. {}", "A. {}"])
+    templates = ["Hello there, a longer context prefix than the others. {}", "A. {}"]
+    rows = value_rows(tok, REQUESTS, templates)
     batch, P = make_batch(rows, 0, "cpu")
+    assert len(prefix_groups(batch.mask[:, :P])) >= 2  # the prefix pass runs in groups that skip padding
+    assert set(batch.ctx.tolist()) == {-1, 0, 1}  # and computes each shared context once
     delta = torch.randn(len(rows), tiny_llama.config.hidden_size)
     outs = []
-    for fast in (True, False):
+    for fast, contexts in ((True, context_ids(tok, templates)), (True, None), (False, None)):
         runner = SuffixRunner(tiny_llama, 1)
         runner.fast = fast
-        runner.precompute(batch, P)
+        runner.precompute(batch, P, contexts)
         outs.append((runner.run(delta), runner.initial(), runner.h_layer()))
-    for a, b in zip(*outs):
-        assert torch.allclose(a, b, atol=1e-5)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_layerwise_keys_follow_edits_below_like_full_forwards(tiny_llama, tok):
-    seqs = key_rows(tok, REQUESTS, ["Hello there. {}", "A. {}"])
-    stream = LayerwiseKeys(tiny_llama, seqs, 0)
+    templates = ["Hello there. {}", "A. {}"]
+    seqs = key_rows(tok, REQUESTS, templates)
+    streams = [LayerwiseKeys(tiny_llama, seqs, 0), LayerwiseKeys(tiny_llama, seqs, 0, context_ids(tok, templates))]
+    assert len(streams[1].streams) == 3  # plain rows, and one stream per shared context
     full = FullForwardKeys(tiny_llama, seqs, 0)
-    assert torch.allclose(stream.keys(1), full.keys(1), atol=1e-5)
+    for stream in streams:
+        assert torch.allclose(stream.keys(1), full.keys(1), atol=1e-5)
     with torch.no_grad():
         weight_view(tiny_llama, 1).add_(0.5 * torch.randn_like(weight_view(tiny_llama, 1)))  # edit below layer 2
-    rows = torch.tensor([0, 3])
-    assert torch.allclose(stream.keys(2), full.keys(2), atol=1e-5)
-    assert torch.allclose(stream.outputs(2, rows), full.outputs(2, rows), atol=1e-5)
-    with pytest.raises(ValueError):
-        stream.keys(1)  # the stream cannot go back down
+    rows = torch.tensor([4, 0, 1])
+    for stream in streams:
+        assert torch.allclose(stream.keys(2), full.keys(2), atol=1e-5)
+        assert torch.allclose(stream.outputs(2, rows), full.outputs(2, rows), atol=1e-5)
+        with pytest.raises(ValueError):
+            stream.keys(1)  # the stream cannot go back down
 
 
 def test_alphaedit_update_spares_preserved_keys(tiny_llama, tok):
