@@ -97,14 +97,6 @@ def output_tensor(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def prefix_groups(prefix_mask: torch.Tensor, step: int = 8) -> list[tuple[torch.Tensor, int]]:
-    """Rows grouped by their prefix length rounded up to `step`, each group with the number of
-    left-padding columns (`cut`) all its rows can skip: the prefix pass computes less padding."""
-    P = prefix_mask.shape[1]
-    width = ((prefix_mask.sum(1) + step - 1) // step * step).clamp(max=P)
-    return [(torch.nonzero(width == w)[:, 0], P - int(w)) for w in width.unique().tolist()]
-
-
 class SuffixRunner:
     """Runs a chunk's rows with a delta at column P of layer `layer`'s output.
 
@@ -128,26 +120,41 @@ class SuffixRunner:
         """Prefix keys/values of the blocks above the layer, h_L at the suffix, initial outputs.
 
         `contexts[j]` are the ids that rows with `batch.ctx == j` begin with: their keys/values
-        are computed once and shared; the rest of each prefix runs in groups of similar length.
+        are computed once and lent to those rows, so the prefix pass runs each row's own tokens only.
         """
         self.batch, self.P = batch, P
         if not self.fast:
             self._h0 = self._generic(batch, None)[1]
             return
-        B, S, d = batch.ids.shape[0], batch.ids.shape[1] - P, self.model.config.hidden_size
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._hL = torch.empty(B, S, d, device=batch.ids.device)
-        self._h0 = torch.empty(B, batch.tcol.shape[1], d, device=batch.ids.device)
+        dev = batch.ids.device
         ctx = batch.ctx if contexts else torch.full_like(batch.ctx, -1)
-        cols = torch.arange(P, device=batch.ids.device)
-        for c in ctx.unique().tolist():
-            members = torch.nonzero(ctx == c)[:, 0]
-            shared = self._context_kv(contexts[c]) if c >= 0 else {}
-            n_ctx = len(contexts[c]) if c >= 0 else 0
-            own_len = batch.mask[members, :P].sum(1) - n_ctx
-            own = cols[None] >= P - own_len[:, None]  # the prefix columns not covered by the context
-            for sub, cut in prefix_groups(own):
-                self._prefix_group(members[sub], own[sub], own_len[sub], cut, shared, n_ctx)
+        shared = {c: self._context_kv(contexts[c]) for c in ctx.unique().tolist() if c >= 0}
+        n_ctx = torch.tensor([len(contexts[c]) if c >= 0 else 0 for c in ctx.tolist()], device=dev)
+        own_len = batch.mask[:, :P].sum(1) - n_ctx
+        C, cut = int(n_ctx.max()), P - int(own_len.max())
+        own = torch.arange(P, device=dev)[None] >= P - own_len[:, None]  # prefix columns not in the context
+        ctx_cols = torch.arange(C, device=dev)[None] >= C - n_ctx[:, None]  # contexts right-aligned in C columns
+        mask = torch.cat([ctx_cols, own[:, cut:], batch.mask[:, P:]], 1)
+        rec = PrefixKV(self._lent_kv(shared, ctx, C), record_upto=P - cut)
+        emb = get_module(self.model, self.arch.embed)(batch.ids[:, cut:])
+        h = self._blocks(emb, batch.pos[:, cut:], additive_mask(mask, C, emb.dtype), rec, range(len(self.blocks)),
+                         capture=self.layer)
+        self._hL = self._captured[:, P - cut :]
+        self._h0 = self._gather(get_module(self.model, self.arch.final_norm)(h[:, P - cut :]), batch)
+        self.kv = {}
+        for layer, (k, v) in rec.recorded.items():
+            if layer <= self.layer:  # run() replays only the blocks above the edited layer
+                continue
+            K = k.new_zeros(k.shape[0], k.shape[1], P, k.shape[3])
+            V = torch.zeros_like(K)
+            K[:, :, cut:], V[:, :, cut:] = k, v
+            for c, kv in shared.items():  # each row's context sits just before its own prefix tokens
+                rows = torch.nonzero(ctx == c)[:, 0]
+                n = kv[layer][0].shape[2]
+                cols = (P - own_len[rows] - n)[:, None] + torch.arange(n, device=dev)
+                K[rows[:, None], :, cols] = kv[layer][0][0].transpose(0, 1)
+                V[rows[:, None], :, cols] = kv[layer][1][0].transpose(0, 1)
+            self.kv[layer] = (K, V)
 
     def _context_kv(self, ids: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Every block's keys/values of one shared context (1, heads, n, head_dim)."""
@@ -160,28 +167,19 @@ class SuffixRunner:
                      range(len(self.blocks)))
         return rec.recorded
 
-    def _prefix_group(self, rows, own, own_len, cut: int, shared: dict, n_ctx: int) -> None:
-        """Run `rows` from column `cut` (after their shared context) and store what `run` needs."""
-        b, P, n = self.batch, self.P, len(rows)
-        mask = torch.cat([own[:, cut:], b.mask[rows, P:]], 1)
-        mask = torch.cat([mask.new_ones(n, n_ctx), mask], 1)
-        kv = {l: (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for l, (k, v) in shared.items()}
-        rec = PrefixKV(kv, record_upto=P - cut)
-        emb = get_module(self.model, self.arch.embed)(b.ids[rows, cut:])
-        h = self._blocks(emb, b.pos[rows, cut:], additive_mask(mask, n_ctx, emb.dtype), rec, range(len(self.blocks)),
-                         capture=self.layer)
-        self._hL[rows] = self._captured[:, P - cut :]
-        self._h0[rows] = self._gather(get_module(self.model, self.arch.final_norm)(h[:, P - cut :]), b.select(rows))
-        ctx_cols = (P - own_len - n_ctx)[:, None] + torch.arange(n_ctx, device=rows.device)
-        for layer, (k, v) in rec.recorded.items():
-            if layer <= self.layer:  # run() replays only the blocks above the edited layer
-                continue
-            K, V = self.kv.setdefault(layer, (k.new_zeros(len(b.req), k.shape[1], P, k.shape[3]),
-                                              v.new_zeros(len(b.req), v.shape[1], P, v.shape[3])))
-            K[rows, :, cut:], V[rows, :, cut:] = k, v
-            if n_ctx:
-                K[rows[:, None], :, ctx_cols] = shared[layer][0][0].transpose(0, 1)
-                V[rows[:, None], :, ctx_cols] = shared[layer][1][0].transpose(0, 1)
+    @staticmethod
+    def _lent_kv(shared: dict, ctx: torch.Tensor, C: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per block, (B, heads, C, head_dim) keys/values: each row's context right-aligned, zeros elsewhere."""
+        out = {}
+        for c, kv in shared.items():
+            rows = torch.nonzero(ctx == c)[:, 0]
+            for layer, (k, v) in kv.items():
+                if layer not in out:
+                    shape = (len(ctx), k.shape[1], C, k.shape[3])
+                    out[layer] = (k.new_zeros(shape), v.new_zeros(shape))
+                out[layer][0][rows, :, C - k.shape[2] :] = k
+                out[layer][1][rows, :, C - k.shape[2] :] = v
+        return out
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (edits still optimising)."""

@@ -11,7 +11,7 @@ from editors.keys import FullForwardKeys, LayerwiseKeys
 from editors.prompts import EditRequest, context_ids, key_rows, value_rows
 from editors.registry import make_editor
 from editors.state import EditorState
-from editors.values import SuffixRunner, make_batch, prefix_groups
+from editors.values import SuffixRunner, make_batch
 
 CORPUS = "The quick brown fox jumps over the lazy dog. Paris is the capital of France. " * 60
 REQUESTS = [EditRequest("{} is located in", "Eiffel Tower", "Rome"), EditRequest("The capital of {} is", "France", "Lyon")]
@@ -106,7 +106,6 @@ def test_fast_suffix_path_equals_full_forward(tiny_llama, tok):
     templates = ["Hello there, a longer context prefix than the others. {}", "A. {}"]
     rows = value_rows(tok, REQUESTS, templates)
     batch, P = make_batch(rows, 0, "cpu")
-    assert len(prefix_groups(batch.mask[:, :P])) >= 2  # the prefix pass runs in groups that skip padding
     assert set(batch.ctx.tolist()) == {-1, 0, 1}  # and computes each shared context once
     delta = torch.randn(len(rows), tiny_llama.config.hidden_size)
     outs = []
