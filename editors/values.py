@@ -21,7 +21,7 @@ from editors.prompts import PromptRow
 
 class PrefixKV:
     """Duck-typed KV cache: prepends each layer's fixed prefix keys/values and never grows;
-    with `record_upto`, also keeps the first `record_upto` columns of the new ones (`recorded`)."""
+    with `record_upto`, also keeps the first `record_upto` columns of the result (`recorded`)."""
 
     def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, record_upto: int = 0):
         self.kv = kv if kv is not None else {}
@@ -29,11 +29,11 @@ class PrefixKV:
         self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, k, v, layer_idx, *args, **kwargs):
-        if self.record_upto:
-            self.recorded[layer_idx] = (k[:, :, : self.record_upto].detach(), v[:, :, : self.record_upto].detach())
         if layer_idx in self.kv:
             pk, pv = self.kv[layer_idx]
-            return torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+        if self.record_upto:
+            self.recorded[layer_idx] = (k[:, :, : self.record_upto].detach(), v[:, :, : self.record_upto].detach())
         return k, v
 
 
@@ -135,26 +135,15 @@ class SuffixRunner:
         own = torch.arange(P, device=dev)[None] >= P - own_len[:, None]  # prefix columns not in the context
         ctx_cols = torch.arange(C, device=dev)[None] >= C - n_ctx[:, None]  # contexts right-aligned in C columns
         mask = torch.cat([ctx_cols, own[:, cut:], batch.mask[:, P:]], 1)
-        rec = PrefixKV(self._lent_kv(shared, ctx, C), record_upto=P - cut)
+        rec = PrefixKV(self._lent_kv(shared, ctx, C), record_upto=C + P - cut)
         emb = get_module(self.model, self.arch.embed)(batch.ids[:, cut:])
         h = self._blocks(emb, batch.pos[:, cut:], additive_mask(mask, C, emb.dtype), rec, range(len(self.blocks)),
                          capture=self.layer)
         self._hL = self._captured[:, P - cut :]
         self._h0 = self._gather(get_module(self.model, self.arch.final_norm)(h[:, P - cut :]), batch)
-        self.kv = {}
-        for layer, (k, v) in rec.recorded.items():
-            if layer <= self.layer:  # run() replays only the blocks above the edited layer
-                continue
-            K = k.new_zeros(k.shape[0], k.shape[1], P, k.shape[3])
-            V = torch.zeros_like(K)
-            K[:, :, cut:], V[:, :, cut:] = k, v
-            for c, kv in shared.items():  # each row's context sits just before its own prefix tokens
-                rows = torch.nonzero(ctx == c)[:, 0]
-                n = kv[layer][0].shape[2]
-                cols = (P - own_len[rows] - n)[:, None] + torch.arange(n, device=dev)
-                K[rows[:, None], :, cols] = kv[layer][0][0].transpose(0, 1)
-                V[rows[:, None], :, cols] = kv[layer][1][0].transpose(0, 1)
-            self.kv[layer] = (K, V)
+        # run() replays only the blocks above the edited layer, on this layout: lent context | own prefix | suffix
+        self.kv = {layer: kv for layer, kv in rec.recorded.items() if layer > self.layer}
+        self._mask = mask
 
     def _context_kv(self, ids: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Every block's keys/values of one shared context (1, heads, n, head_dim)."""
@@ -185,7 +174,7 @@ class SuffixRunner:
         """Keep only `rows` (edits still optimising)."""
         self.batch = self.batch.select(rows)
         if self.fast:
-            self._hL = self._hL[rows]
+            self._hL, self._mask = self._hL[rows], self._mask[rows]
             self.kv = {l: (k[rows], v[rows]) for l, (k, v) in self.kv.items()}
 
     def h_layer(self) -> torch.Tensor:
@@ -201,7 +190,7 @@ class SuffixRunner:
             return self._generic(b, delta_rows)[1]
         h = self._hL.clone()
         h[:, 0] = h[:, 0] + delta_rows
-        qmask = additive_mask(b.mask, self.P, h.dtype)
+        qmask = additive_mask(self._mask, self._mask.shape[1] - h.shape[1], h.dtype)
         h = self._blocks(h, b.pos[:, self.P :], qmask, PrefixKV(self.kv), range(self.layer + 1, len(self.blocks)))
         n_tok = int(b.mask[:, self.P :].sum())
         self.flops += 2 * 2 * n_tok * self._above_params
