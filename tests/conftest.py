@@ -20,7 +20,6 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 
-
 class ToyEmbedder:
     """Hashed character trigrams: deterministic, no download, same relation text -> same vector."""
 

@@ -37,9 +37,6 @@ def toy_embedder(monkeypatch, shared_home):
         yield
 
 
-
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from conftest import make_tiny_llama, pretrain, toy_tokenizer

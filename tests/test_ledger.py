@@ -19,9 +19,6 @@ from memory.record import FactRecord
 LAYERS = [1, 2]
 
 
-
-
-
 def rand_keys(model, layers, n: int, seed: int) -> dict[int, torch.Tensor]:
     g = torch.Generator().manual_seed(seed + 10_000)
     return {layer: torch.randn(weight_view(model, layer).shape[1], n, generator=g) for layer in layers}

@@ -28,7 +28,6 @@ from test_reliability_support import _patched, one_thread, run, shared_workspace
 log = logging.getLogger(__name__)
 
 
-
 def escaped(field: str) -> str:
     """A field name as one-line error messages show it (control characters escaped)."""
     return field.encode("unicode_escape").decode("ascii")
@@ -286,9 +285,6 @@ def test_valid_records_are_accepted_and_round_trip(subject, before, after, targe
 # ----------------------------------------------------------------------------- hypothesis: rollback
 
 LAYERS = [1, 2]
-
-
-
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

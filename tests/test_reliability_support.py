@@ -34,9 +34,6 @@ def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-
-
-
 def build_workspace(base: Path, home: Path) -> tuple[Path, Path]:
     """(model_dir, workspace) under `base`, made once and reused (marker file `done`)."""
     from conftest import make_tiny_llama, pretrain, toy_tokenizer
