@@ -6,6 +6,11 @@ settings at the price of one batch: for each override the batch is solved, appli
 scored on CounterFact (ES/PS/NS) and the known-fact probes, and reverted.
 
     python -m evaluators.solve_sweep --n 100 --set '[{}, {"alpha": 100}, {"mom2_weight": 10000}]'
+
+With `--entity-keys N`, an override may also carry "entity_weight": beta. The solve then
+preserves C0 + beta * E[k k^T] over the subject keys of N other CounterFact records (taken
+from record `--entity-from` on), i.e. it also protects the keys entities have, not only
+those of running WikiText tokens. Perplexity on the held-out text is reported per row.
 """
 from __future__ import annotations
 
@@ -18,12 +23,21 @@ import torch
 from editors.models import DEFAULT_MODEL, load_model
 from editors.optimise import ValueResult, optimise_values
 from editors.registry import make_editor
+from editors.stats import LayerStats
 from evaluators import probes
 from evaluators.counterfact import evaluate_counterfact, load_counterfact, to_requests
 
 
-def sweep(model_name: str, facts: str, n: int, method: str, overrides: list[dict]) -> list[dict]:
-    """One row per override: ES, PS, NS, Score, known-fact accuracy, ||Delta||_F per layer."""
+def entity_moments(editor, facts: str, start: int, n: int) -> dict[int, torch.Tensor]:
+    """Per edited layer, E[k k^T] (float64) over the subject keys of records start..start+n."""
+    pool = load_counterfact(facts, start + n)[start:]
+    keys = editor.keys_by_layer(to_requests(pool))
+    return {layer: (k.double() @ k.double().T) / k.shape[1] for layer, k in keys.items()}
+
+
+def sweep(model_name: str, facts: str, n: int, method: str, overrides: list[dict],
+          entity_from: int = 5000, entity_keys: int = 0) -> list[dict]:
+    """One row per override: ES, PS, NS, Score, known-fact accuracy, perplexity, ||Delta||_F per layer."""
     lm = load_model(model_name)
     records = load_counterfact(facts, n)
     requests = to_requests(records)
@@ -32,19 +46,27 @@ def sweep(model_name: str, facts: str, n: int, method: str, overrides: list[dict
     values = optimise_values(lm.model, lm.tok, requests, base.state.context_templates, base.hp)
     click.echo(f"target values for {n} edits: {time.perf_counter() - t:.0f} s, mean steps "
                f"{sum(values.steps) / n:.2f}", err=True)
+    entity = entity_moments(base, facts, entity_from, entity_keys) if entity_keys else {}
     rows = []
     for override in overrides:
+        override = dict(override)
+        beta = override.pop("entity_weight", 0.0)
+        if beta and not entity:
+            raise click.UsageError("entity_weight needs --entity-keys N")
         editor = make_editor(method, lm.model, lm.tok, state=base.state, **override)
+        if beta:
+            editor.stats = {l: LayerStats(l, s.mom2 + beta * entity[l], s.count) for l, s in editor.stats.items()}
         result = editor.solve_values(requests, values)
         result.delta.apply(lm.model)
         try:
             cf = evaluate_counterfact(lm.model, lm.tok, records, progress=False)
             known = probes.known_fact_accuracy(lm.model, lm.tok)
+            ppl = probes.perplexity(lm.model, lm.tok)
         finally:
             result.delta.revert(lm.model)
         fro = [float(torch.linalg.matrix_norm(d.u @ d.v.T)) for d in result.delta.layers]
-        rows.append({"override": override, "es": cf.es, "ps": cf.ps, "ns": cf.ns, "score": cf.score,
-                     "known_acc": known, "delta_fro": fro})
+        rows.append({"override": override, "entity_weight": beta, "es": cf.es, "ps": cf.ps, "ns": cf.ns,
+                     "score": cf.score, "known_acc": known, "ppl": ppl, "delta_fro": fro})
         click.echo(json.dumps(rows[-1]))
     return rows
 
@@ -55,9 +77,11 @@ def sweep(model_name: str, facts: str, n: int, method: str, overrides: list[dict
 @click.option("--method", default="encore", help="Editor whose defaults the overrides modify.")
 @click.option("--model", "model_name", default=DEFAULT_MODEL, help="Model alias, directory or hub name.")
 @click.option("--set", "overrides", default="[{}]", help="JSON list of hyperparameter overrides.")
-def main(facts: str, n: int, method: str, model_name: str, overrides: str) -> None:
+@click.option("--entity-keys", default=0, help="Subject keys of this many other records for \"entity_weight\".")
+@click.option("--entity-from", default=5000, help="First record of the entity-key pool.")
+def main(facts: str, n: int, method: str, model_name: str, overrides: str, entity_keys: int, entity_from: int) -> None:
     """Solve one batch of fixed target values under several hyperparameter overrides."""
-    sweep(model_name, facts, n, method, json.loads(overrides))
+    sweep(model_name, facts, n, method, json.loads(overrides), entity_from, entity_keys)
 
 
 if __name__ == "__main__":
