@@ -44,7 +44,13 @@ def _per_request(values: torch.Tensor, req: torch.Tensor, n: int) -> torch.Tenso
     return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, req, values)
 
 
-def _losses(runner: SuffixRunner, lm_head: nn.Module, delta, h0, init_kl, n: int, n_prompts: int, hp: EditHParams):
+@dataclass
+class _Reference:
+    kl: torch.Tensor | None = None  # (n, V) log-probs on the KL prompt, read at the first step (delta == 0)
+
+
+def _losses(runner: SuffixRunner, lm_head: nn.Module, delta, h0, ref: _Reference, n: int, n_prompts: int,
+            hp: EditHParams):
     b = runner.batch
     hs = runner.run(delta[b.req])  # (B, T, d)
     logp = F.log_softmax(lm_head(hs[b.tmask]).float(), -1)  # (Npos, V)
@@ -57,7 +63,9 @@ def _losses(runner: SuffixRunner, lm_head: nn.Module, delta, h0, init_kl, n: int
     wrong = _per_request((logp.argmax(-1) != tok).float(), b.req[row], n)
     kl_logp = F.log_softmax(lm_head(hs[b.is_kl, 0]).float(), -1)
     kl_req = b.req[b.is_kl]
-    kl_rows = (kl_logp.exp() * (kl_logp - init_kl[kl_req])).sum(-1)
+    if ref.kl is None:  # delta is still zero: this is the unedited distribution (KL and its gradient are 0)
+        ref.kl = kl_logp.detach()
+    kl_rows = (kl_logp.exp() * (kl_logp - ref.kl[kl_req])).sum(-1)
     kl = _per_request(kl_rows, kl_req, n)
     wd = delta.norm(dim=1) / h0.norm(dim=1) ** 2
     loss = nll + hp.kl_factor * kl + hp.weight_decay * wd
@@ -76,8 +84,7 @@ def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates
     n, n_prompts = len(requests), 1 + len(templates)
     plain = torch.tensor([i * (n_prompts + 1) for i in range(n)], device=device)
     h0 = runner.h_layer()[plain].detach()
-    with torch.no_grad():
-        init_kl = F.log_softmax(lm_head(runner.initial()[batch.is_kl, 0]).float(), -1)
+    ref = _Reference()
     delta = torch.zeros_like(h0, requires_grad=True)
     adam = _Adam(torch.zeros_like(h0), torch.zeros_like(h0), hp.lr)
     steps = torch.zeros(n, dtype=torch.long)
@@ -85,7 +92,7 @@ def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates
     active = torch.arange(n, device=device)
     max_norm = hp.clamp_factor * h0.norm(dim=1)
     for it in range(hp.max_steps):
-        loss, nll, all_top = _losses(runner, lm_head, delta, h0, init_kl, n, n_prompts, hp)
+        loss, nll, all_top = _losses(runner, lm_head, delta, h0, ref, n, n_prompts, hp)
         steps[active.cpu()] += 1
         streak = torch.where(all_top, streak + 1, torch.zeros_like(streak))
         done = streak >= hp.mpes_patience if hp.stop == "mpes" else nll < hp.nll_stop

@@ -100,9 +100,9 @@ def output_tensor(out):
 class SuffixRunner:
     """Runs a chunk's rows with a delta at column P of layer `layer`'s output.
 
-    `precompute` (no grad) records h_L at the suffix columns, the prefix keys/values of
-    every layer above, and the initial hidden states read by the loss. `run(delta_rows)`
-    returns final-norm hidden states at the loss positions (B, T, d).
+    `precompute` (no grad) records h_L at the suffix columns and the prefix keys/values of
+    every layer above. `run(delta_rows)` returns final-norm hidden states at the loss
+    positions (B, T, d); with a zero delta they are the unedited model's.
     """
 
     def __init__(self, model: nn.Module, layer: int):
@@ -117,14 +117,14 @@ class SuffixRunner:
 
     @torch.no_grad()
     def precompute(self, batch: Batch, P: int, contexts: list[list[int]] | None = None) -> None:
-        """Prefix keys/values of the blocks above the layer, h_L at the suffix, initial outputs.
+        """Prefix keys/values of the blocks above the layer, and h_L at the suffix columns.
 
         `contexts[j]` are the ids that rows with `batch.ctx == j` begin with: their keys/values
         are computed once and lent to those rows, so the prefix pass runs each row's own tokens only.
         """
         self.batch, self.P = batch, P
         if not self.fast:
-            self._h0 = self._generic(batch, None)[1]
+            self._generic(batch, None)
             return
         dev = batch.ids.device
         ctx = batch.ctx if contexts else torch.full_like(batch.ctx, -1)
@@ -135,14 +135,19 @@ class SuffixRunner:
         own = torch.arange(P, device=dev)[None] >= P - own_len[:, None]  # prefix columns not in the context
         ctx_cols = torch.arange(C, device=dev)[None] >= C - n_ctx[:, None]  # contexts right-aligned in C columns
         mask = torch.cat([ctx_cols, own[:, cut:], batch.mask[:, P:]], 1)
-        rec = PrefixKV(self._lent_kv(shared, ctx, C), record_upto=C + P - cut)
+        lent = self._lent_kv(shared, ctx, C)
+        rec = PrefixKV(lent, record_upto=C + P - cut)
         emb = get_module(self.model, self.arch.embed)(batch.ids[:, cut:])
-        h = self._blocks(emb, batch.pos[:, cut:], additive_mask(mask, C, emb.dtype), rec, range(len(self.blocks)),
-                         capture=self.layer)
-        self._hL = self._captured[:, P - cut :]
-        self._h0 = self._gather(get_module(self.model, self.arch.final_norm)(h[:, P - cut :]), batch)
+        h = self._blocks(emb, batch.pos[:, cut:], additive_mask(mask, C, emb.dtype), rec, range(self.layer + 1))
+        self._hL = h[:, P - cut :]
+        # above the edited layer only the prefix is fixed: its keys/values are all run() needs there
+        above = range(self.layer + 1, len(self.blocks))
+        if P > cut:
+            self._blocks(h[:, : P - cut], batch.pos[:, cut:P], additive_mask(mask[:, : C + P - cut], C, emb.dtype),
+                         rec, above)
         # run() replays only the blocks above the edited layer, on this layout: lent context | own prefix | suffix
-        self.kv = {layer: kv for layer, kv in rec.recorded.items() if layer > self.layer}
+        self.kv = {layer: rec.recorded.get(layer, lent.get(layer)) for layer in above}
+        self.kv = {layer: kv for layer, kv in self.kv.items() if kv is not None}
         self._mask = mask
 
     def _context_kv(self, ids: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -181,9 +186,6 @@ class SuffixRunner:
         """Layer output at the subject's last token for every row (B, d)."""
         return self._hL[:, 0] if self.fast else self._hLsub
 
-    def initial(self) -> torch.Tensor:
-        return self._h0
-
     def run(self, delta_rows: torch.Tensor) -> torch.Tensor:
         b = self.batch
         if not self.fast:
@@ -196,13 +198,11 @@ class SuffixRunner:
         self.flops += 2 * 2 * n_tok * self._above_params
         return self._gather(get_module(self.model, self.arch.final_norm)(h), b)
 
-    def _blocks(self, h, pos, mask4, kv, idx, capture: int | None = None):
+    def _blocks(self, h, pos, mask4, kv, idx):
         rope = get_module(self.model, self.arch.rotary)(h, pos)
         for i in idx:
             h = output_tensor(self.blocks[i](h, attention_mask=mask4, position_ids=pos, past_key_values=kv,
                                               use_cache=True, position_embeddings=rope))
-            if i == capture:
-                self._captured = h
         return h
 
     def _gather(self, h: torch.Tensor, b: Batch) -> torch.Tensor:

@@ -102,18 +102,24 @@ def test_no_hooks_or_changes_left_after_an_exception(tiny_llama, tok, monkeypatc
     assert all(torch.equal(w0[l], weight_view(tiny_llama, l)) for l in LAYERS)
 
 
-def test_fast_suffix_path_equals_full_forward(tiny_llama, tok):
-    templates = ["Hello there, a longer context prefix than the others. {}", "A. {}"]
-    rows = value_rows(tok, REQUESTS, templates)
+@pytest.mark.parametrize("templates, requests", [
+    (["Hello there, a longer context prefix than the others. {}", "A. {}"], REQUESTS),
+    ([], [EditRequest("{} is located in", "X", "Rome")]),  # no row has a prefix: nothing fixed above the layer
+])
+def test_fast_suffix_path_equals_full_forward(tiny_llama, tok, templates, requests):
+    rows = value_rows(tok, requests, templates)
     batch, P = make_batch(rows, 0, "cpu")
-    assert set(batch.ctx.tolist()) == {-1, 0, 1}  # and computes each shared context once
+    if templates:
+        assert set(batch.ctx.tolist()) == {-1, 0, 1}  # and computes each shared context once
+    else:
+        assert P == 0
     delta = torch.randn(len(rows), tiny_llama.config.hidden_size)
     outs = []
     for fast, contexts in ((True, context_ids(tok, templates)), (True, None), (False, None)):
         runner = SuffixRunner(tiny_llama, 1)
         runner.fast = fast
         runner.precompute(batch, P, contexts)
-        outs.append((runner.run(delta), runner.initial(), runner.h_layer()))
+        outs.append((runner.run(delta), runner.run(torch.zeros_like(delta)), runner.h_layer()))
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert torch.allclose(a, b, atol=1e-5)
