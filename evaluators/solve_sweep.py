@@ -11,6 +11,10 @@ With `--entity-keys N`, an override may also carry "entity_weight": beta. The so
 preserves C0 + beta * E[k k^T] over the subject keys of N other CounterFact records (taken
 from record `--entity-from` on), i.e. it also protects the keys entities have, not only
 those of running WikiText tokens. Perplexity on the held-out text is reported per row.
+
+`--values` overrides the hyperparameters of the value optimisation only (e.g. '{"stop": "nll"}'
+optimises every target value to MEMIT's NLL threshold instead of stopping at MPES), so the same
+solves can be compared on stronger or weaker target values.
 """
 from __future__ import annotations
 
@@ -36,12 +40,12 @@ def entity_moments(editor, facts: str, start: int, n: int) -> dict[int, torch.Te
 
 
 def sweep(model_name: str, facts: str, n: int, method: str, overrides: list[dict],
-          entity_from: int = 5000, entity_keys: int = 0) -> list[dict]:
+          entity_from: int = 5000, entity_keys: int = 0, value_overrides: dict | None = None) -> list[dict]:
     """One row per override: ES, PS, NS, Score, known-fact accuracy, perplexity, ||Delta||_F per layer."""
     lm = load_model(model_name)
     records = load_counterfact(facts, n)
     requests = to_requests(records)
-    base = make_editor(method, lm.model, lm.tok)
+    base = make_editor(method, lm.model, lm.tok, **(value_overrides or {}))
     t = time.perf_counter()
     values = optimise_values(lm.model, lm.tok, requests, base.state.context_templates, base.hp)
     click.echo(f"target values for {n} edits: {time.perf_counter() - t:.0f} s, mean steps "
@@ -79,9 +83,11 @@ def sweep(model_name: str, facts: str, n: int, method: str, overrides: list[dict
 @click.option("--set", "overrides", default="[{}]", help="JSON list of hyperparameter overrides.")
 @click.option("--entity-keys", default=0, help="Subject keys of this many other records for \"entity_weight\".")
 @click.option("--entity-from", default=5000, help="First record of the entity-key pool.")
-def main(facts: str, n: int, method: str, model_name: str, overrides: str, entity_keys: int, entity_from: int) -> None:
+@click.option("--values", "value_overrides", default="{}", help="JSON overrides for the value optimisation only.")
+def main(facts: str, n: int, method: str, model_name: str, overrides: str, entity_keys: int, entity_from: int,
+         value_overrides: str) -> None:
     """Solve one batch of fixed target values under several hyperparameter overrides."""
-    sweep(model_name, facts, n, method, json.loads(overrides), entity_from, entity_keys)
+    sweep(model_name, facts, n, method, json.loads(overrides), entity_from, entity_keys, json.loads(value_overrides))
 
 
 if __name__ == "__main__":
