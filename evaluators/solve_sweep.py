@@ -24,6 +24,7 @@ import time
 import click
 import torch
 
+from editors.hparams import EditHParams
 from editors.models import DEFAULT_MODEL, load_model
 from editors.optimise import ValueResult, optimise_values
 from editors.registry import make_editor
@@ -75,19 +76,41 @@ def sweep(model_name: str, facts: str, n: int, method: str, overrides: list[dict
     return rows
 
 
+def _json_of(kind: type, extra_keys: frozenset = frozenset()):
+    """Click callback: the option as JSON of `kind` (a dict of hyperparameters, or a list of such
+    dicts), checked against EditHParams' fields before the model loads; else a one-line usage error."""
+    known = set(EditHParams.model_fields) | extra_keys
+
+    def parse(ctx, param, text: str):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
+        items = value if kind is list and isinstance(value, list) else [value]
+        if not isinstance(value, kind) or not all(isinstance(d, dict) for d in items):
+            raise click.BadParameter(f"expected a JSON {'list of objects' if kind is list else 'object'}: {text!r}")
+        for d in items:
+            if unknown := sorted(set(d) - known):
+                raise click.BadParameter(f"unknown hyperparameter {unknown[0]!r} in {text!r}")
+        return value
+    return parse
+
+
 @click.command()
 @click.option("--facts", default="../shared/data/counterfact/counterfact-train.json", help="CounterFact JSON file.")
 @click.option("--n", default=100, help="Edits in the one batch.")
 @click.option("--method", default="encore", help="Editor whose defaults the overrides modify.")
 @click.option("--model", "model_name", default=DEFAULT_MODEL, help="Model alias, directory or hub name.")
-@click.option("--set", "overrides", default="[{}]", help="JSON list of hyperparameter overrides.")
+@click.option("--set", "overrides", default="[{}]", callback=_json_of(list, frozenset({"entity_weight"})),
+              help="JSON list of hyperparameter overrides.")
 @click.option("--entity-keys", default=0, help="Subject keys of this many other records for \"entity_weight\".")
 @click.option("--entity-from", default=5000, help="First record of the entity-key pool.")
-@click.option("--values", "value_overrides", default="{}", help="JSON overrides for the value optimisation only.")
-def main(facts: str, n: int, method: str, model_name: str, overrides: str, entity_keys: int, entity_from: int,
-         value_overrides: str) -> None:
+@click.option("--values", "value_overrides", default="{}", callback=_json_of(dict),
+              help="JSON overrides for the value optimisation only.")
+def main(facts: str, n: int, method: str, model_name: str, overrides: list, entity_keys: int, entity_from: int,
+         value_overrides: dict) -> None:
     """Solve one batch of fixed target values under several hyperparameter overrides."""
-    sweep(model_name, facts, n, method, json.loads(overrides), entity_from, entity_keys, json.loads(value_overrides))
+    sweep(model_name, facts, n, method, overrides, entity_from, entity_keys, value_overrides)
 
 
 if __name__ == "__main__":

@@ -227,6 +227,23 @@ def test_probe_file_parses_and_never_uses_train_cases():
     assert not train_ids & {f.case_id for f in facts}
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--values", "nll"], "not JSON"),
+    (["--set", "{}"], "expected a JSON list of objects"),
+    (["--values", '{"stp": "nll"}'], "unknown hyperparameter 'stp'"),
+    (["--set", '[{"entity_weight": 1}, {"alfa": 1}]'], "unknown hyperparameter 'alfa'"),
+])
+def test_solve_sweep_rejects_bad_overrides_before_loading_a_model(args, message, monkeypatch):
+    from click.testing import CliRunner
+
+    from evaluators import solve_sweep
+
+    monkeypatch.setattr(solve_sweep, "load_model", lambda *a, **k: pytest.fail("model loaded for bad input"))
+    result = CliRunner().invoke(solve_sweep.main, args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """The embedded model, cached in a temp KAGENT_HOME for this module."""
