@@ -122,6 +122,10 @@ class FactMemory:
             self._idx, self._ids = loaded, self.ledger.fact_ids()
         return self._idx
 
+    def release_index(self) -> None:
+        """Let go of the in-memory index; it is saved on disk and loaded again on next use."""
+        self._idx, self._ids = None, []
+
     def sync(self) -> faiss.Index:
         """The index, rebuilt if the ledger gained facts behind the memory's back."""
         idx = self.index()

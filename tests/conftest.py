@@ -6,11 +6,13 @@ embedded model can ask for `user_cache`: the user's dequantised SmolLM2 and cova
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import string
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import platformdirs
@@ -56,6 +58,17 @@ def rand_delta(model, layers, seed: int, rank: int = 2):
         o, i = weight_view(model, layer).shape
         out.append(LayerDelta(layer, 0.05 * torch.randn(o, rank, generator=g), torch.randn(i, rank, generator=g)))
     return EditDelta(out)
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """A script of scripts/ (not an installed package) imported from its file, as `python scripts/NAME.py` runs it."""
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 CHARS = string.ascii_letters + string.digits + " .,:;!?'\"-()"

@@ -236,8 +236,9 @@ def test_probe_file_parses_and_never_uses_train_cases():
 def test_solve_sweep_rejects_bad_overrides_before_loading_a_model(args, message, monkeypatch):
     from click.testing import CliRunner
 
-    from evaluators import solve_sweep
+    from conftest import load_script
 
+    solve_sweep = load_script("solve_sweep")
     monkeypatch.setattr(solve_sweep, "load_model", lambda *a, **k: pytest.fail("model loaded for bad input"))
     result = CliRunner().invoke(solve_sweep.main, args)
     assert result.exit_code == 2

@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_tiny_llama, rand_delta
+from conftest import load_script, make_tiny_llama, rand_delta
 from editors.arch import weight_view
 from memory.ledger import Ledger
 from memory.record import BadRecord, FactRecord, parse_line
@@ -325,7 +325,7 @@ def test_rollback_of_j_of_k_batches_equals_applying_k_minus_j(tmp_path_factory, 
 
 
 # ----------------------------------------------------------------------------- long feeds: bounded memory
-# The figures (10,000 vs 100,000 lines) are from `python -m evaluators.feedbench`; these check the behaviour.
+# The figures (10,000 vs 100,000 lines) are from `python scripts/feedbench.py`; these check the behaviour.
 
 
 def test_the_follower_streams_a_long_feed_instead_of_reading_it_whole(tmp_path):
@@ -380,9 +380,11 @@ def test_rejected_lines_do_not_keep_their_chunk_alive():
 
 
 def test_the_feed_benchmark_counts_its_feed(tmp_path):
-    """`python -m evaluators.feedbench` on a small feed, in-process: both stages see every line, agree on the bad
+    """`python scripts/feedbench.py` on a small feed, in-process: both stages see every line, agree on the bad
     ones, and the index holds exactly the new facts (the figures themselves are in RELIABILITY.md)."""
-    from evaluators.feedbench import feed_line, feed_line_fact, run_stage, write_feed
+    feedbench = load_script("feedbench")
+    feed_line, feed_line_fact, run_stage, write_feed = (feedbench.feed_line, feedbench.feed_line_fact,
+                                                        feedbench.run_stage, feedbench.write_feed)
 
     feed = tmp_path / "feed.jsonl"
     write_feed(feed, 600)

@@ -5,7 +5,7 @@ the trade-off those set (efficacy against collateral damage) can be measured for
 settings at the price of one batch: for each override the batch is solved, applied,
 scored on CounterFact (ES/PS/NS) and the known-fact probes, and reverted.
 
-    python -m evaluators.solve_sweep --n 100 --set '[{}, {"alpha": 100}, {"mom2_weight": 10000}]'
+    python scripts/solve_sweep.py --n 100 --set '[{}, {"alpha": 100}, {"mom2_weight": 10000}]'
 
 With `--entity-keys N`, an override may also carry "entity_weight": beta. The solve then
 preserves C0 + beta * E[k k^T] over the subject keys of N other CounterFact records (taken
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import click
 import torch
@@ -31,6 +32,9 @@ from editors.registry import make_editor
 from editors.stats import LayerStats
 from evaluators import probes
 from evaluators.counterfact import evaluate_counterfact, load_counterfact, to_requests
+
+# the data sets live in shared/ beside the repository (../shared from its root), wherever this runs from
+DEFAULT_FACTS = Path(__file__).resolve().parent.parent.parent / "shared/data/counterfact/counterfact-train.json"
 
 
 def entity_moments(editor, facts: str, start: int, n: int) -> dict[int, torch.Tensor]:
@@ -97,7 +101,7 @@ def _json_of(kind: type, extra_keys: frozenset = frozenset()):
 
 
 @click.command()
-@click.option("--facts", default="../shared/data/counterfact/counterfact-train.json", help="CounterFact JSON file.")
+@click.option("--facts", default=str(DEFAULT_FACTS), show_default=True, help="CounterFact JSON file.")
 @click.option("--n", default=100, help="Edits in the one batch.")
 @click.option("--method", default="encore", help="Editor whose defaults the overrides modify.")
 @click.option("--model", "model_name", default=DEFAULT_MODEL, help="Model alias, directory or hub name.")

@@ -11,7 +11,7 @@ legitimately change a probe. The first `--keep` hits in val order are written, o
 line: {"prompt", "subject", "target", "case_id", "source"}; a sibling known_facts.meta.json
 records how many records were scanned and the yield.
 
-Run: python -m evaluators.build_probes --val ../shared/data/counterfact/counterfact-val.json \
+Run: python scripts/build_probes.py --val ../shared/data/counterfact/counterfact-val.json \
          --train ../shared/data/counterfact/counterfact-train.json
 """
 from __future__ import annotations
@@ -32,8 +32,9 @@ from evaluators.scoring import greedy_matches
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "counterfact"
-OUT_DIR = Path(__file__).resolve().parent / "data"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "counterfact"  # shared/ beside the repository
+OUT_DIR = REPO / "evaluators" / "data"
 MAX_PROMPT_CHARS = 80  # longer (generation-style) rephrase prompts are skipped: slow to score, rarely answered
 
 

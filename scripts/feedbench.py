@@ -1,7 +1,7 @@
 """Feed ingestion memory benchmark: does reading a long feed keep memory bounded?
 
-    python -m evaluators.feedbench --lines 10000,100000 [--stage read,intake] [--distinct N] [--tracemalloc]
-                                   [--json out.json]
+    python scripts/feedbench.py --lines 10000,100000 [--stage read,intake] [--distinct N] [--tracemalloc]
+                                [--json out.json]
 
 For each line count a feed is generated (about 90% new facts, 4% re-sent duplicates, 3% updates of an earlier
 subject, 3% bad lines of several kinds) and each stage runs in a fresh child process, so peak RSS belongs to that
@@ -162,7 +162,7 @@ def run_stage(stage: str, feed: Path, work: Path, trace: bool = False) -> dict:
         index = memory.index()
         out |= {"index_vectors": index.ntotal, "index_mb": round(len(faiss.serialize_index(index)) / 2**20, 1),
                 "ledger_db_mb": round((work / "ledger" / "ledger.db").stat().st_size / 2**20, 1)}
-        memory._idx, memory._ids = None, []  # what is left once the index is let go
+        memory.release_index()  # what is left once the index is let go
         del index
         ledger.close()
         gc.collect()
@@ -194,9 +194,8 @@ def measure(lines: int, stage: str, tmp: Path, distinct: int | None = None, trac
 
 def _child(stage: str, feed: Path, work: Path, trace: str) -> dict:
     work.mkdir()
-    cmd = [sys.executable, "-m", "evaluators.feedbench", "--child", stage, str(feed), str(work), trace]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
-                         cwd=Path(__file__).resolve().parent.parent)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", stage, str(feed), str(work), trace]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     if res.returncode != 0:
         raise RuntimeError(f"{stage} on {feed.name} failed: {res.stderr.strip().splitlines()[-1:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -215,7 +214,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m evaluators.feedbench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python scripts/feedbench.py", description=__doc__.splitlines()[0])
     ap.add_argument("--lines", default="10000,100000", help="comma-separated feed lengths")
     ap.add_argument("--stage", default=",".join(STAGES), help="comma-separated stages: read, intake")
     ap.add_argument("--distinct", type=int, help="valid lines are re-sends of this many facts (default: all new)")

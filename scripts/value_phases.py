@@ -5,13 +5,14 @@ optimisation's phases timed by wrapping `SuffixRunner.precompute` (prefix pass, 
 `SuffixRunner.run` (suffix forwards) and `optimise._losses` (forwards + loss); the rest of the
 value time is backward passes and Adam steps. The model is unchanged afterwards.
 
-    python -m evaluators.value_phases --n 64 --value-chunk 16
+    python scripts/value_phases.py --n 64 --value-chunk 16
 """
 from __future__ import annotations
 
 import json
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
@@ -19,6 +20,9 @@ from editors import optimise, values
 from editors.models import DEFAULT_MODEL, load_model
 from editors.registry import make_editor
 from evaluators.counterfact import load_counterfact, to_requests
+
+# the data sets live in shared/ beside the repository (../shared from its root), wherever this runs from
+DEFAULT_FACTS = Path(__file__).resolve().parent.parent.parent / "shared/data/counterfact/counterfact-train.json"
 
 
 @contextmanager
@@ -57,7 +61,7 @@ def phases(model_name: str, facts: str, n: int, method: str, **overrides) -> dic
 
 
 @click.command()
-@click.option("--facts", default="../shared/data/counterfact/counterfact-train.json", help="CounterFact JSON file.")
+@click.option("--facts", default=str(DEFAULT_FACTS), show_default=True, help="CounterFact JSON file.")
 @click.option("--n", default=64, help="Edits in the one batch.")
 @click.option("--method", default="encore", help="Editor to time.")
 @click.option("--model", "model_name", default=DEFAULT_MODEL, help="Model alias, directory or hub name.")
