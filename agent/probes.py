@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from editors.corpus import heldout_text
 from editors.prompts import EditRequest
 from evaluators import probes
-from evaluators.corpus import heldout_text
 from evaluators.probes import KnownFact
 from memory.record import FactRecord
 

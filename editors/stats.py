@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from editors.arch import get_module, module_name
+from editors.corpus import stats_text
 from editors.hooks import StopForward, forward_pre_hook
 from editors.models import cache_dir, fingerprint
 
@@ -100,7 +101,5 @@ def layer_stats(model: nn.Module, tok, layers: list[int], text: str, n_tokens: i
 
 
 def default_corpus() -> str:
-    """The shipped statistics corpus (part of WikiText-2; see evaluators/data/ATTRIBUTION.md)."""
-    from evaluators.corpus import stats_text
-
+    """The shipped statistics corpus (part of WikiText-2; see editors/data/ATTRIBUTION.md)."""
     return stats_text()

@@ -1,8 +1,7 @@
 """Evaluators: how well edits took and what they cost the model.
 
-- `corpus`: the shipped WikiText-2 text, split into a statistics part and a held-out part;
 - `scoring`: batched target NLL, teacher-forced argmax and greedy answers (shared by all metrics);
 - `counterfact` / `zsre`: edit benchmarks (ES / PS / NS / Score; token accuracy and locality);
-- `probes`: held-out perplexity, known-fact accuracy on the shipped probe set, retention of edits;
+- `probes`: held-out perplexity (on `editors.corpus`' held-out text), known-fact accuracy on the shipped probe set, retention of edits;
 - `norms`: per-layer weight norm growth of the edited modules.
 """

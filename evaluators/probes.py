@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -17,8 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from editors.corpus import heldout_text
 from editors.prompts import EditRequest
-from evaluators.corpus import data_path
 from evaluators.scoring import DEFAULT_BATCH, greedy_matches, hidden_states, model_device, pad_id_of
 
 KNOWN_FACTS_FILE = "known_facts.jsonl"
@@ -35,7 +36,8 @@ class KnownFact(BaseModel):
 
 def load_known_facts(path: str | Path | None = None) -> list[KnownFact]:
     """The probe set: the shipped file by default, else the JSONL file at `path`."""
-    text = Path(path).read_text(encoding="utf-8") if path else data_path(KNOWN_FACTS_FILE).read_text(encoding="utf-8")
+    shipped = files("evaluators") / "data" / KNOWN_FACTS_FILE
+    text = (Path(path) if path else shipped).read_text(encoding="utf-8")
     return [KnownFact.model_validate_json(line) for line in text.splitlines() if line.strip()]
 
 
@@ -126,8 +128,6 @@ def perplexity(model: nn.Module, tok: PreTrainedTokenizerBase, text: str | None 
     context); windows run `batch_size` at a time and every token after the first is scored once.
     """
     if text is None:
-        from evaluators.corpus import heldout_text
-
         text = heldout_text()
     stream = torch.tensor(tok(text, add_special_tokens=False).input_ids[:max_tokens], dtype=torch.long)
     if len(stream) < 2:

@@ -92,7 +92,7 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 def pretrain(model, tok, steps: int = 40):
     """A few Adam steps of character-level LM on the shipped corpus, so perplexity means something."""
-    from evaluators.corpus import stats_text
+    from editors.corpus import stats_text
 
     data = torch.tensor(tok(stats_text()[:20000]).input_ids)
     gen = torch.Generator().manual_seed(0)

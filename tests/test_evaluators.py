@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from editors import corpus
 from editors.arch import weight_view
 from editors.prompts import EditRequest
-from evaluators import corpus
 from evaluators.counterfact import CounterFactRecord, evaluate_counterfact, harmonic_mean, result_from_nll, to_requests
 from evaluators.norms import layer_norms, norm_growth, snapshot
 from evaluators.probes import KnownFact, known_fact_accuracy, load_known_facts, perplexity, retention, windows

@@ -1,8 +1,9 @@
 """The shipped text corpus: WikiText-2 (test split, raw), cut at an article boundary.
 
 The first ~80 % of the articles feed the covariance statistics of the editors; the rest is
-held out for perplexity, so perplexity is never measured on text the statistics have seen.
-Files are read from the installed package (importlib.resources), never from the cwd.
+held out for perplexity (evaluators and the agent's probes read it from here), so perplexity
+is never measured on text the statistics have seen. The file ships in editors/data/ (see its
+ATTRIBUTION.md) and is read from the installed package (importlib.resources), never from the cwd.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ _ARTICLE_HEADING = re.compile(r"^ = [^=].* = $", re.MULTILINE)  # level-1 headin
 
 
 def data_path(name: str) -> Traversable:
-    """A file shipped in evaluators/data/."""
-    return files("evaluators") / "data" / name
+    """A file shipped in editors/data/."""
+    return files("editors") / "data" / name
 
 
 def corpus_bytes() -> bytes:
