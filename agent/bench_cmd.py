@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from editors.registry import METHODS
+
 
 def _overrides(pairs: tuple[str, ...]) -> dict:
     out = {}
@@ -20,12 +22,21 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
     return out
 
 
+def _methods(_ctx, _param, text: str) -> list[str]:
+    """--methods as a list of registered method names; an unknown one is a usage error before anything loads."""
+    try:
+        return [METHODS.get(name).name for name in text.split(",")]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command()
 @click.option("--facts", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="CounterFact or zsRE JSON file.")
 @click.option("--format", "fmt", type=click.Choice(["counterfact", "zsre"]), default="counterfact", show_default=True)
 @click.option("--n", type=int, default=100, show_default=True, help="Edit the first N records.")
 @click.option("--batch-size", type=int, default=100, show_default=True)
-@click.option("--methods", default="encore,memit,alphaedit", show_default=True, help="Comma-separated editors.")
+@click.option("--methods", default=",".join(METHODS.names()), show_default=True, callback=_methods,
+              help="Comma-separated editors.")
 @click.option("--model", default="smollm2-135m", show_default=True, help="Alias, local HF dir or hub name.")
 @click.option("--device", default=None, help="torch device (default: CUDA when available).")
 @click.option("--order", type=click.Choice(["arrival", "random", "cluster"]), default="arrival", show_default=True)
@@ -35,7 +46,7 @@ def bench(facts, fmt, n, batch_size, methods, model, device, order, sets, json_o
     """Benchmark editors on sequential edits: quality, side effects and speed."""
     from evaluators.bench import BenchConfig, run_bench, table
 
-    cfg = BenchConfig(facts=facts, format=fmt, n=n, batch_size=batch_size, methods=methods.split(","), model=model,
+    cfg = BenchConfig(facts=facts, format=fmt, n=n, batch_size=batch_size, methods=methods, model=model,
                       device=device, order=order, overrides=_overrides(sets))
     rows = run_bench(cfg)
     click.echo(table(rows))
@@ -46,7 +57,8 @@ def bench(facts, fmt, n, batch_size, methods, model, device, order, sets, json_o
 
 @click.command()
 @click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--method", default="encore", show_default=True, help="Whose default layers to use.")
+@click.option("--method", default="encore", show_default=True, type=click.Choice(METHODS.names()),
+              help="Whose default layers to use.")
 @click.option("--layers", default=None, help="Comma-separated layers (default: the method's).")
 @click.option("--tokens", type=int, default=None, help="Corpus tokens (default: the method's).")
 def stats(model, method, layers, tokens) -> None:
@@ -54,8 +66,8 @@ def stats(model, method, layers, tokens) -> None:
     import torch
 
     from editors.arch import n_layers
-    from editors.hparams import hparams_for
     from editors.models import load_model
+    from editors.registry import hparams_for
     from editors.stats import default_corpus, layer_stats
 
     lm = load_model(model)

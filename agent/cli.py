@@ -25,6 +25,7 @@ from agent.session import initialise, open_ledger, open_session
 from agent.workspace import Workspace, WorkspaceError, default_root
 from editors.arch import UnknownArchitecture
 from editors.models import DEFAULT_MODEL, fingerprint, load_model
+from editors.registry import METHODS
 from memory.export import export as export_model
 from memory.ledger import LedgerError, LedgerMismatch
 
@@ -64,7 +65,7 @@ def cli(verbose: int) -> None:
 
 @cli.command()
 @click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help="Embedded alias, local HF dir or hub name")
-@click.option("--method", default="encore", show_default=True, type=click.Choice(["encore", "memit", "alphaedit"]))
+@click.option("--method", default="encore", show_default=True, type=click.Choice(METHODS.names()))
 @click.option("--layers", help="Edited layers, comma-separated [default: the method's choice for the model]")
 @click.option("--stats-tokens", type=click.IntRange(0), default=0, help="Corpus tokens for covariance statistics "
               "[default: the method's]")

@@ -8,9 +8,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from editors.models import DEFAULT_MODEL
+from editors.registry import METHODS
 
 
 class ConfigError(ValueError):
@@ -22,7 +23,7 @@ class AgentConfig(BaseModel):
 
     model: str = Field(DEFAULT_MODEL, description="model to edit: the embedded alias, a local HF directory or a hub name")
     device: str = Field("auto", description="torch device for the model; 'auto' = CUDA when available, else CPU")
-    method: str = Field("encore", description="editing method: encore, memit or alphaedit")
+    method: str = Field("encore", description=f"editing method: {', '.join(METHODS.names())}")
     layers: list[int] = Field(default_factory=list,
                               description="edited layers; empty = the method's default for the model family")
     stats_tokens: int = Field(0, ge=0, description="corpus tokens for covariance statistics; 0 = the method's default")
@@ -46,6 +47,12 @@ class AgentConfig(BaseModel):
                             "({prompt, subject, target, case_id}); empty = the shipped known-fact set")
     retention_sample: int = Field(50, ge=1, description="applied facts sampled for the retention probe")
     seed: int = Field(0, description="random seed for sampling probes and the 'random' order")
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, method: str) -> str:
+        METHODS.get(method)  # an unknown name raises, naming the choices
+        return method
 
     def resolved_device(self) -> str | None:
         return None if self.device == "auto" else self.device

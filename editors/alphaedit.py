@@ -8,10 +8,12 @@ from __future__ import annotations
 import torch
 
 from editors.core import Editor
+from editors.hparams import SMOLLM2
 
 
 class AlphaEdit(Editor):
     name = "alphaedit"
+    families = {"llama": SMOLLM2}
 
     def projection(self, layer: int) -> torch.Tensor:
         if layer not in self.state.projections:

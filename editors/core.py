@@ -54,9 +54,16 @@ def generate_context_templates(model: nn.Module, tok, n: int, length: int, seed:
 
 
 class Editor:
-    """Locate-then-edit on `hparams.layers`; subclasses set the stopping rule and `solve`."""
+    """Locate-then-edit on `hparams.layers`; subclasses set the stopping rule and `solve`.
+
+    A subclass declares its method: `name`, `defaults` (hyperparameters over EditHParams' own, for any model
+    family) and `families` (model_type -> the hyperparameters measured for that family, layers included);
+    `editors.registry.METHODS.register(Subclass)` makes it a method.
+    """
 
     name = "base"
+    defaults: dict = {}
+    families: dict[str, dict] = {}
 
     def __init__(self, model: nn.Module, tok, hparams: EditHParams, stats: dict[int, LayerStats],
                  state: EditorState | None = None):

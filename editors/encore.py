@@ -8,10 +8,13 @@ from __future__ import annotations
 import torch
 
 from editors.core import Editor, cholesky_solve
+from editors.hparams import SMOLLM2
 
 
 class Encore(Editor):
     name = "encore"
+    defaults = {"alpha": 10.0, "stop": "mpes"}
+    families = {"llama": {**SMOLLM2, "lr": 2.0}}  # lr 2.0 halves MPES steps on SmolLM2 (BENCHMARKS.md)
 
     def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         A = self.normal_matrix(layer, K)

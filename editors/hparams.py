@@ -1,8 +1,9 @@
-"""Typed editing hyperparameters and the per-family defaults chosen by measurement.
+"""Typed editing hyperparameters, and the measured settings the methods' defaults build on.
 
-Defaults for a (method, model_type) pair come from DEFAULTS; `hparams_for` fills in a
-depth-scaled layer choice for families nobody has tuned yet. The SmolLM2 sweep that
-chose the llama values is recorded in BENCHMARKS.md.
+Each method declares its own defaults on its Editor class (`defaults`, and `families` per
+`config.model_type`); `editors.registry.hparams_for` merges them over a depth-scaled layer
+choice for families nobody has tuned yet. The SmolLM2 sweep that chose the llama values is
+recorded in BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -31,27 +32,12 @@ class EditHParams(BaseModel):
     value_chunk: int = 16  # edits optimised in one padded batch (32: same speed, +1.2 GB peak RSS; BENCHMARKS.md)
 
 
-_ENCORE = {"stop": "mpes"}
 # llama values measured on SmolLM2-135M (BENCHMARKS.md, "sweep"): lambda 15000 realised only a third
-# of the target residual (ES .56 on 16 edits); 3000 realised 69 % (ES 1.0). lr 2.0 halves MPES steps.
-_SMOL = {"layers": [3, 4, 5, 6, 7], "mom2_weight": 3000.0}
-DEFAULTS: dict[str, dict[str, dict]] = {
-    "memit": {"llama": dict(_SMOL)},
-    "encore": {"llama": {**_SMOL, "alpha": 10.0, "lr": 2.0, **_ENCORE}},
-    "alphaedit": {"llama": dict(_SMOL)},
-}
-_METHOD_BASE = {"memit": {}, "encore": {"alpha": 10.0, **_ENCORE}, "alphaedit": {}}
+# of the target residual (ES .56 on 16 edits); 3000 realised 69 % (ES 1.0).
+SMOLLM2 = {"layers": [3, 4, 5, 6, 7], "mom2_weight": 3000.0}
 
 
 def scaled_layers(n_layers: int) -> list[int]:
     """MEMIT's choice for GPT-J (layers 3-8 of 28) scaled to another depth: five early-middle layers."""
     first = max(1, round(n_layers * 3 / 28))
     return [i for i in range(first, first + 5) if i < n_layers - 1]
-
-
-def hparams_for(method: str, model_type: str, n_layers: int, **overrides) -> EditHParams:
-    """Defaults for `method` on `model_type`, then `overrides` (validated)."""
-    if method not in _METHOD_BASE:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(sorted(_METHOD_BASE))}")
-    values = DEFAULTS[method].get(model_type) or {"layers": scaled_layers(n_layers), **_METHOD_BASE[method]}
-    return EditHParams(**{**values, **overrides})

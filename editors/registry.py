@@ -1,4 +1,10 @@
-"""Method registry and the one call that builds an editor for a model."""
+"""The method registry, and the one call that builds an editor for a model.
+
+A method is declared once, by its Editor subclass (`name`, `defaults`, `families`, `solve`), and
+`METHODS.register(Cls)` is the one line that makes it a method: the CLI's choices, the config's
+validation, the benchmark and the tests read the names from here. A second method of the same
+name is an error.
+"""
 from __future__ import annotations
 
 from torch import nn
@@ -7,20 +13,56 @@ from editors.alphaedit import AlphaEdit
 from editors.arch import arch_of, n_layers
 from editors.core import Editor
 from editors.encore import Encore
-from editors.hparams import EditHParams, hparams_for
+from editors.hparams import EditHParams, scaled_layers
 from editors.memit import Memit
 from editors.state import EditorState
 from editors.stats import default_corpus, layer_stats
 
-METHODS: dict[str, type[Editor]] = {cls.name: cls for cls in (Encore, Memit, AlphaEdit)}
+
+class DuplicateMethod(ValueError):
+    """A method is registered under a name another method already has."""
+
+
+class MethodRegistry:
+    """Editing methods by name, in registration order."""
+
+    def __init__(self) -> None:
+        self._editors: dict[str, type[Editor]] = {}
+
+    def register(self, editor: type[Editor]) -> type[Editor]:
+        if editor.name in self._editors:
+            raise DuplicateMethod(f"method {editor.name!r} is already registered "
+                                  f"(by {self._editors[editor.name].__qualname__})")
+        self._editors[editor.name] = editor
+        return editor
+
+    def names(self) -> list[str]:
+        return list(self._editors)
+
+    def get(self, method: str) -> type[Editor]:
+        if method not in self._editors:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(sorted(self._editors))}")
+        return self._editors[method]
+
+
+METHODS = MethodRegistry()
+METHODS.register(Encore)
+METHODS.register(Memit)
+METHODS.register(AlphaEdit)
+
+
+def hparams_for(method: str, model_type: str, n_layers: int, **overrides) -> EditHParams:
+    """The method's defaults, then its measured values for `model_type` (else scaled layers), then `overrides`."""
+    editor = METHODS.get(method)
+    values = {"layers": scaled_layers(n_layers), **editor.defaults, **editor.families.get(model_type, {})}
+    return EditHParams(**{**values, **overrides})
 
 
 def make_editor(method: str, model: nn.Module, tok, hparams: EditHParams | None = None,
                 state: EditorState | None = None, corpus: str | None = None, **overrides) -> Editor:
     """An editor of `method` for `model`: typed defaults for its family, cached covariance stats."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
+    editor = METHODS.get(method)
     hp = hparams or hparams_for(method, model.config.model_type, n_layers(model), **overrides)
     arch_of(model)
     stats = layer_stats(model, tok, hp.layers, corpus if corpus is not None else default_corpus(), hp.stats_tokens)
-    return METHODS[method](model, tok, hp, stats, state)
+    return editor(model, tok, hp, stats, state)

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from editors.models import DEFAULT_MODEL, load_model
 from editors.prompts import EditRequest
-from editors.registry import make_editor
+from editors.registry import METHODS, make_editor
 from evaluators import counterfact, norms, probes, zsre
 from evaluators.counterfact import harmonic_mean
 
@@ -32,7 +32,7 @@ class BenchConfig(BaseModel):
     format: Literal["counterfact", "zsre"] = "counterfact"  # schema of `facts`
     n: int = 100  # first N records are edited
     batch_size: int = 100  # edits per batch
-    methods: list[str] = ["encore", "memit", "alphaedit"]  # each from the unedited model
+    methods: list[str] = Field(default_factory=METHODS.names)  # each from the unedited model
     model: str = DEFAULT_MODEL  # alias, local dir or hub name
     device: str | None = None  # None = CUDA when available
     order: Literal["arrival", "random", "cluster"] = "arrival"  # batch order (cluster = FAISS k-means)

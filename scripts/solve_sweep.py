@@ -28,7 +28,7 @@ import torch
 from editors.hparams import EditHParams
 from editors.models import DEFAULT_MODEL, load_model
 from editors.optimise import ValueResult, optimise_values
-from editors.registry import make_editor
+from editors.registry import METHODS, make_editor
 from editors.stats import LayerStats
 from evaluators import probes
 from evaluators.counterfact import evaluate_counterfact, load_counterfact, to_requests
@@ -103,7 +103,8 @@ def _json_of(kind: type, extra_keys: frozenset = frozenset()):
 @click.command()
 @click.option("--facts", default=str(DEFAULT_FACTS), show_default=True, help="CounterFact JSON file.")
 @click.option("--n", default=100, help="Edits in the one batch.")
-@click.option("--method", default="encore", help="Editor whose defaults the overrides modify.")
+@click.option("--method", default="encore", type=click.Choice(METHODS.names()),
+              help="Editor whose defaults the overrides modify.")
 @click.option("--model", "model_name", default=DEFAULT_MODEL, help="Model alias, directory or hub name.")
 @click.option("--set", "overrides", default="[{}]", callback=_json_of(list, frozenset({"entity_weight"})),
               help="JSON list of hyperparameter overrides.")

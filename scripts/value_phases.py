@@ -18,7 +18,7 @@ import click
 
 from editors import optimise, values
 from editors.models import DEFAULT_MODEL, load_model
-from editors.registry import make_editor
+from editors.registry import METHODS, make_editor
 from evaluators.counterfact import load_counterfact, to_requests
 
 # the data sets live in shared/ beside the repository (../shared from its root), wherever this runs from
@@ -63,7 +63,7 @@ def phases(model_name: str, facts: str, n: int, method: str, **overrides) -> dic
 @click.command()
 @click.option("--facts", default=str(DEFAULT_FACTS), show_default=True, help="CounterFact JSON file.")
 @click.option("--n", default=64, help="Edits in the one batch.")
-@click.option("--method", default="encore", help="Editor to time.")
+@click.option("--method", default="encore", type=click.Choice(METHODS.names()), help="Editor to time.")
 @click.option("--model", "model_name", default=DEFAULT_MODEL, help="Model alias, directory or hub name.")
 @click.option("--value-chunk", default=16, help="Edits whose values are optimised together.")
 def main(facts: str, n: int, method: str, model_name: str, value_chunk: int) -> None:

@@ -89,6 +89,22 @@ def test_init_writes_a_documented_config_and_baseline(ws):
     assert again.exit_code != 0 and "already exists" in again.output
 
 
+def test_a_mistyped_method_in_the_config_is_a_one_line_error(tmp_path):
+    from agent.config import AgentConfig, ConfigError
+
+    ws = Workspace.create(tmp_path / "ws", AgentConfig())
+    text = ws.config_path.read_text()
+    assert 'method = "encore"' in text
+    ws.config_path.write_text(text.replace('method = "encore"', 'method = "encor"'))
+    with pytest.raises(ConfigError) as err:
+        ws.config()
+    assert "\n" not in str(err.value) and "method" in str(err.value)
+    assert "unknown method 'encor'; choose from alphaedit, encore, memit" in str(err.value)
+    res = run("status", "--workspace", ws.root)
+    assert res.exit_code == 1
+    assert res.output == f"Error: {err.value}\n"
+
+
 def test_watch_once_applies_facts_and_reports_bad_lines(ws, tmp_path):
     feed = tmp_path / "feed.jsonl"
     lines = [fact(s, t) for s, t in zip(SUBJECTS[:4], ["Spain", "Norway", "Chile", "Peru"])]

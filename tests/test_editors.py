@@ -9,7 +9,8 @@ from editors.core import cholesky_solve
 from editors.hparams import EditHParams
 from editors.keys import FullForwardKeys, LayerwiseKeys
 from editors.prompts import EditRequest, context_ids, key_rows, value_rows
-from editors.registry import make_editor
+from editors.memit import Memit
+from editors.registry import METHODS, DuplicateMethod, MethodRegistry, make_editor
 from editors.state import EditorState
 from editors.values import SuffixRunner, make_batch
 
@@ -53,7 +54,7 @@ def test_alpha_term_shrinks_the_update(tiny_llama, tok):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
-@pytest.mark.parametrize("method", ["encore", "memit", "alphaedit"])
+@pytest.mark.parametrize("method", METHODS.names())
 def test_compute_leaves_model_unchanged_and_deltas_are_exact(fixture, method, tok, request):
     model = request.getfixturevalue(fixture)
     ed = editor(method, model, tok)
@@ -170,3 +171,19 @@ def test_unknown_architecture_is_a_clear_error(tiny_llama):
 def test_hparams_are_validated():
     with pytest.raises(ValueError):
         EditHParams(layers=[1], stop="sometimes")
+
+
+def test_a_method_name_is_registered_once():
+    assert METHODS.names() == ["encore", "memit", "alphaedit"]
+
+    class Twin(Memit):
+        pass
+
+    with pytest.raises(DuplicateMethod, match="'memit' is already registered"):
+        METHODS.register(Twin)
+    assert METHODS.get("memit") is Memit
+    fresh = MethodRegistry()
+    fresh.register(Twin)
+    assert fresh.names() == ["memit"] and fresh.get("memit") is Twin
+    with pytest.raises(ValueError, match="unknown method 'memitt'; choose from memit"):
+        fresh.get("memitt")
