@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from editors.arch import arch_of, get_module, layers_of, module_name
+from editors.forward import PrefixKV, additive_mask, output_tensor, run_blocks
 from editors.hooks import StopForward, capture_input, forward_hook
-from editors.values import PrefixKV, additive_mask, output_tensor
 
 
 @dataclass
@@ -67,12 +67,6 @@ class LayerwiseKeys:
                                                 last, ctx))
         self.at = 0  # every stream is at the input of this block
 
-    def _block(self, block: int, h, pos, mask, q_from: int, cache: PrefixKV) -> torch.Tensor:
-        rope = get_module(self.model, self.arch.rotary)(h, pos)
-        mask4 = additive_mask(mask, q_from, h.dtype)
-        return output_tensor(self.blocks[block](h, attention_mask=mask4, position_ids=pos, past_key_values=cache,
-                                                use_cache=True, position_embeddings=rope))
-
     def _context_step(self, ctx: torch.Tensor | None, block: int, n: int) -> tuple[PrefixKV, torch.Tensor | None]:
         """The context's keys/values at `block` for n rows, and its stream after the block."""
         if ctx is None:
@@ -80,14 +74,15 @@ class LayerwiseKeys:
         c = ctx.shape[1]
         rec = PrefixKV(record_upto=c)
         pos = torch.arange(c, device=ctx.device)[None]
-        out = self._block(block, ctx, pos, torch.ones(1, c, dtype=torch.bool, device=ctx.device), 0, rec)
+        mask = torch.ones(1, c, dtype=torch.bool, device=ctx.device)
+        out = run_blocks(self.model, ctx, pos, additive_mask(mask, 0, ctx.dtype), rec, [block])
         k, v = rec.recorded[block]
         return PrefixKV({block: (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))}), out
 
     def _own_step(self, s: _Stream, sel: torch.Tensor, h: torch.Tensor, block: int, cache: PrefixKV) -> torch.Tensor:
         c = 0 if s.ctx is None else s.ctx.shape[1]
         mask = torch.cat([s.mask.new_ones(len(sel), c), s.mask[sel]], 1)
-        return self._block(block, h, s.pos[sel], mask, c, cache)
+        return run_blocks(self.model, h, s.pos[sel], additive_mask(mask, c, h.dtype), cache, [block])
 
     def advance_to(self, layer: int) -> None:
         """Move the streams to the input of block `layer` with the model's current weights."""

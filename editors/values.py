@@ -1,11 +1,13 @@
-"""Target-value optimisation: one residual delta per edit, all edits of a chunk together.
+"""The target-value optimisation's forward: a chunk's prompt rows in one batch, with a delta at each edit.
 
 Each edit gets a vector delta added to the last edited layer's output at its subject's
 last token. All prompt rows of a chunk run in one padded batch per step. Rows are
 aligned so that every suffix starts at the same column: the prefix (unaffected by the
 delta) is computed once without gradient, and each step recomputes only the suffix in
-the layers above the edited one (fast path, rotary decoders), with logits only at the
-positions the loss reads. Finished edits (stopping rule) drop out of the batch.
+the layers above the edited one (fast path, rotary decoders, on editors/forward.py), with
+logits only at the positions the loss reads. The loop that drives it (loss, Adam, stopping
+rules; finished edits drop out of the batch) is editors/optimise.py, which imports this
+module and never the reverse.
 """
 from __future__ import annotations
 
@@ -15,26 +17,9 @@ import torch
 from torch import nn
 
 from editors.arch import arch_of, get_module, layers_of
+from editors.forward import PrefixKV, additive_mask, output_tensor, run_blocks
 from editors.hooks import forward_hook
 from editors.prompts import PromptRow
-
-
-class PrefixKV:
-    """Duck-typed KV cache: prepends each layer's fixed prefix keys/values and never grows;
-    with `record_upto`, also keeps the first `record_upto` columns of the result (`recorded`)."""
-
-    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, record_upto: int = 0):
-        self.kv = kv if kv is not None else {}
-        self.record_upto = record_upto
-        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, k, v, layer_idx, *args, **kwargs):
-        if layer_idx in self.kv:
-            pk, pv = self.kv[layer_idx]
-            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-        if self.record_upto:
-            self.recorded[layer_idx] = (k[:, :, : self.record_upto].detach(), v[:, :, : self.record_upto].detach())
-        return k, v
 
 
 @dataclass
@@ -82,21 +67,6 @@ def make_batch(rows: list[PromptRow], pad_id: int, device) -> tuple[Batch, int]:
     return Batch(*(getattr(batch, f.name).to(device) for f in fields(batch))), P
 
 
-def additive_mask(mask: torch.Tensor, q_from: int, dtype) -> torch.Tensor:
-    """(B, 1, Q, K) additive causal+padding mask for queries at columns q_from.. of `mask`."""
-    K = mask.shape[1]
-    q = torch.arange(q_from, K, device=mask.device)[:, None]
-    k = torch.arange(K, device=mask.device)[None, :]
-    allowed = (k <= q)[None] & mask[:, None, :]
-    allowed |= (k == q)[None]  # a padded query still attends to itself: no NaN rows
-    out = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
-    return out.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def output_tensor(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 class SuffixRunner:
     """Runs a chunk's rows with a delta at column P of layer `layer`'s output.
 
@@ -138,13 +108,14 @@ class SuffixRunner:
         lent = self._lent_kv(shared, ctx, C)
         rec = PrefixKV(lent, record_upto=C + P - cut)
         emb = get_module(self.model, self.arch.embed)(batch.ids[:, cut:])
-        h = self._blocks(emb, batch.pos[:, cut:], additive_mask(mask, C, emb.dtype), rec, range(self.layer + 1))
+        h = run_blocks(self.model, emb, batch.pos[:, cut:], additive_mask(mask, C, emb.dtype), rec,
+                       range(self.layer + 1))
         self._hL = h[:, P - cut :]
         # above the edited layer only the prefix is fixed: its keys/values are all run() needs there
         above = range(self.layer + 1, len(self.blocks))
         if P > cut:
-            self._blocks(h[:, : P - cut], batch.pos[:, cut:P], additive_mask(mask[:, : C + P - cut], C, emb.dtype),
-                         rec, above)
+            prefix_mask = additive_mask(mask[:, : C + P - cut], C, emb.dtype)
+            run_blocks(self.model, h[:, : P - cut], batch.pos[:, cut:P], prefix_mask, rec, above)
         # run() replays only the blocks above the edited layer, on this layout: lent context | own prefix | suffix
         self.kv = {layer: rec.recorded.get(layer, lent.get(layer)) for layer in above}
         self.kv = {layer: kv for layer, kv in self.kv.items() if kv is not None}
@@ -157,8 +128,8 @@ class SuffixRunner:
         rec = PrefixKV(record_upto=len(ids))
         emb = get_module(self.model, self.arch.embed)(t)
         mask = torch.ones_like(t, dtype=torch.bool)
-        self._blocks(emb, torch.arange(len(ids), device=device)[None], additive_mask(mask, 0, emb.dtype), rec,
-                     range(len(self.blocks)))
+        pos = torch.arange(len(ids), device=device)[None]
+        run_blocks(self.model, emb, pos, additive_mask(mask, 0, emb.dtype), rec, range(len(self.blocks)))
         return rec.recorded
 
     @staticmethod
@@ -193,17 +164,11 @@ class SuffixRunner:
         h = self._hL.clone()
         h[:, 0] = h[:, 0] + delta_rows
         qmask = additive_mask(self._mask, self._mask.shape[1] - h.shape[1], h.dtype)
-        h = self._blocks(h, b.pos[:, self.P :], qmask, PrefixKV(self.kv), range(self.layer + 1, len(self.blocks)))
+        h = run_blocks(self.model, h, b.pos[:, self.P :], qmask, PrefixKV(self.kv),
+                       range(self.layer + 1, len(self.blocks)))
         n_tok = int(b.mask[:, self.P :].sum())
         self.flops += 2 * 2 * n_tok * self._above_params
         return self._gather(get_module(self.model, self.arch.final_norm)(h), b)
-
-    def _blocks(self, h, pos, mask4, kv, idx):
-        rope = get_module(self.model, self.arch.rotary)(h, pos)
-        for i in idx:
-            h = output_tensor(self.blocks[i](h, attention_mask=mask4, position_ids=pos, past_key_values=kv,
-                                              use_cache=True, position_embeddings=rope))
-        return h
 
     def _gather(self, h: torch.Tensor, b: Batch) -> torch.Tensor:
         rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(b.tcol)
