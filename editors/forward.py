@@ -55,7 +55,7 @@ def run_blocks(model: nn.Module, h: torch.Tensor, pos: torch.Tensor, mask4: torc
     its keys/values in `cache` (prepended to the queries' own) under the additive mask `mask4` (B, 1, Q, K)."""
     layers = layers_of(model)
     rope = get_module(model, arch_of(model).rotary)(h, pos)
-    for i in blocks:
-        h = output_tensor(layers[i](h, attention_mask=mask4, position_ids=pos, past_key_values=cache,
+    for i in blocks:  # `cache` is the decoder layers' KV-cache argument from transformers 5.24 (pinned in pyproject)
+        h = output_tensor(layers[i](h, attention_mask=mask4, position_ids=pos, cache=cache,
                                     use_cache=True, position_embeddings=rope))
     return h
