@@ -1,13 +1,9 @@
 """The edit ledger: what was changed in the model, when, why, and how to undo it exactly.
 
 SQLite (WAL) holds facts, batches, per-layer edits, metrics, probe results, events and feed
-offsets; the schema is created and upgraded by the named `MIGRATIONS`, applied when the
-ledger opens. Tensors live beside the database, named by content hash:
-
-    <root>/ledger.db
-    <root>/deltas/<hash>.safetensors   low-rank factors of one batch (EditDelta)
-    <root>/keys/<hash>.safetensors     the batch's keys K per layer (its share of editor state: K K^T)
-    <root>/base/<hash>.safetensors     base weights of an edited layer, stored once
+offsets; its schema is memory/migrations.py, applied when the ledger opens. Tensors (each batch's
+delta and keys, the base copies of edited layers) are content-addressed files beside the database,
+kept by memory/blobs.py.
 
 The model in use is always base weights + committed deltas, in commit order. A batch commits
 atomically: files are written first (temp + rename), then one DB transaction; a crash in
@@ -17,10 +13,8 @@ replays the later ones through a caller-supplied `recompute`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -29,27 +23,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from editors.arch import weight_view
 from editors.delta import EditDelta
 from editors.models import fingerprint, kagent_home
+from memory.blobs import (FINGERPRINT_RTOL, BlobStore, LedgerError, LedgerMismatch, fingerprints_match, hash_tensors,
+                          keys_from_tensors, keys_tensors, layer_fingerprint)
+from memory.migrations import MIGRATIONS, Migration, applied_names, run_pending
 from memory.record import FactRecord, StoredFact
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_RTOL = 2e-5  # tolerated relative difference of layer fingerprints (device round-off)
 LIVE = ("pending", "applied")  # fact statuses that take part in dedup / supersede
-
-
-class LedgerError(RuntimeError):
-    """A request the ledger cannot honour (unknown batch, wrong status, missing recompute...)."""
-
-
-class LedgerMismatch(LedgerError):
-    """The model or the files disagree with what the ledger recorded."""
 
 
 class KeyState(Protocol):
@@ -59,65 +45,6 @@ class KeyState(Protocol):
 
 
 Recompute = Callable[[list[StoredFact]], tuple[EditDelta, dict[int, torch.Tensor]]]
-
-
-# ----------------------------------------------------------------------------- migrations
-
-
-def _run(db: sqlite3.Connection, script: str) -> None:
-    """Run `;`-separated DDL statements inside the caller's transaction (no executescript: it commits)."""
-    for stmt in script.split(";"):
-        if stmt.strip():
-            db.execute(stmt)
-
-
-def _m001_initial(db: sqlite3.Connection) -> None:
-    _run(db, """
-    CREATE TABLE facts (
-        id INTEGER PRIMARY KEY, record TEXT NOT NULL, subject_norm TEXT NOT NULL,
-        template_norm TEXT NOT NULL, target_norm TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
-        reason TEXT, batch_id INTEGER, superseded_by INTEGER, added_at REAL NOT NULL, updated_at REAL NOT NULL);
-    CREATE TABLE batches (
-        id INTEGER PRIMARY KEY, method TEXT NOT NULL, status TEXT NOT NULL, delta_hash TEXT NOT NULL,
-        keys_hash TEXT NOT NULL, n_facts INTEGER NOT NULL, created_at REAL NOT NULL, reason TEXT,
-        replay_of INTEGER);
-    CREATE TABLE batch_facts (batch_id INTEGER NOT NULL, fact_id INTEGER NOT NULL, PRIMARY KEY (batch_id, fact_id));
-    CREATE TABLE edits (
-        batch_id INTEGER NOT NULL, layer INTEGER NOT NULL, rank INTEGER NOT NULL, delta_norm REAL NOT NULL,
-        PRIMARY KEY (batch_id, layer));
-    CREATE TABLE base_layers (layer INTEGER PRIMARY KEY, hash TEXT NOT NULL, shape TEXT NOT NULL);
-    CREATE TABLE events (
-        id INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, batch_id INTEGER, message TEXT NOT NULL,
-        data TEXT);
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
-    """)
-
-
-def _m002_metrics_and_probes(db: sqlite3.Connection) -> None:
-    _run(db, """
-    CREATE TABLE metrics (
-        batch_id INTEGER NOT NULL, phase TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,
-        PRIMARY KEY (batch_id, phase, name));
-    CREATE TABLE probes (
-        id INTEGER PRIMARY KEY, batch_id INTEGER, fact_id INTEGER, kind TEXT NOT NULL, prompt TEXT NOT NULL,
-        expected TEXT, output TEXT, correct INTEGER, at REAL NOT NULL)
-    """)
-
-
-def _m003_feed_offsets_and_lookup(db: sqlite3.Connection) -> None:
-    _run(db, """
-    CREATE TABLE feed_offsets (feed TEXT PRIMARY KEY, offset INTEGER NOT NULL, updated_at REAL NOT NULL);
-    CREATE INDEX facts_subject ON facts (subject_norm, status);
-    CREATE INDEX facts_key ON facts (subject_norm, template_norm, target_norm);
-    CREATE INDEX facts_batch ON facts (batch_id)
-    """)
-
-
-MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
-    ("m001_initial", _m001_initial),
-    ("m002_metrics_and_probes", _m002_metrics_and_probes),
-    ("m003_feed_offsets_and_lookup", _m003_feed_offsets_and_lookup),
-]
 
 
 # ----------------------------------------------------------------------------- records
@@ -161,38 +88,7 @@ class RollbackReport:
     message: str  # one-line summary (also logged and stored as an event)
 
 
-# ----------------------------------------------------------------------------- tensor helpers
-
-
-def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
-    """Content hash of named tensors (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def keys_tensors(keys: Mapping[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"layer.{layer}": k.detach().cpu().contiguous() for layer, k in keys.items()}
-
-
-def keys_from_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
-    return {int(name.split(".")[1]): t for name, t in tensors.items()}
-
-
-def layer_fingerprint(w: torch.Tensor, layer: int) -> list[float]:
-    """Frobenius norm and 4 seeded Gaussian projections of a weight: robust to device round-off only."""
-    w64 = w.detach().double().cpu().flatten()
-    gen = torch.Generator().manual_seed(7919 + layer)
-    proj = torch.randn(4, w64.numel(), generator=gen, dtype=torch.float64) @ w64
-    return [float(w64.norm())] + proj.tolist()
-
-
-def fingerprints_match(a: Sequence[float], b: Sequence[float]) -> bool:
-    scale = max(abs(a[0]), abs(b[0]), 1e-12)
-    return len(a) == len(b) and all(abs(x - y) <= FINGERPRINT_RTOL * scale for x, y in zip(a, b))
+# ----------------------------------------------------------------------------- weights
 
 
 def _add_delta(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
@@ -206,9 +102,10 @@ def _add_delta(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
 class Ledger:
     """SQLite edit ledger with content-addressed tensor files and exact rollback."""
 
-    def __init__(self, root: Path | str, migrations: Sequence[tuple[str, Callable]] = MIGRATIONS):
+    def __init__(self, root: Path | str, migrations: Sequence[Migration] = MIGRATIONS):
         self.root = Path(root)  # directory holding ledger.db, deltas/, keys/, base/
         self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(self.root)  # the tensor files
         self.db = sqlite3.connect(self.root / "ledger.db", isolation_level=None, timeout=30.0)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -233,23 +130,15 @@ class Ledger:
 
     # ------------------------------------------------------------------ schema
 
-    def migrate(self, migrations: Sequence[tuple[str, Callable]] = MIGRATIONS) -> list[str]:
+    def migrate(self, migrations: Sequence[Migration] = MIGRATIONS) -> list[str]:
         """Apply every migration not yet recorded in `_migrations`, each in its own transaction."""
-        self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-        done = {r["name"] for r in self.db.execute("SELECT name FROM _migrations")}
-        applied = []
-        for name, fn in migrations:
-            if name in done:
-                continue
-            with self.transaction():
-                fn(self.db)
-                self.db.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.time()))
+        applied = run_pending(self.db, migrations, self.transaction)
+        for name in applied:
             log.info("ledger %s: applied migration %s", self.root, name)
-            applied.append(name)
         return applied
 
     def applied_migrations(self) -> list[str]:
-        return [r["name"] for r in self.db.execute("SELECT name FROM _migrations ORDER BY rowid")]
+        return applied_names(self.db)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -419,54 +308,17 @@ class Ledger:
 
     # ------------------------------------------------------------------ files
 
-    def _write_file(self, kind: str, digest: str, tensors: Mapping[str, torch.Tensor]) -> Path:
-        """Write tensors to <root>/<kind>/<digest>.safetensors via temp + fsync + rename (idempotent).
-
-        A failed write (disk full, I/O error) removes its temp file and raises LedgerError; callers write files
-        before their DB transaction, so nothing is committed."""
-        folder = self.root / kind
-        folder.mkdir(exist_ok=True)
-        path = folder / f"{digest}.safetensors"
-        if path.exists() and self._file_hash(kind, path) == digest:
-            return path
-        tmp = folder / f".{digest}.{os.getpid()}.tmp"
-        try:
-            save_file(dict(tensors), str(tmp))
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except (OSError, SafetensorError) as exc:  # safetensors reports a failed write as SafetensorError
-            tmp.unlink(missing_ok=True)
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
-            raise LedgerError(f"cannot write {kind} file {path} ({why})") from exc
-        return path
-
-    @staticmethod
-    def _file_hash(kind: str, path: Path) -> str:
-        if kind == "deltas":
-            return EditDelta.load(path).content_hash()
-        return hash_tensors(load_file(str(path)))
-
-    def _load(self, kind: str, digest: str) -> dict[str, torch.Tensor]:
-        path = self.root / kind / f"{digest}.safetensors"
-        if not path.exists():
-            raise LedgerMismatch(f"{kind} file {path} is missing")
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error type for damaged files
-            raise LedgerMismatch(f"{kind} file {path} is unreadable ({type(exc).__name__}); run verify()") from None
-
     def load_delta(self, batch_id: int) -> EditDelta:
         """The batch's delta, checked against its recorded content hash."""
         digest = self._batch_row(batch_id)["delta_hash"]
-        delta = EditDelta.from_tensors(self._load("deltas", digest))
+        delta = EditDelta.from_tensors(self.blobs.load("deltas", digest))
         if delta.content_hash() != digest:
             raise LedgerMismatch(f"delta file of batch {batch_id} does not match its hash {digest[:12]} (tampered?)")
         return delta
 
     def load_keys(self, batch_id: int) -> dict[int, torch.Tensor]:
         digest = self._batch_row(batch_id)["keys_hash"]
-        tensors = self._load("keys", digest)
+        tensors = self.blobs.load("keys", digest)
         if hash_tensors(tensors) != digest:
             raise LedgerMismatch(f"keys file of batch {batch_id} does not match its hash {digest[:12]} (tampered?)")
         return keys_from_tensors(tensors)
@@ -474,7 +326,7 @@ class Ledger:
     def _base(self) -> dict[int, torch.Tensor]:
         out = {}
         for r in self.db.execute("SELECT layer, hash FROM base_layers"):
-            tensors = self._load("base", r["hash"])
+            tensors = self.blobs.load("base", r["hash"])
             if hash_tensors(tensors) != r["hash"]:
                 raise LedgerMismatch(f"base copy of layer {r['layer']} does not match its hash (tampered?)")
             out[r["layer"]] = tensors["weight"]
@@ -529,7 +381,7 @@ class Ledger:
             for layer in new:
                 w = weight_view(model, layer).detach().cpu().clone().contiguous()
                 digest = hash_tensors({"weight": w})
-                self._write_file("base", digest, {"weight": w})
+                self.blobs.write("base", digest, {"weight": w})
                 self.db.execute("INSERT INTO base_layers VALUES (?, ?, ?)", (layer, digest, json.dumps(list(w.shape))))
                 snaps[layer] = w
             self._store_fingerprints(snaps)
@@ -609,8 +461,8 @@ class Ledger:
         delta_hash = delta.content_hash()
         keys_hash = hash_tensors(keys_tensors(keys))
         try:
-            self._write_file("deltas", delta_hash, delta.tensors())
-            self._write_file("keys", keys_hash, keys_tensors(keys))
+            self.blobs.write("deltas", delta_hash, delta.tensors())
+            self.blobs.write("keys", keys_hash, keys_tensors(keys))
         except LedgerError as exc:
             raise LedgerError(f"{exc}; the batch of {len(fact_ids)} fact(s) was not committed, they stay pending"
                               ) from exc.__cause__
@@ -768,26 +620,15 @@ class Ledger:
     def _check_files(self) -> list[str]:
         out = []
         for r in self.db.execute("SELECT id, delta_hash, keys_hash FROM batches ORDER BY id").fetchall():
-            delta_problems = self._check_file("deltas", r["delta_hash"], f"batch {r['id']}")
-            out += delta_problems + self._check_file("keys", r["keys_hash"], f"batch {r['id']}")
+            delta_problems = self.blobs.check("deltas", r["delta_hash"], f"batch {r['id']}")
+            out += delta_problems + self.blobs.check("keys", r["keys_hash"], f"batch {r['id']}")
             layers = {row["layer"] for row in self.db.execute("SELECT layer FROM edits WHERE batch_id = ?", (r["id"],))}
-            path = self.root / "deltas" / f"{r['delta_hash']}.safetensors"
+            path = self.blobs.path("deltas", r["delta_hash"])
             if not delta_problems and {d.layer for d in EditDelta.load(path).layers} != layers:
                 out.append(f"batch {r['id']}: edited layers in the DB {sorted(layers)} differ from its delta file")
         for r in self.db.execute("SELECT layer, hash FROM base_layers"):
-            out += self._check_file("base", r["hash"], f"base copy of layer {r['layer']}")
+            out += self.blobs.check("base", r["hash"], f"base copy of layer {r['layer']}")
         return out
-
-    def _check_file(self, kind: str, digest: str, what: str) -> list[str]:
-        path = self.root / kind / f"{digest}.safetensors"
-        if not path.exists():
-            return [f"{what}: {kind} file {path.name} is missing"]
-        try:
-            actual = self._file_hash(kind, path)
-        except Exception as exc:  # unreadable file: report, do not crash verify
-            return [f"{what}: {kind} file {path.name} is unreadable ({exc})"]
-        return [] if actual == digest else [f"{what}: {kind} file {path.name} has content hash {actual[:12]}, "
-                                            f"expected {digest[:12]} (tampered or corrupted)"]
 
     def _check_facts(self) -> list[str]:
         rows = self.db.execute(
@@ -803,18 +644,14 @@ class Ledger:
                 for layer, w in weights.items()
                 if layer in stored and not fingerprints_match(layer_fingerprint(w, layer), stored[layer])]
 
+    def _referenced(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT delta_hash FROM batches UNION SELECT keys_hash FROM batches"
+                                              " UNION SELECT hash FROM base_layers")}
+
     def orphan_files(self) -> list[Path]:
         """Tensor files no DB row refers to (left by a crash between file write and commit)."""
-        known = {r[0] for r in self.db.execute("SELECT delta_hash FROM batches UNION SELECT keys_hash FROM batches"
-                                               " UNION SELECT hash FROM base_layers")}
-        return [p for kind in ("deltas", "keys", "base") for p in sorted((self.root / kind).glob("*"))
-                if p.name.split(".")[0] not in known or p.name.startswith(".")]
+        return self.blobs.orphans(self._referenced())
 
     def gc(self) -> list[Path]:
         """Delete orphan files; return them."""
-        orphans = self.orphan_files()
-        for p in orphans:
-            p.unlink()
-        if orphans:
-            log.info("ledger gc: removed %d orphan file(s)", len(orphans))
-        return orphans
+        return self.blobs.gc(self._referenced())

@@ -445,7 +445,7 @@ def _partial_then_enospc(save, tensors, filename, metadata=None):
     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
-DISK_FULL = {  # where the write fails: (what of memory.ledger fails, on which kind of file)
+DISK_FULL = {  # where the write fails: (what of memory.blobs fails, on which kind of file)
     "safetensors-write": ("save_file", "deltas"),  # the real library, file-size limit
     "partial-write": ("save_file", "deltas"),  # a partial temp file is left, then ENOSPC
     "fsync": ("os.fsync", "deltas"),
@@ -468,7 +468,7 @@ def database_full(db: sqlite3.Connection) -> None:
 def fail_writes(monkeypatch, where: str) -> list:
     """Make the batch's writes fail as DISK_FULL[where] says (one kind of tensor file, or the commit transaction);
     returns the list of failed calls (to check the failure was reached)."""
-    import memory.ledger as ledger_mod
+    import memory.blobs as blobs_mod
 
     target, kind = DISK_FULL[where]
     failed: list = []
@@ -489,7 +489,7 @@ def fail_writes(monkeypatch, where: str) -> list:
 
         monkeypatch.setattr(Ledger, "_attach_facts", attach_facts)
     elif target == "save_file":
-        real_save = ledger_mod.save_file
+        real_save = blobs_mod.save_file
         fail = _real_write_failure if where == "safetensors-write" else _partial_then_enospc
 
         def save_file(tensors, filename, metadata=None):
@@ -498,7 +498,7 @@ def fail_writes(monkeypatch, where: str) -> list:
                 return fail(real_save, tensors, filename, metadata)
             return real_save(tensors, filename, metadata)
 
-        monkeypatch.setattr(ledger_mod, "save_file", save_file)
+        monkeypatch.setattr(blobs_mod, "save_file", save_file)
     elif target == "os.fsync":
         real_fsync = os.fsync
 
@@ -508,7 +508,7 @@ def fail_writes(monkeypatch, where: str) -> list:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return real_fsync(fd)
 
-        monkeypatch.setattr(ledger_mod.os, "fsync", fsync)
+        monkeypatch.setattr(blobs_mod.os, "fsync", fsync)
     else:
         real_replace = os.replace
 
@@ -518,7 +518,7 @@ def fail_writes(monkeypatch, where: str) -> list:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
             return real_replace(src, dst)
 
-        monkeypatch.setattr(ledger_mod.os, "replace", replace)
+        monkeypatch.setattr(blobs_mod.os, "replace", replace)
     return failed
 
 

@@ -1,0 +1,93 @@
+"""The ledger's SQLite schema: named migrations, applied in order when a ledger opens.
+
+A migration is (name, fn(db)). `run_pending` runs every one not yet recorded in the `_migrations` table,
+each in its own transaction together with its record, so an interrupted upgrade resumes at the first
+migration not recorded. A schema change is a new migration at the end; a shipped one is never edited.
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import AbstractContextManager
+from typing import Callable, Sequence
+
+Migration = tuple[str, Callable[[sqlite3.Connection], None]]
+
+
+def _run(db: sqlite3.Connection, script: str) -> None:
+    """Run `;`-separated DDL statements inside the caller's transaction (no executescript: it commits)."""
+    for stmt in script.split(";"):
+        if stmt.strip():
+            db.execute(stmt)
+
+
+def _m001_initial(db: sqlite3.Connection) -> None:
+    _run(db, """
+    CREATE TABLE facts (
+        id INTEGER PRIMARY KEY, record TEXT NOT NULL, subject_norm TEXT NOT NULL,
+        template_norm TEXT NOT NULL, target_norm TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
+        reason TEXT, batch_id INTEGER, superseded_by INTEGER, added_at REAL NOT NULL, updated_at REAL NOT NULL);
+    CREATE TABLE batches (
+        id INTEGER PRIMARY KEY, method TEXT NOT NULL, status TEXT NOT NULL, delta_hash TEXT NOT NULL,
+        keys_hash TEXT NOT NULL, n_facts INTEGER NOT NULL, created_at REAL NOT NULL, reason TEXT,
+        replay_of INTEGER);
+    CREATE TABLE batch_facts (batch_id INTEGER NOT NULL, fact_id INTEGER NOT NULL, PRIMARY KEY (batch_id, fact_id));
+    CREATE TABLE edits (
+        batch_id INTEGER NOT NULL, layer INTEGER NOT NULL, rank INTEGER NOT NULL, delta_norm REAL NOT NULL,
+        PRIMARY KEY (batch_id, layer));
+    CREATE TABLE base_layers (layer INTEGER PRIMARY KEY, hash TEXT NOT NULL, shape TEXT NOT NULL);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, batch_id INTEGER, message TEXT NOT NULL,
+        data TEXT);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
+    """)
+
+
+def _m002_metrics_and_probes(db: sqlite3.Connection) -> None:
+    _run(db, """
+    CREATE TABLE metrics (
+        batch_id INTEGER NOT NULL, phase TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,
+        PRIMARY KEY (batch_id, phase, name));
+    CREATE TABLE probes (
+        id INTEGER PRIMARY KEY, batch_id INTEGER, fact_id INTEGER, kind TEXT NOT NULL, prompt TEXT NOT NULL,
+        expected TEXT, output TEXT, correct INTEGER, at REAL NOT NULL)
+    """)
+
+
+def _m003_feed_offsets_and_lookup(db: sqlite3.Connection) -> None:
+    _run(db, """
+    CREATE TABLE feed_offsets (feed TEXT PRIMARY KEY, offset INTEGER NOT NULL, updated_at REAL NOT NULL);
+    CREATE INDEX facts_subject ON facts (subject_norm, status);
+    CREATE INDEX facts_key ON facts (subject_norm, template_norm, target_norm);
+    CREATE INDEX facts_batch ON facts (batch_id)
+    """)
+
+
+MIGRATIONS: list[Migration] = [
+    ("m001_initial", _m001_initial),
+    ("m002_metrics_and_probes", _m002_metrics_and_probes),
+    ("m003_feed_offsets_and_lookup", _m003_feed_offsets_and_lookup),
+]
+
+
+
+def run_pending(db: sqlite3.Connection, migrations: Sequence[Migration],
+                transaction: Callable[[], AbstractContextManager]) -> list[str]:
+    """Apply every migration not yet recorded in `_migrations`, each inside its own `transaction()`; return their
+    names."""
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    done = {r[0] for r in db.execute("SELECT name FROM _migrations")}
+    applied = []
+    for name, fn in migrations:
+        if name in done:
+            continue
+        with transaction():
+            fn(db)
+            db.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.time()))
+        applied.append(name)
+    return applied
+
+
+def applied_names(db: sqlite3.Connection) -> list[str]:
+    """Names of the migrations applied so far, in the order they were applied."""
+    return [r[0] for r in db.execute("SELECT name FROM _migrations ORDER BY rowid")]
