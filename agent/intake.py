@@ -7,7 +7,6 @@ inode) so a restart resumes exactly there, following rotation that happened whil
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,13 +44,8 @@ def feed_key(path: Path) -> str:
 def resume_position(ledger: Ledger, path: Path) -> FeedPosition:
     """The stored position of `path`: the ledger's offset plus line number and inode from the last `feed` event."""
     key = feed_key(path)
-    offset = ledger.feed_offset(key)
-    row = ledger.db.execute("SELECT data FROM events WHERE kind = 'feed' AND json_extract(data, '$.feed') = ? "
-                            "ORDER BY id DESC LIMIT 1", (key,)).fetchone()
-    data = json.loads(row["data"]) if row else {}
-    if data.get("offset") != offset:
-        return FeedPosition(key, offset)
-    return FeedPosition(key, offset, int(data.get("lineno", 0)), data.get("inode"))
+    mark = ledger.feed_position(key)
+    return FeedPosition(key, mark.offset, mark.lineno, mark.inode)
 
 
 def parse(item: FeedLine) -> FactRecord | BadRecord:

@@ -79,6 +79,15 @@ class Event:
 
 
 @dataclass(frozen=True)
+class FeedMark:
+    """Where reading a feed stopped, as the ledger recorded it."""
+
+    offset: int  # bytes read, committed with the facts read
+    lineno: int = 0  # lines read (0 when the last `feed` event does not agree with the offset)
+    inode: int | None = None  # the file's inode at that point, if known
+
+
+@dataclass(frozen=True)
 class RollbackReport:
     """What a rollback did."""
 
@@ -190,6 +199,17 @@ class Ledger:
         """Byte offset of `feed` read so far (0 for a feed never read)."""
         row = self.db.execute("SELECT offset FROM feed_offsets WHERE feed = ?", (feed,)).fetchone()
         return int(row["offset"]) if row else 0
+
+    def feed_position(self, feed: str) -> FeedMark:
+        """The stored read position of `feed`: its offset, plus the line number and inode of its last `feed` event
+        when that event is at the same offset (else the offset alone)."""
+        offset = self.feed_offset(feed)
+        row = self.db.execute("SELECT data FROM events WHERE kind = 'feed' AND json_extract(data, '$.feed') = ? "
+                              "ORDER BY id DESC LIMIT 1", (feed,)).fetchone()
+        data = json.loads(row["data"]) if row else {}
+        if data.get("offset") != offset:
+            return FeedMark(offset)
+        return FeedMark(offset, int(data.get("lineno", 0)), data.get("inode"))
 
     @staticmethod
     def _stored(row: sqlite3.Row) -> StoredFact:

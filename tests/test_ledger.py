@@ -13,7 +13,7 @@ from editors.arch import weight_view
 from editors.models import fingerprint
 from editors.state import EditorState
 from memory.export import export
-from memory.ledger import MIGRATIONS, Ledger, LedgerError, LedgerMismatch
+from memory.ledger import MIGRATIONS, FeedMark, Ledger, LedgerError, LedgerMismatch
 from memory.record import FactRecord
 
 LAYERS = [1, 2]
@@ -108,6 +108,17 @@ def test_facts_and_feed_offset_commit_together(tmp_path):
     assert ledger.facts() == [] and ledger.feed_offset("f") == 0
     ledger.add_facts([fact(1)], feed="f", offset=50)
     assert len(ledger.facts()) == 1 and ledger.feed_offset("f") == 50
+
+
+def test_feed_position_takes_line_and_inode_only_from_an_event_at_the_stored_offset(tmp_path):
+    ledger = Ledger(tmp_path)
+    assert ledger.feed_position("f") == FeedMark(0)
+    ledger.add_facts([fact(1)], feed="f", offset=50)
+    ledger.log_event("feed", "read f", data={"feed": "f", "offset": 50, "lineno": 3, "inode": 77})
+    ledger.log_event("feed", "read g", data={"feed": "g", "offset": 9, "lineno": 1, "inode": 5})
+    assert ledger.feed_position("f") == FeedMark(50, 3, 77)
+    ledger.set_feed_offset("f", 80)  # the offset moved on without a matching event
+    assert ledger.feed_position("f") == FeedMark(80)
 
 
 def test_rollback_latest_restores_weights_and_state_exactly(tmp_path, model):
