@@ -1,4 +1,4 @@
-"""The fact memory: deduplication, supersession and batch planning over a FAISS index.
+"""The fact memory: deduplication and supersession over a FAISS index, and the pending facts to plan.
 
 Every fact the ledger has ever stored is in the index under its ledger id, embedded by its
 relation text (prompt template with the subject removed) on the unit sphere, so inner
@@ -20,7 +20,6 @@ from typing import Iterable, Protocol, Sequence
 import faiss
 import numpy as np
 
-from memory import planner
 from memory.ledger import Ledger
 from memory.record import FactRecord, StoredFact, normalise
 
@@ -91,7 +90,7 @@ class _Live:
 
 
 class FactMemory:
-    """Dedup / supersede incoming facts against the ledger; plan pending facts into batches."""
+    """Dedup / supersede incoming facts against the ledger; list pending facts and their vectors for planning."""
 
     def __init__(self, ledger: Ledger, embedder: Embedder | None = None, threshold: float = DEFAULT_THRESHOLD,
                  ivf_threshold: int = 10_000, index_path: Path | None = None):
@@ -326,10 +325,3 @@ class FactMemory:
         """Pending facts to plan; a pending fact already superseded by a newer one (possible after an
         interrupted replay) is left out."""
         return [f for f in self.ledger.facts(status="pending") if f.superseded_by is None]
-
-    def plan_batches(self, batch_size: int, order: str = "arrival", seed: int = 0) -> list[list[StoredFact]]:
-        """Pending facts split into batches of at most `batch_size`, in the chosen order."""
-        facts = self.pending()
-        vecs = self.vectors([f.id for f in facts]) if order == "cluster" and facts else None
-        by_id = {f.id: f for f in facts}
-        return [[by_id[i] for i in b] for b in planner.plan([f.id for f in facts], vecs, batch_size, order, seed)]

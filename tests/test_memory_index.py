@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import hashlib
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from agent.config import AgentConfig
+from agent.loop import Watcher, WatchOptions
 from conftest import make_tiny_llama
 from editors.arch import weight_view
 from editors.delta import EditDelta, LayerDelta
 from memory import planner
 from memory.index import FactMemory
 from memory.ledger import Ledger
-from memory.record import FactRecord
+from memory.record import FactRecord, StoredFact
 
 STOPWORDS = {"the", "a", "an", "is", "was", "of"}
 
@@ -181,17 +184,23 @@ def test_index_switches_to_ivf_when_large(ledger):
 GROUPS = ["{} has the capital", "{} speaks the language", "{} plays the sport"]
 
 
+def planned(memory: FactMemory, order: str, seed: int = 0) -> list[list[StoredFact]]:
+    """The pending facts in batches of four, as the watch loop plans them (Watcher.plan, memory.planner)."""
+    session = SimpleNamespace(ledger=memory.ledger, memory=memory, cfg=AgentConfig(order=order, seed=seed))
+    return Watcher(session, memory.ledger.root / "feed.jsonl", WatchOptions(batch_size=4)).plan(skip=set())
+
+
 def test_cluster_order_puts_near_identical_facts_together(memory):
     facts = [f(f"Country{i}", GROUPS[i % 3], f"T{i}") for i in range(12)]  # groups interleaved on arrival
     memory.add(facts)
-    batches = memory.plan_batches(batch_size=4, order="cluster")
+    batches = planned(memory, "cluster")
     assert sorted(len(b) for b in batches) == [4, 4, 4]
     for batch in batches:
         assert len({x.record.prompt for x in batch}) == 1, "a batch mixes relations"
-    arrival = memory.plan_batches(batch_size=4, order="arrival")
+    arrival = planned(memory, "arrival")
     assert [x.id for b in arrival for x in b] == list(range(1, 13))
     assert all(len({x.record.prompt for x in b}) == 3 for b in arrival)
-    shuffled = memory.plan_batches(batch_size=4, order="random", seed=1)
+    shuffled = planned(memory, "random", seed=1)
     assert sorted(x.id for b in shuffled for x in b) == list(range(1, 13))
 
 
