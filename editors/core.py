@@ -80,10 +80,6 @@ class Editor:
         raise NotImplementedError
 
     # --- shared core ---------------------------------------------------------------------
-    def keys(self, requests: list[EditRequest], layer: int) -> torch.Tensor:
-        """(d_in, n): 0.5 k(prompt) + 0.5 mean over the context prefixes, at the subject's last token."""
-        return self._layer_keys(self._key_source(requests), layer, len(requests))
-
     def keys_by_layer(self, requests: list[EditRequest]) -> dict[int, torch.Tensor]:
         """Keys of every edited layer for the current model, read in one pass up the stack."""
         source = self._key_source(requests)
@@ -95,6 +91,7 @@ class Editor:
                           context_ids(self.tok, templates))
 
     def _layer_keys(self, source, layer: int, n: int) -> torch.Tensor:
+        """(d_in, n): 0.5 k(prompt) + 0.5 mean over the context prefixes, at the subject's last token."""
         k = source.keys(layer).view(n, 1 + len(self.state.context_templates), -1)
         return (0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1)).T
 

@@ -27,16 +27,13 @@ from torch import nn
 
 from editors.arch import weight_view
 from editors.delta import EditDelta
-from editors.models import fingerprint, kagent_home
+from editors.models import fingerprint
 from memory.blobs import (FINGERPRINT_RTOL, BlobStore, LedgerError, LedgerMismatch, fingerprints_match, hash_tensors,
                           keys_from_tensors, keys_tensors, layer_fingerprint)
 from memory.migrations import MIGRATIONS, Migration, applied_names, run_pending
 from memory.record import FactRecord, StoredFact
 
 log = logging.getLogger(__name__)
-
-LIVE = ("pending", "applied")  # fact statuses that take part in dedup / supersede
-
 
 class KeyState(Protocol):
     """What the ledger needs from the editor state: add or remove a batch's keys."""
@@ -122,11 +119,6 @@ class Ledger:
         self._depth = 0  # nesting depth of transaction()
         self._expected: dict[int, torch.Tensor] | None = None  # tracked layer -> base + committed stack
         self.migrate(migrations)
-
-    @staticmethod
-    def default_root() -> Path:
-        """<KAGENT_HOME>/ledger, resolved at call time."""
-        return kagent_home() / "ledger"
 
     def close(self) -> None:
         self.db.close()

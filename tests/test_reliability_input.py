@@ -50,13 +50,6 @@ class Case:
         return self.ok if self.parse_ok is None else self.parse_ok
 
 
-BUG_RECURSION = ("parse_line lets json.loads' RecursionError escape (only JSONDecodeError is caught): a line of "
-                 "deeply nested brackets crashes `kagent watch` instead of being skipped as a bad line")
-BUG_BIGINT = ("parse_line lets json.loads' ValueError for integers over 4300 digits escape: such a line crashes "
-              "`kagent watch` instead of being skipped as a bad line")
-BUG_NEWLINE_KEY = ("BadRecord names the offending field verbatim: an unknown key holding a newline makes the "
-                   "rejection reason span two lines")
-
 MB3 = rec(subject="Lima", target="x" * (3 << 20))
 CORPUS = [
     Case("truncated_json", b'{"subject": "Quito", "prompt"', False, "-"),
