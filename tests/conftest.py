@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models, a character-level toy tokenizer and a toy embedder (no downloads).
+"""Shared fixtures: tiny random models, a character-level toy tokenizer and the toy embedder (no downloads).
 
 An autouse fixture points KAGENT_HOME at a temp dir so no test touches the user's data. Slow tests that load the
 embedded model can ask for `user_cache`: the user's dequantised SmolLM2 and covariance statistics are linked
@@ -6,10 +6,11 @@ embedded model can ask for `user_cache`: the user's dequantised SmolLM2 and cova
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import re
 import string
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -22,18 +23,28 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 
-class ToyEmbedder:
-    """Hashed character trigrams: deterministic, no download, same relation text -> same vector."""
+STOPWORDS = {"the", "a", "an", "is", "was", "of"}
 
-    name = "toy-trigram"
+
+class ToyEmbedder:
+    """Deterministic bag of words: each non-stopword hashes to a coordinate; rows are L2-normalised. No download;
+    relations sharing their words bar stopwords embed alike. Records the texts of each call in `calls`."""
+
+    name = "toy-bow-64"
+
+    def __init__(self, dim: int = 64):
+        self.dim = dim
+        self.calls: list[list[str]] = []
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), 64), dtype=np.float32)
-        for i, t in enumerate(texts):
-            for j in range(len(t) - 2):
-                out[i, zlib.crc32(t[j:j + 3].encode("utf-8", "surrogatepass")) % 64] += 1.0
-        out += 1e-6
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
+        self.calls.append(list(texts))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in re.findall(r"[a-z]+", text.lower()):
+                if word not in STOPWORDS:
+                    out[row, int(hashlib.sha256(word.encode()).hexdigest(), 16) % self.dim] += 1.0
+            out[row] /= max(np.linalg.norm(out[row]), 1e-9)
+        return out
 
 
 @contextmanager

@@ -1,8 +1,6 @@
 """Fact memory: dedup, supersede (pending, applied, within a chunk), index persistence and rebuild, planning."""
 from __future__ import annotations
 
-import hashlib
-import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,35 +9,13 @@ import torch
 
 from agent.config import AgentConfig
 from agent.loop import Watcher, WatchOptions
-from conftest import make_tiny_llama
+from conftest import ToyEmbedder, make_tiny_llama
 from editors.arch import weight_view
 from editors.delta import EditDelta, LayerDelta
 from memory import planner
 from memory.index import FactMemory
 from memory.ledger import Ledger
 from memory.record import FactRecord, StoredFact
-
-STOPWORDS = {"the", "a", "an", "is", "was", "of"}
-
-
-class ToyEmbedder:
-    """Deterministic bag-of-words: each non-stopword hashes to a coordinate; rows are L2-normalised."""
-
-    name = "toy-bow-64"
-
-    def __init__(self, dim: int = 64):
-        self.dim = dim
-        self.calls: list[list[str]] = []
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        self.calls.append(list(texts))
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            for word in re.findall(r"[a-z]+", text.lower()):
-                if word not in STOPWORDS:
-                    out[row, int(hashlib.sha256(word.encode()).hexdigest(), 16) % self.dim] += 1.0
-            out[row] /= max(np.linalg.norm(out[row]), 1e-9)
-        return out
 
 
 def f(subject: str, prompt: str = "{} is located in", target: str = "Paris") -> FactRecord:
