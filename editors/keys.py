@@ -47,12 +47,12 @@ class LayerwiseKeys:
 
     def __init__(self, model: nn.Module, seqs: list[list[int]], pad: int, contexts: list[list[int]] | None = None,
                  row_chunk: int = 256):
-        self.model, self.arch, self.blocks = model, arch_of(model), layers_of(model)
+        self.model = model
         self.n = len(seqs)
         device = next(model.parameters()).device
         contexts = contexts or []
         which = [_context_of(s, contexts) for s in seqs]
-        embed = get_module(model, self.arch.embed)
+        embed = get_module(model, arch_of(model).embed)
         self.streams: list[_Stream] = []
         with torch.no_grad():
             for c in sorted(set(which)):
