@@ -1,13 +1,21 @@
 """The shared locate-then-edit core; methods differ only in stopping rule and solve.
 
-compute(requests) -> EditResult, and the model at the end equals the model at the start:
-layers are edited in order (each sees the earlier layers' updates, as MEMIT prescribes)
-on a temporary in-place change that is restored from copies in a `finally`.
+compute(requests) -> EditResult, and the model at the end equals the model at the start. Target values
+are optimised at the last edited layer (with the entity memory suspended); then `hparams.write` decides
+where they go:
+- "weights": layers are edited in order (each sees the earlier layers' updates, as MEMIT prescribes)
+  on a temporary in-place change that is restored from copies in a `finally`; the result is a low-rank
+  weight delta per layer;
+- "memory": each subject's residual becomes a slot of the entity memory (editors.entity_memory), one
+  value shared by all requests about that subject (`companions` are earlier requests about the same
+  subjects that the slot must keep answering).
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +24,7 @@ from tqdm import tqdm
 
 from editors.arch import weight_view
 from editors.delta import EditDelta, LayerDelta
+from editors.entity_memory import EntityMemory, MemoryWrite
 from editors.keys import key_source
 from editors.hparams import EditHParams
 from editors.optimise import ValueResult, optimise_values
@@ -35,6 +44,7 @@ class EditResult:
     steps: list[int]  # value-optimisation checks per edit
     seconds: dict[str, float] = field(default_factory=dict)  # keys / values / solve wall time
     flops: float = 0.0  # matmul FLOPs of the value optimisation
+    z: torch.Tensor | None = None  # (n, d) target values of the requests (what a re-solve from base needs)
 
 
 @torch.no_grad()
@@ -73,6 +83,9 @@ class Editor:
             self.state.context_templates = generate_context_templates(
                 model, tok, hparams.n_context, hparams.context_tokens)
         self.pad = tok.pad_token_id or 0
+        self.memory = EntityMemory(tok, hparams.layers[-1])  # slots written by write="memory" results
+        self.slot_requests: dict[str, list[EditRequest]] = {}  # subject -> requests its slot answers (edit())
+        self.value_cache: dict = {}  # "stamp" -> (weights, hparams); group key -> ValueResult (see values_for)
 
     # --- the two places methods differ -------------------------------------------------
     def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -100,16 +113,79 @@ class Editor:
         plain = torch.arange(n) * (1 + len(self.state.context_templates))
         return source.outputs(self.hp.layers[-1], plain).T
 
-    def compute(self, requests: list[EditRequest], progress: bool = False) -> EditResult:
-        """Deltas and keys for `requests`; the model is unchanged afterwards."""
+    def compute(self, requests: list[EditRequest], progress: bool = False,
+                companions: list[EditRequest] | None = None) -> EditResult:
+        """Deltas (or memory slots) and keys for `requests`; the model is unchanged afterwards."""
         t0 = time.perf_counter()
-        bar = tqdm(total=len(requests), desc=f"{self.name} values", unit="edit", disable=not progress, leave=False)
-        with bar:
-            values = optimise_values(self.model, self.tok, requests, self.state.context_templates, self.hp, bar)
-        result = self.solve_values(requests, values)
+        memory = self.hp.write == "memory"
+        every = requests + (list(companions or []) if memory else [])
+        groups = subject_groups(every) if memory else list(range(len(every)))
+        with self.memory.suspended():
+            values = self.values_for(every, groups, progress)
+        result = self.memory_result(every, values) if memory else self.solve_values(requests, values)
+        result.steps, result.z = values.steps[: len(requests)], values.z[: len(requests)].detach().float().cpu()
         result.seconds["values"] = time.perf_counter() - t0 - result.seconds["total"]
         result.seconds["total"] += result.seconds["values"]
         return result
+
+    def values_for(self, requests: list[EditRequest], groups: list[int], progress: bool = False) -> ValueResult:
+        """Target values of `requests` (equal `groups` share a delta), reusing values this editor already
+        optimised for the same group on the same weights with the same settings (a bisected batch's halves)."""
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(groups):
+            members.setdefault(g, []).append(i)
+        stamp = (self.weights_stamp(), self.hp.model_dump_json())
+        if self.value_cache.get("stamp") != stamp:
+            self.value_cache = {"stamp": stamp}
+        keys = {g: tuple((requests[i].prompt, requests[i].subject, requests[i].target) for i in m)
+                for g, m in members.items()}
+        todo = [g for g in members if keys[g] not in self.value_cache]
+        idx = [i for g in todo for i in members[g]]
+        flops = 0.0
+        if idx:
+            bar = tqdm(total=len(idx), desc=f"{self.name} values", unit="edit", disable=not progress, leave=False)
+            with bar:
+                fresh = optimise_values(self.model, self.tok, [requests[i] for i in idx],
+                                        self.state.context_templates, self.hp, bar, [groups[i] for i in idx])
+            flops, at = fresh.flops, 0
+            for g in todo:
+                n = len(members[g])
+                self.value_cache[keys[g]] = ValueResult(fresh.z[at:at + n], fresh.steps[at:at + n], 0.0,
+                                                        fresh.delta[at:at + n])
+                at += n
+        parts = {g: self.value_cache[keys[g]] for g in members}
+        first = next(iter(parts.values()))
+        z, delta = first.z.new_empty(len(requests), first.z.shape[1]), first.z.new_empty(len(requests), first.z.shape[1])
+        steps = [0] * len(requests)
+        for g, m in members.items():
+            z[m], delta[m] = parts[g].z, parts[g].delta
+            for i, s in zip(m, parts[g].steps):
+                steps[i] = s
+        return ValueResult(z, steps, flops, delta)
+
+    @torch.no_grad()
+    def weights_stamp(self) -> tuple[float, ...]:
+        """A cheap summary of the edited layers' weights (target values depend on them)."""
+        return tuple(round(float(x), 6) for layer in self.hp.layers
+                     for w in [weight_view(self.model, layer)] for x in (w.sum(), w.norm()))
+
+    @contextmanager
+    def overriding(self, **changes) -> Iterator[EditHParams]:
+        """Other hyperparameters (e.g. a stronger value optimisation for a retry) for the block."""
+        before = self.hp
+        self.hp = before.model_copy(update=changes)
+        try:
+            yield self.hp
+        finally:
+            self.hp = before
+
+    def memory_result(self, requests: list[EditRequest], values: ValueResult) -> EditResult:
+        """One entity-memory slot per subject of `requests` (requests about one subject share their value)."""
+        first = {r.subject: i for i, r in reversed(list(enumerate(requests)))}
+        subjects = list(first)
+        deltas = values.delta[[first[s] for s in subjects]].detach().float().cpu()
+        write = MemoryWrite(self.hp.layers[-1], subjects, deltas)
+        return EditResult(EditDelta([], write), {}, values.steps, {"total": 0.0}, values.flops)
 
     def solve_values(self, requests: list[EditRequest], values: ValueResult) -> EditResult:
         """The layer updates that move each request's output towards its target value (model unchanged)."""
@@ -137,24 +213,59 @@ class Editor:
         secs = {"keys": t_keys, "solve": total - t_keys, "total": total}
         return EditResult(EditDelta(deltas), keys, values.steps, secs, values.flops)
 
+    def consolidate(self, requests: list[EditRequest], z: torch.Tensor, base: dict[int, torch.Tensor]) -> EditResult:
+        """All `requests` solved jointly from the base weights `base` towards their values `z` (D4S-style):
+        keys and residuals are read on the base model and no earlier keys are carried. The result is a delta
+        relative to `base`; the model and the editor state are unchanged afterwards."""
+        current = {layer: weight_view(self.model, layer).clone() for layer in self.hp.layers}
+        saved = self.state.kkt
+        self.state.kkt = {}
+        try:
+            with torch.no_grad(), self.memory.suspended():
+                for layer, w in base.items():
+                    weight_view(self.model, layer).copy_(w)
+                return self.solve_values(requests, ValueResult(z, [0] * len(requests), 0.0))
+        finally:
+            self.state.kkt = saved
+            with torch.no_grad():
+                for layer, w in current.items():
+                    weight_view(self.model, layer).copy_(w)
+
     def apply(self, result: EditResult) -> None:
-        """Write the result into the model and add its keys to the editor state."""
+        """Write the result into the model (and memory) and add its keys to the editor state."""
         result.delta.apply(self.model)
+        if result.delta.memory is not None:
+            self.memory.write(result.delta.memory)
         self.state.add_keys(result.keys)
 
     def revert(self, result: EditResult) -> None:
+        """Undo `apply` for weights and keys (memory slots are rebuilt by their owner, e.g. the ledger)."""
         result.delta.revert(self.model)
         self.state.add_keys(result.keys, sign=-1.0)
 
     def edit(self, requests: list[EditRequest], progress: bool = False) -> EditResult:
-        result = self.compute(requests, progress)
+        """compute + apply; in memory mode earlier requests about the same subjects are kept as companions
+        (a later request with the same subject and prompt replaces the earlier one)."""
+        new = {(r.subject, r.prompt) for r in requests}
+        companions = [c for r in dict.fromkeys(r.subject for r in requests)
+                      for c in self.slot_requests.get(r, []) if (c.subject, c.prompt) not in new]
+        result = self.compute(requests, progress, companions)
         self.apply(result)
+        for subject in dict.fromkeys(r.subject for r in requests):
+            self.slot_requests[subject] = [c for c in companions if c.subject == subject] + \
+                [r for r in requests if r.subject == subject]
         return result
 
     def normal_matrix(self, layer: int, K: torch.Tensor) -> torch.Tensor:
         """lambda C0 + sum_p K_p K_p^T + K K^T (float64)."""
         c0 = self.stats[layer].mom2
         return self.hp.mom2_weight * c0 + self.state.prev_kkt(layer, c0.shape[0]) + K @ K.T
+
+
+def subject_groups(requests: list[EditRequest]) -> list[int]:
+    """Group index per request: requests about the same subject share one."""
+    index: dict[str, int] = {}
+    return [index.setdefault(r.subject, len(index)) for r in requests]
 
 
 def cholesky_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from editors.arch import weight_view
+from editors.entity_memory import MemoryWrite, merge_writes
 
 
 class NonFiniteDelta(ValueError):
@@ -34,21 +35,33 @@ class LayerDelta:
 
 @dataclass
 class EditDelta:
-    """All layer updates of one batch."""
+    """All updates of one batch: low-rank weight updates and/or entity-memory slots."""
 
     layers: list[LayerDelta] = field(default_factory=list)
+    memory: MemoryWrite | None = None  # entity-memory slots the batch writes (editors.entity_memory)
 
     def by_layer(self) -> dict[int, LayerDelta]:
         return {d.layer: d for d in self.layers}
+
+    def then(self, other: "EditDelta") -> "EditDelta":
+        """This delta followed by `other`, as one: factors side by side (U1 V1^T + U2 V2^T), later slots win."""
+        mine, theirs = self.by_layer(), other.by_layer()
+        layers = []
+        for layer in sorted(mine.keys() | theirs.keys()):
+            parts = [d for d in (mine.get(layer), theirs.get(layer)) if d is not None]
+            layers.append(LayerDelta(layer, torch.cat([d.u for d in parts], 1), torch.cat([d.v for d in parts], 1)))
+        return EditDelta(layers, merge_writes([self.memory, other.memory]))
 
     def check_finite(self) -> None:
         for d in self.layers:
             if not (torch.isfinite(d.u).all() and torch.isfinite(d.v).all()):
                 raise NonFiniteDelta(f"delta for layer {d.layer} contains NaN or Inf; refusing to write weights")
+        if self.memory is not None and not torch.isfinite(self.memory.deltas).all():
+            raise NonFiniteDelta("entity-memory deltas contain NaN or Inf; refusing to write them")
 
     @torch.no_grad()
     def apply(self, model: nn.Module, sign: float = 1.0) -> None:
-        """Add (sign=+1) or subtract (sign=-1) U V^T to each edited weight."""
+        """Add (sign=+1) or subtract (sign=-1) U V^T to each edited weight (memory slots are the memory's)."""
         self.check_finite()
         for d in self.layers:
             w = weight_view(model, d.layer)
@@ -62,12 +75,15 @@ class EditDelta:
         for d in self.layers:
             out[f"layer.{d.layer}.u"] = d.u.detach().float().cpu().contiguous()
             out[f"layer.{d.layer}.v"] = d.v.detach().float().cpu().contiguous()
+        if self.memory is not None:
+            out |= self.memory.tensors()
         return out
 
     @staticmethod
     def from_tensors(tensors: dict[str, torch.Tensor]) -> "EditDelta":
-        layers = sorted({int(k.split(".")[1]) for k in tensors})
-        return EditDelta([LayerDelta(i, tensors[f"layer.{i}.u"], tensors[f"layer.{i}.v"]) for i in layers])
+        layers = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("layer.")})
+        return EditDelta([LayerDelta(i, tensors[f"layer.{i}.u"], tensors[f"layer.{i}.v"]) for i in layers],
+                         MemoryWrite.from_tensors(tensors))
 
     def content_hash(self) -> str:
         h = hashlib.sha256()

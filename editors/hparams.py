@@ -30,6 +30,7 @@ class EditHParams(BaseModel):
     nullspace_threshold: float = 1e-2  # AlphaEdit: eigenvalues of C0 below this span the null space
     alphaedit_l2: float = 10.0  # AlphaEdit: ridge term of its normal matrix
     value_chunk: int = 16  # edits optimised in one padded batch (32: same speed, +1.2 GB peak RSS; BENCHMARKS.md)
+    write: str = Field("weights", pattern="^(weights|memory)$")  # where values go: a weight solve, or the entity memory
 
 
 # llama values measured on SmolLM2-135M (BENCHMARKS.md, "sweep"): lambda 15000 realised only a third

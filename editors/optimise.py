@@ -24,6 +24,7 @@ class ValueResult:
     z: torch.Tensor  # (n, d) target outputs of the last edited layer
     steps: list[int]  # forward checks each edit took
     flops: float  # matmul FLOPs spent
+    delta: torch.Tensor | None = None  # (n, d) z - h0: the residual each edit adds at its subject's last token
 
 
 @dataclass
@@ -74,7 +75,8 @@ def _losses(runner: SuffixRunner, lm_head: nn.Module, delta, h0, ref: _Reference
 
 
 def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates: list[str],
-                   hp: EditHParams, layer: int) -> ValueResult:
+                   hp: EditHParams, layer: int, groups: list[int] | None = None) -> ValueResult:
+    """Target values of one chunk; requests with the same `groups` entry (0..G-1) share one delta."""
     device = next(model.parameters()).device
     rows = value_rows(tok, requests, templates)
     batch, P = make_batch(rows, tok.pad_token_id or 0, device)
@@ -82,24 +84,28 @@ def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates
     runner.precompute(batch, P, context_ids(tok, templates))
     lm_head = model.get_output_embeddings()
     n, n_prompts = len(requests), 1 + len(templates)
+    group = torch.tensor(groups if groups is not None else range(n), device=device)
+    G = int(group.max()) + 1
     plain = torch.tensor([i * (n_prompts + 1) for i in range(n)], device=device)
     h0 = runner.h_layer()[plain].detach()
     ref = _Reference()
-    delta = torch.zeros_like(h0, requires_grad=True)
-    adam = _Adam(torch.zeros_like(h0), torch.zeros_like(h0), hp.lr)
+    delta = torch.zeros(G, h0.shape[1], device=device, requires_grad=True)
+    adam = _Adam(torch.zeros_like(delta), torch.zeros_like(delta), hp.lr)
     steps = torch.zeros(n, dtype=torch.long)
     streak = torch.zeros(n, dtype=torch.long, device=device)
-    active = torch.arange(n, device=device)
-    max_norm = hp.clamp_factor * h0.norm(dim=1)
+    active = torch.arange(G, device=device)  # groups still optimising
+    max_norm = hp.clamp_factor * torch.zeros(G, device=device).scatter_reduce_(
+        0, group, h0.norm(dim=1), "mean", include_self=False)
     for it in range(hp.max_steps):
-        loss, nll, all_top = _losses(runner, lm_head, delta, h0, ref, n, n_prompts, hp)
-        steps[active.cpu()] += 1
+        loss, nll, all_top = _losses(runner, lm_head, delta[group], h0, ref, n, n_prompts, hp)
+        steps[torch.isin(group, active).cpu()] += 1
         streak = torch.where(all_top, streak + 1, torch.zeros_like(streak))
-        done = streak >= hp.mpes_patience if hp.stop == "mpes" else nll < hp.nll_stop
+        done_req = streak >= hp.mpes_patience if hp.stop == "mpes" else nll < hp.nll_stop
+        done = torch.ones(G, device=device).scatter_reduce_(0, group, done_req.float(), "amin") > 0.5
         keep = active[~done[active]]
         if len(keep) == 0 or it == hp.max_steps - 1:
             break
-        loss[keep].sum().backward()
+        loss[torch.isin(group, keep)].sum().backward()
         with torch.no_grad():
             adam.step(delta, keep, it + 1)
             norms = delta[keep].norm(dim=1)
@@ -107,9 +113,9 @@ def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates
             delta.data[keep] *= scale[:, None]
         delta.grad = None
         if len(keep) < len(active):
-            runner.select(torch.isin(runner.batch.req, keep).nonzero()[:, 0])
+            runner.select(torch.isin(group[runner.batch.req], keep).nonzero()[:, 0])
             active = keep
-    return ValueResult((h0 + delta).detach(), steps.tolist(), runner.flops)
+    return ValueResult((h0 + delta[group]).detach(), steps.tolist(), runner.flops, delta[group].detach())
 
 
 def _suffix_length(tok, req: EditRequest) -> int:
@@ -117,23 +123,42 @@ def _suffix_length(tok, req: EditRequest) -> int:
     return len(tail) + len(tok(" " + req.target, add_special_tokens=False)["input_ids"])
 
 
-def optimise_values(model: nn.Module, tok, requests: list[EditRequest], templates: list[str],
-                    hp: EditHParams, progress=None) -> ValueResult:
-    """Target values z (n, d) at layer hp.layers[-1] for all requests, in chunks of hp.value_chunk.
+def _chunks(tok, requests: list[EditRequest], groups: list[int], size: int) -> list[list[int]]:
+    """Request indices in chunks of about `size`, whole groups together, shorter suffixes first."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    order = sorted(members.values(), key=lambda m: max(_suffix_length(tok, requests[i]) for i in m))
+    chunks: list[list[int]] = [[]]
+    for m in order:
+        if chunks[-1] and len(chunks[-1]) + len(m) > size:
+            chunks.append([])
+        chunks[-1] += m
+    return [c for c in chunks if c]
 
-    Requests are chunked in order of suffix length so that padded rows waste little compute.
+
+def optimise_values(model: nn.Module, tok, requests: list[EditRequest], templates: list[str],
+                    hp: EditHParams, progress=None, groups: list[int] | None = None) -> ValueResult:
+    """Target values z (n, d) at layer hp.layers[-1] for all requests, in chunks of about hp.value_chunk.
+
+    Requests with equal `groups` entries share one delta (the entity memory's one slot per subject); by
+    default every request is its own group. Chunks hold whole groups, shorter suffixes first, so that padded
+    rows waste little compute.
     """
-    order = sorted(range(len(requests)), key=lambda i: _suffix_length(tok, requests[i]))
-    zs, steps, flops = [], [], 0.0
-    for i in range(0, len(order), hp.value_chunk):
-        chunk = [requests[j] for j in order[i : i + hp.value_chunk]]
-        r = optimise_chunk(model, tok, chunk, templates, hp, hp.layers[-1])
+    groups = list(range(len(requests))) if groups is None else list(groups)
+    zs, deltas, steps, flops, order = [], [], [], 0.0, []
+    for chunk in _chunks(tok, requests, groups, hp.value_chunk):
+        local = {g: k for k, g in enumerate(dict.fromkeys(groups[i] for i in chunk))}
+        r = optimise_chunk(model, tok, [requests[i] for i in chunk], templates, hp, hp.layers[-1],
+                           [local[groups[i]] for i in chunk])
         zs.append(r.z)
+        deltas.append(r.delta)
         steps += r.steps
         flops += r.flops
+        order += chunk
         if progress is not None:
             progress.update(len(r.steps))
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
-    z = torch.cat(zs)[inverse.to(zs[0].device)]
-    return ValueResult(z, [steps[k] for k in inverse.tolist()], flops)
+    at = inverse.to(zs[0].device)
+    return ValueResult(torch.cat(zs)[at], [steps[k] for k in inverse.tolist()], flops, torch.cat(deltas)[at])

@@ -20,7 +20,7 @@ LAYERS = [1, 2]
 
 
 def editor(method, model, tok, **kw):
-    settings = dict(layers=LAYERS, stats_tokens=4000, max_steps=6, n_context=2, context_tokens=4) | kw
+    settings = dict(layers=LAYERS, stats_tokens=4000, max_steps=6, n_context=2, context_tokens=4, write="weights") | kw
     return make_editor(method, model, tok, corpus=CORPUS, **settings)
 
 
