@@ -2,7 +2,9 @@
 
 The checkpoint loads with `AutoModelForCausalLM.from_pretrained`; `manifest.json` lists every
 applied fact, the committed batches and the base model fingerprint, so a user can see what
-the exported weights know that the base model did not.
+the exported weights know that the base model did not. Facts written to the entity memory (ENCORE's default)
+live beside the weights in `entity_memory.safetensors`; `editors.entity_memory.load_exported(dir, model, tok)`
+attaches them to the loaded model (a plain `from_pretrained` alone answers only the weight-written facts).
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from editors.entity_memory import EXPORT_FILE
 from memory.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -85,7 +89,13 @@ def export(model: nn.Module, tok: PreTrainedTokenizerBase, ledger: Ledger, out_d
     with without_gguf_marker(model):
         model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / MANIFEST).write_text(json.dumps(manifest(ledger), indent=2))
+    info = manifest(ledger)
+    memory = ledger.memory_write()
+    if memory is not None:
+        save_file(memory.tensors(), str(tmp / EXPORT_FILE))
+        info["entity_memory"] = {"file": EXPORT_FILE, "layer": memory.layer, "subjects": len(memory.subjects),
+                                 "load": "with editors.entity_memory.load_exported(dir, model, tok): ..."}
+    (tmp / MANIFEST).write_text(json.dumps(info, indent=2))
     if out.exists():
         out.rmdir()
     tmp.rename(out)

@@ -27,6 +27,7 @@ from torch import nn
 
 from editors.arch import weight_view
 from editors.delta import EditDelta
+from editors.entity_memory import MemoryWrite, merge_writes
 from editors.models import fingerprint
 from memory.blobs import (FINGERPRINT_RTOL, BlobStore, LedgerError, LedgerMismatch, fingerprints_match, hash_tensors,
                           keys_from_tensors, keys_tensors, layer_fingerprint)
@@ -364,6 +365,12 @@ class Ledger:
                 _add_delta(weights[d.layer], d.u, d.v)
         return weights
 
+    def memory_write(self) -> MemoryWrite | None:
+        """Entity-memory slots of the committed batches, in commit order (a later slot of a subject replaces an
+        earlier one); None when no committed batch wrote any. Rollback changes which batches count, so the
+        memory after a rollback is exactly the memory before the rolled-back batches."""
+        return merge_writes([self.load_delta(b).memory for b in self._committed_ids()])
+
     def expected_weights(self) -> dict[int, torch.Tensor]:
         """Tracked layers as they must be in the model now (base + committed deltas), cached per ledger."""
         if self._expected is None:
@@ -459,10 +466,13 @@ class Ledger:
 
     def commit(self, facts: Sequence[StoredFact | int], delta: EditDelta, keys: Mapping[int, torch.Tensor],
                metrics: Mapping[str, Mapping[str, float]] | None = None, method: str = "encore",
-               model: nn.Module | None = None, replay_of: int | None = None) -> int:
+               model: nn.Module | None = None, replay_of: int | None = None,
+               failed: Mapping[int, str] | None = None) -> int:
         """Record a batch whose delta has been applied to `model` (checked when given); return its id.
 
-        `metrics` maps phase ("before", "after") to name -> value. Files first, then one transaction.
+        `metrics` maps phase ("before", "after") to name -> value; `failed` maps the ids of facts the batch holds
+        but that did not take (the model does not answer them) to the reason: they get status `failed`.
+        Files first, then one transaction.
         """
         fact_ids = [f.id if isinstance(f, StoredFact) else int(f) for f in facts]
         delta.check_finite()
@@ -480,7 +490,7 @@ class Ledger:
                               ) from exc.__cause__
         try:
             batch_id = self._record_batch(fact_ids, delta, delta_hash, keys_hash, metrics or {}, method, replay_of,
-                                          new_weights)
+                                          new_weights, failed or {})
         except sqlite3.OperationalError as exc:  # disk full, I/O error: SQLite rolled the transaction back
             raise LedgerError(f"cannot record the batch in {self.root / 'ledger.db'} ({exc}); the batch of "
                               f"{len(fact_ids)} fact(s) was not committed, they stay pending") from exc
@@ -507,7 +517,7 @@ class Ledger:
 
     def _record_batch(self, fact_ids: Sequence[int], delta: EditDelta, delta_hash: str, keys_hash: str,
                       metrics: Mapping[str, Mapping[str, float]], method: str, replay_of: int | None,
-                      new_weights: Mapping[int, torch.Tensor]) -> int:
+                      new_weights: Mapping[int, torch.Tensor], failed: Mapping[int, str]) -> int:
         """The single DB transaction of a commit."""
         now = time.time()
         with self.transaction():
@@ -519,7 +529,7 @@ class Ledger:
             for d in delta.layers:
                 self.db.execute("INSERT OR REPLACE INTO edits VALUES (?, ?, ?, ?)",
                                 (bid, d.layer, d.u.shape[1], float(d.dense().norm())))
-            self._attach_facts(bid, fact_ids, now)
+            self._attach_facts(bid, fact_ids, now, failed)
             for phase, values in metrics.items():
                 self.add_metrics(bid, phase, values)
             self._store_fingerprints(new_weights)
@@ -528,15 +538,18 @@ class Ledger:
                            {"facts": list(fact_ids), "delta": delta_hash})
         return bid
 
-    def _attach_facts(self, bid: int, fact_ids: Sequence[int], now: float) -> None:
+    def _attach_facts(self, bid: int, fact_ids: Sequence[int], now: float, failed: Mapping[int, str]) -> None:
+        """Facts of a new batch: applied (superseding what they replace) or failed (superseding nothing)."""
         for fid in fact_ids:
+            status, why = ("failed", failed[fid]) if fid in failed else ("applied", None)
             self.db.execute("INSERT INTO batch_facts VALUES (?, ?)", (bid, fid))
-            self.db.execute("UPDATE facts SET status = 'applied', batch_id = ?, reason = NULL, updated_at = ?"
-                            " WHERE id = ?", (bid, now, fid))
-        marks = ",".join("?" * len(fact_ids))
+            self.db.execute("UPDATE facts SET status = ?, batch_id = ?, reason = ?, updated_at = ? WHERE id = ?",
+                            (status, bid, why, now, fid))
+        took = [f for f in fact_ids if f not in failed]
+        marks = ",".join("?" * len(took))
         self.db.execute(f"UPDATE facts SET status = 'superseded', reason = 'superseded by fact ' || superseded_by,"
                         f" updated_at = ? WHERE status = 'applied' AND superseded_by IN ({marks})",
-                        (now, *fact_ids))
+                        (now, *took))
 
     # ------------------------------------------------------------------ rollback
 
