@@ -1,4 +1,10 @@
-"""Applying one batch under guard: compute, predict interference, apply, monitor, probe, commit or roll back.
+"""Applying one batch under guard: compute, predict interference, apply, verify, monitor, probe, commit or roll back.
+
+Verified application: after a group is applied, every fact is asked (greedy decoding of its prompt must begin with
+its target, the check `kagent ask` and `kagent check` make). A fact that does not take is optimised again with
+stronger settings (`stronger`), up to `max_tries` times; one that still does not take is committed with the batch
+as `failed`, its reason naming the model's actual answer. Earlier facts of the retention sample that answered before
+the batch and do not after it go back to pending ("re-queued").
 
 `run_batch` hands `attempt` to `guard.bisect`: a group that passes is committed as its own ledger batch; a group
 that fails is rolled back (the ledger restores the exact weights, the editor state loses its keys) and split.
@@ -18,7 +24,8 @@ from agent.monitors import norm_metrics, predicted_interference, superposition_m
 from agent.session import Session
 from editors.core import EditResult
 from editors.delta import NonFiniteDelta
-from memory.record import StoredFact
+from evaluators.scoring import greedy_answers, greedy_matches
+from memory.record import StoredFact, normalise
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +33,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class BatchOutcome:
     committed: list[int] = field(default_factory=list)  # ledger batch ids
-    applied: list[int] = field(default_factory=list)  # fact ids now applied
+    applied: list[int] = field(default_factory=list)  # fact ids now applied (the model answers them)
+    failed: list[int] = field(default_factory=list)  # fact ids committed but not taking after every try
     quarantined: list[int] = field(default_factory=list)
     deferred: list[int] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)  # "after" metrics of the last committed group
@@ -55,13 +63,30 @@ def measure(session: Session, result: EditResult, group: list[StoredFact], sampl
     m |= superposition_metrics(result.keys, session.prior_keys, session.covariances())
     m |= session.probes.downstream(session.model, session.tok)
     if sample:
-        m["retention"] = session.probes.retention(session.model, session.tok, [f.record for f in sample])
-    m["efficacy"] = session.probes.retention(session.model, session.tok, [f.record for f in group])
+        m["retention"] = share(answered(session, sample))
+    m["efficacy"] = share(answered(session, group))
     return m
 
 
-def compute(session: Session, group: list[StoredFact]) -> EditResult:
-    result = session.editor.compute([f.record.to_request() for f in group], progress=sys.stderr.isatty())
+def share(hits: list[bool]) -> float:
+    return sum(hits) / len(hits) if hits else 0.0
+
+
+def companions(session: Session, group: list[StoredFact], also: list[StoredFact] = ()) -> list:
+    """Requests an entity-memory slot must keep answering when `group` rewrites it: the applied facts about the
+    same subjects (bar those a fact of the group supersedes) and `also` (group facts not being recomputed)."""
+    if session.editor.hp.write != "memory":
+        return []
+    ids = {f.id for f in group}
+    subjects = {f.record.subject for f in group}
+    live = [f for s in {normalise(x) for x in subjects} for f in session.ledger.live_by_subject(s)
+            if f.status == "applied" and f.id not in ids and f.record.subject in subjects]
+    return [f.record.to_request() for f in [*live, *also] if f.record.subject in subjects and f.id not in ids]
+
+
+def compute(session: Session, group: list[StoredFact], also: list[StoredFact] = ()) -> EditResult:
+    result = session.editor.compute([f.record.to_request() for f in group], progress=sys.stderr.isatty(),
+                                    companions=companions(session, group, also))
     result.keys = {l: dense(k) for l, k in result.keys.items()}
     return result
 
@@ -71,14 +96,69 @@ def dense(t):
     return t.detach().cpu().reshape(-1).clone().view(t.shape)
 
 
+def answered(session: Session, facts: list[StoredFact]) -> list[bool]:
+    """Per fact: does greedy decoding of its prompt begin with its target (what `kagent ask` shows)?"""
+    if not facts:
+        return []
+    return greedy_matches(session.model, session.tok, [f.record.text for f in facts],
+                          [f.record.target for f in facts]).tolist()
+
+
+def stronger(hp, tries: int) -> dict:
+    """Settings for the `tries`-th retry of a fact that did not take: longer optimisation, a wider margin."""
+    return {"max_steps": hp.max_steps * 2 ** tries, "mpes_patience": hp.mpes_patience + 2 * tries,
+            "nll_stop": hp.nll_stop / 4 ** tries, "clamp_factor": hp.clamp_factor * (1 + 0.5 * tries)}
+
+
+def combine(a: EditResult, b: EditResult) -> EditResult:
+    """Two applied results as one batch: both deltas, both sets of keys."""
+    import torch
+
+    keys = {l: dense(torch.cat([k for k in (a.keys.get(l), b.keys.get(l)) if k is not None], 1))
+            for l in a.keys.keys() | b.keys.keys()}
+    return EditResult(a.delta.then(b.delta), keys, a.steps, a.seconds, a.flops + b.flops)
+
+
+def verify(session: Session, group: list[StoredFact], result: EditResult) -> tuple[EditResult, dict[int, str]]:
+    """Check every fact of the applied `result`; recompute the ones that did not take with stronger settings, up
+    to `max_tries` value optimisations per fact. Returns the combined result and the reasons of facts that fail."""
+    missed = [f for f, ok in zip(group, answered(session, group)) if not ok]
+    for tries in range(1, session.cfg.max_tries):
+        if not missed:
+            break
+        session.ledger.log_event("retry", f"{len(missed)} fact(s) did not take; optimising them again "
+                                 f"(try {tries + 1} of {session.cfg.max_tries})", data={"facts": [f.id for f in missed]})
+        others = [f for f in group if f not in missed]
+        with session.editor.overriding(**stronger(session.editor.hp, tries)):
+            extra = compute(session, missed, others)
+        extra.delta.check_finite()
+        session.editor.apply(extra)
+        result = combine(result, extra)
+        missed = [f for f, ok in zip(missed, answered(session, missed)) if not ok]
+    says = greedy_answers(session.model, session.tok, [f.record.text for f in missed], 8)
+    return result, {f.id: f"did not take after {session.cfg.max_tries} tries: the model answers {a.strip()!r}, "
+                          f"not {f.record.target!r}" for f, a in zip(missed, says)}
+
+
 def reject(session: Session, result: EditResult, kind: str, reason: str, metrics: dict) -> Verdict:
-    session.ledger.restore(session.model)
+    session.restore()
     session.editor.state.add_keys(result.keys, sign=-1.0)
     return Verdict(False, kind, reason, metrics)
 
 
+def requeue(session: Session, sample: list[StoredFact], before: list[bool], batch_id: int) -> list[int]:
+    """Earlier facts that answered before batch `batch_id` and do not now go back to pending."""
+    lost = [f for f, was, now in zip(sample, before, answered(session, sample)) if was and not now]
+    if lost:
+        ids = [f.id for f in lost]
+        session.ledger.set_status(ids, "pending", f"stopped answering after batch {batch_id}; re-queued")
+        session.ledger.log_event("requeue", f"{len(ids)} earlier fact(s) stopped answering after batch {batch_id}; "
+                                 "re-queued", batch_id, {"facts": ids})
+    return [f.id for f in lost]
+
+
 def attempt(session: Session, group: list[StoredFact]) -> Verdict:
-    """Compute, check and (when every check passes) commit `group` as one batch."""
+    """Compute, apply, verify (with retries), check and - when the probes pass - commit `group` as one batch."""
     ids = [f.id for f in group]
     try:
         result = compute(session, group)
@@ -91,10 +171,15 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
         session.ledger.log_event("split", f"facts {ids}: {reason}", data={"facts": ids, "interference": interference})
         return Verdict(False, guard.INTERFERENCE, reason, {"interference": interference})
     sample = retention_sample(session, set(ids))
-    before = {"retention": session.probes.retention(session.model, session.tok, [f.record for f in sample])} \
-        if sample else {}
+    hits_before = answered(session, sample)
+    before = {"retention": share(hits_before)} if sample else {}
     session.editor.apply(result)
-    after = measure(session, result, group, sample) | {"interference": interference}
+    try:
+        result, failed = verify(session, group, result)
+    except NonFiniteDelta as exc:
+        return reject(session, result, guard.NONFINITE, str(exc), {})
+    after = measure(session, result, group, sample) | {"interference": interference, "took": len(group) - len(failed),
+                                                       "failed": len(failed)}
     baseline = session.baseline()
     failures = guard.probe_failures(after, baseline.known_acc, baseline.perplexity,
                                     before.get("retention"), session.cfg)
@@ -105,16 +190,20 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
         return verdict
     try:
         bid = session.ledger.commit(group, result.delta, result.keys, {"before": before, "after": after},
-                                    session.cfg.method, session.model)
-    except BaseException:  # not committed (e.g. disk full): model and editor state back to the ledger's
-        session.ledger.restore(session.model)
+                                    session.cfg.method, session.model, failed=failed)
+    except BaseException:  # not committed (e.g. disk full): model, memory and editor state back to the ledger's
+        session.restore()
         session.editor.state.add_keys(result.keys, sign=-1.0)
         raise
     session.add_prior_keys(result.keys)
+    if failed:
+        session.ledger.log_event("failed", f"batch {bid}: {len(failed)} fact(s) did not take", bid,
+                                 {"facts": list(failed)})
+    requeue(session, sample, hits_before, bid)
     if after.get("flash"):
         session.ledger.log_event("flash", f"batch {bid}: update size {after['delta_ratio']:.4g} is an outlier",
                                  bid, {"delta_ratio": after["delta_ratio"]})
-    return Verdict(True, metrics=after | {"batch_id": float(bid)})
+    return Verdict(True, metrics=after | {"batch_id": float(bid), "failed_ids": failed})
 
 
 def settle(session: Session, rejected: list[tuple[StoredFact, Verdict]], out: BatchOutcome,
@@ -138,8 +227,10 @@ def run_batch(session: Session, facts: list[StoredFact], defers: dict[int, int],
     def tracked(group: list[StoredFact]) -> Verdict:
         verdict = attempt(session, group)
         if verdict.ok:
+            failed = verdict.metrics.pop("failed_ids")
             out.committed.append(int(verdict.metrics["batch_id"]))
-            out.applied += [f.id for f in group]
+            out.applied += [f.id for f in group if f.id not in failed]
+            out.failed += list(failed)
             out.metrics = verdict.metrics
         elif len(group) > 1:
             session.ledger.log_event("bisect", f"bisecting {len(group)} facts: {verdict.reason}",

@@ -33,7 +33,9 @@ def _methods(_ctx, _param, text: str) -> list[str]:
 @click.command()
 @click.option("--facts", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="CounterFact or zsRE JSON file.")
 @click.option("--format", "fmt", type=click.Choice(["counterfact", "zsre"]), default="counterfact", show_default=True)
-@click.option("--n", type=int, default=100, show_default=True, help="Edit the first N records.")
+@click.option("--start", type=click.IntRange(0), default=0, show_default=True,
+              help="First record to edit (e.g. 5000: records nobody tuned on).")
+@click.option("--n", type=int, default=100, show_default=True, help="Edit N records from --start.")
 @click.option("--batch-size", type=int, default=100, show_default=True)
 @click.option("--methods", default=",".join(METHODS.names()), show_default=True, callback=_methods,
               help="Comma-separated editors.")
@@ -41,13 +43,16 @@ def _methods(_ctx, _param, text: str) -> list[str]:
 @click.option("--device", default=None, help="torch device (default: CUDA when available).")
 @click.option("--order", type=click.Choice(["arrival", "random", "cluster"]), default="arrival", show_default=True)
 @click.option("--set", "sets", multiple=True, help="Hyperparameter override KEY=VALUE (JSON values), repeatable.")
+@click.option("--consolidate-every", type=click.IntRange(0), default=0, show_default=True,
+              help="Re-solve all edits jointly from the base weights every K batches (weights mode; 0 = never).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
-def bench(facts, fmt, n, batch_size, methods, model, device, order, sets, json_out) -> None:
+def bench(facts, fmt, start, n, batch_size, methods, model, device, order, sets, consolidate_every, json_out) -> None:
     """Benchmark editors on sequential edits: quality, side effects and speed."""
     from evaluators.bench import BenchConfig, run_bench, table
 
-    cfg = BenchConfig(facts=facts, format=fmt, n=n, batch_size=batch_size, methods=methods, model=model,
-                      device=device, order=order, overrides=_overrides(sets))
+    cfg = BenchConfig(facts=facts, format=fmt, start=start, n=n, batch_size=batch_size, methods=methods,
+                      model=model, device=device, order=order, overrides=_overrides(sets),
+                      consolidate_every=consolidate_every)
     rows = run_bench(cfg)
     click.echo(table(rows))
     if json_out:

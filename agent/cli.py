@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import sqlite3
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -24,6 +25,7 @@ from agent.schedule import ScheduleError
 from agent.session import initialise, open_ledger, open_session
 from agent.workspace import Workspace, WorkspaceError, default_root
 from editors.arch import UnknownArchitecture
+from editors.entity_memory import EntityMemory
 from editors.models import DEFAULT_MODEL, fingerprint, load_model
 from editors.registry import METHODS
 from memory.export import export as export_model
@@ -208,8 +210,9 @@ def ask(prompt: str, base: bool, tokens: int, workspace: Path | None) -> None:
     loaded = load_checked(cfg.model, cfg.resolved_device())
     before = greedy_answers(loaded.model, loaded.tok, [prompt], tokens)[0] if base else None
     with open_ledger(ws) as ledger:
-        load_edits(ledger, loaded)
-    after = greedy_answers(loaded.model, loaded.tok, [prompt], tokens)[0]
+        memory = load_edits(ledger, loaded)
+    with edited(memory, loaded.model):
+        after = greedy_answers(loaded.model, loaded.tok, [prompt], tokens)[0]
     if before is not None:
         click.echo(f"base:   {prompt}{before}")
         click.echo(f"edited: {prompt}{after}")
@@ -217,13 +220,43 @@ def ask(prompt: str, base: bool, tokens: int, workspace: Path | None) -> None:
         click.echo(f"{prompt}{after}")
 
 
-def load_edits(ledger, loaded) -> None:
-    """Write base + committed deltas into a freshly loaded model, after checking it is the ledger's base model."""
+def load_edits(ledger, loaded) -> EntityMemory | None:
+    """Write base + committed deltas into a freshly loaded model, after checking it is the ledger's base model;
+    return the committed entity-memory slots (None when there are none) for `edited`."""
     expected, got = ledger.base_fingerprint(), fingerprint(loaded.model)
     if expected is not None and expected != got:
         raise LedgerMismatch(f"model {loaded.name} (fingerprint {got}) is not the base model of this workspace's "
                              f"ledger ({expected})")
     ledger.load_into(loaded.model)
+    return EntityMemory.from_write(loaded.tok, ledger.memory_write())
+
+
+def edited(memory: EntityMemory | None, model):
+    """The entity memory attached to `model` for a `with` block (nothing to attach: a no-op)."""
+    return memory.attached(model) if memory is not None else nullcontext()
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Output JSON")
+@workspace_option
+def check(as_json: bool, workspace: Path | None) -> None:
+    """Ask the edited model every applied fact; exit 1 when one does not answer its target."""
+    ws = Workspace.open(ws_root(workspace))
+    cfg = ws.config()
+    loaded = load_checked(cfg.model, cfg.resolved_device())
+    with open_ledger(ws) as ledger:
+        memory = load_edits(ledger, loaded)
+        applied = ledger.facts(status="applied")
+    with edited(memory, loaded.model):
+        rows = views.check_rows(loaded.model, loaded.tok, applied)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        for row in rows:
+            click.echo(views.check_line(row))
+        click.echo(f"{sum(r['took'] for r in rows)} of {len(rows)} applied fact(s) answer their target")
+    if not all(r["took"] for r in rows):
+        raise SystemExit(1)
 
 
 @cli.command()
@@ -245,16 +278,20 @@ def rollback(batch: int | None, to_batch: int | None, workspace: Path | None) ->
 
 
 def rollback_messages(session, batch: int | None, to_batch: int | None) -> list[str]:
+    """Roll back and bring the entity memory to the remaining batches' slots."""
     state = session.editor.state
-    if to_batch is not None:
-        return [r.message for r in session.ledger.rollback_to(to_batch, session.model, state)] or \
-            [f"nothing committed after batch {to_batch}"]
+    try:
+        if to_batch is not None:
+            return [r.message for r in session.ledger.rollback_to(to_batch, session.model, state)] or \
+                [f"nothing committed after batch {to_batch}"]
 
-    def recompute(facts):
-        result = compute(session, facts)
-        return result.delta, result.keys
+        def recompute(facts):
+            result = compute(session, facts)
+            return result.delta, result.keys
 
-    return [session.ledger.rollback(batch, session.model, state, recompute).message]
+        return [session.ledger.rollback(batch, session.model, state, recompute).message]
+    finally:
+        session.sync_memory()
 
 
 @cli.command()

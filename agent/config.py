@@ -27,6 +27,8 @@ class AgentConfig(BaseModel):
     layers: list[int] = Field(default_factory=list,
                               description="edited layers; empty = the method's default for the model family")
     stats_tokens: int = Field(0, ge=0, description="corpus tokens for covariance statistics; 0 = the method's default")
+    editor: dict[str, Any] = Field(default_factory=dict, description="editor hyperparameter overrides (names of "
+                                   "editors.hparams.EditHParams), e.g. { write = \"weights\" } for ENCORE's weight solve")
     batch_size: int = Field(10, ge=1, description="facts applied together in one batch")
     max_wait: float = Field(30.0, ge=0, description="seconds to wait before applying a partial batch")
     order: Literal["cluster", "arrival", "random"] = Field(
@@ -45,8 +47,21 @@ class AgentConfig(BaseModel):
     probe_tokens: int = Field(1024, ge=16, description="held-out corpus tokens scored by the perplexity probe")
     probe_file: str = Field("", description="JSONL of facts the model must keep answering "
                             "({prompt, subject, target, case_id}); empty = the shipped known-fact set")
+    max_tries: int = Field(3, ge=1, description="value optimisations a fact gets before it is `failed` (each retry "
+                           "doubles the steps and widens the margin); a fact counts as applied only when the "
+                           "model's greedy answer begins with its target")
     retention_sample: int = Field(50, ge=1, description="applied facts sampled for the retention probe")
     seed: int = Field(0, description="random seed for sampling probes and the 'random' order")
+
+    @field_validator("editor")
+    @classmethod
+    def _known_hparams(cls, editor: dict[str, Any]) -> dict[str, Any]:
+        from editors.hparams import EditHParams
+
+        unknown = sorted(set(editor) - set(EditHParams.model_fields))
+        if unknown:
+            raise ValueError(f"unknown editor hyperparameter(s) {', '.join(unknown)}")
+        return editor
 
     @field_validator("method")
     @classmethod
@@ -59,7 +74,7 @@ class AgentConfig(BaseModel):
 
     def hparam_overrides(self) -> dict[str, Any]:
         """Editor hyperparameters this config overrides (the rest are the family's defaults)."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = dict(self.editor)
         if self.layers:
             out["layers"] = list(self.layers)
         if self.stats_tokens:
@@ -77,6 +92,8 @@ def _toml_value(value: Any) -> str:
         return f'"{escaped}"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 

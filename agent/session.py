@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,7 @@ class Session:
     w0: dict[int, torch.Tensor]  # base weights of the edited layers
     prior_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> keys of committed edits (d, m)
     _probe_keys: dict[int, torch.Tensor] | None = None  # layer -> keys of the known-fact probes, computed once
+    hooks: ExitStack = field(default_factory=ExitStack)  # the entity memory's hooks while the session is open
 
     @property
     def model(self):
@@ -70,7 +72,17 @@ class Session:
         return baseline
 
     def close(self) -> None:
+        self.hooks.close()
         self.ledger.close()
+
+    def restore(self) -> None:
+        """Model weights and entity memory back to exactly what the ledger's committed batches hold."""
+        self.ledger.restore(self.model)
+        self.sync_memory()
+
+    def sync_memory(self) -> None:
+        """The editor's entity memory = the committed batches' slots (after open, reject and rollback)."""
+        self.editor.memory.load(self.ledger.memory_write())
 
     def add_prior_keys(self, keys: dict[int, torch.Tensor]) -> None:
         for layer, k in keys.items():
@@ -145,7 +157,13 @@ def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
     ledger.attach(loaded.model, editor.hp.layers)
     probes = ProbeSuite.shipped(cfg.probe_facts, cfg.probe_tokens, cfg.probe_file)
     session = Session(ws, cfg, loaded, ledger, editor, open_memory(ws, ledger), probes, w0)
-    session.rebuild_state()
+    session.hooks.enter_context(editor.memory.attached(loaded.model))
+    try:
+        session.sync_memory()
+        session.rebuild_state()
+    except BaseException:
+        session.close()
+        raise
     log.info("workspace %s: %s with %d committed edit(s)", ws.root, cfg.model, session.editor.state.n_edits)
     return session
 

@@ -1,6 +1,7 @@
 """Read-only views of a workspace for the CLI: history rows, batch and fact details, status, report rows.
 
-These read the ledger only (no model), so they work while another process holds the write lock.
+These read the ledger only (no model), so they work while another process holds the write lock; `check_rows`
+alone asks a model (the one `kagent check` loaded).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from agent.report import ReportRow
 from memory.ledger import BatchInfo, Ledger
 from memory.record import StoredFact
 
-KEY_METRICS = ("known_acc", "perplexity", "retention", "efficacy", "interference", "delta_ratio")
+KEY_METRICS = ("took", "failed", "known_acc", "perplexity", "retention", "efficacy", "interference", "delta_ratio")
 
 
 def when(ts: float) -> str:
@@ -86,3 +87,20 @@ def report_rows(ledger: Ledger) -> list[ReportRow]:
         rows.append(ReportRow(b.id, when(b.created_at), b.n_facts, total, b.status, b.method,
                               ledger.metrics(b.id).get("after", {})))
     return rows
+
+
+def check_rows(model, tok, facts: list[StoredFact]) -> list[dict[str, Any]]:
+    """Per fact: does the model's greedy answer begin with its target? With the answer where it does not."""
+    from evaluators.scoring import greedy_answers, greedy_matches
+
+    hits = greedy_matches(model, tok, [f.record.text for f in facts], [f.record.target for f in facts],
+                          progress=True).tolist() if facts else []
+    missed = [f for f, hit in zip(facts, hits) if not hit]
+    says = dict(zip([f.id for f in missed], greedy_answers(model, tok, [f.record.text for f in missed], 8)))
+    return [{"fact": f.id, "batch": f.batch_id, "prompt": f.record.text, "target": f.record.target, "took": hit,
+             "answer": None if hit else says[f.id].strip()} for f, hit in zip(facts, hits)]
+
+
+def check_line(row: dict[str, Any]) -> str:
+    said = "" if row["took"] else f"  (model: {row['answer']!r})"
+    return f"f{row['fact']:<5} {'took' if row['took'] else 'MISSED':<6} {row['prompt']} -> {row['target']}{said}"

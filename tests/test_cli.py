@@ -188,8 +188,8 @@ def poison(monkeypatch, subject: str, size: float = 100.0) -> None:
 
     real = agent.batch.compute
 
-    def destructive(session, group):
-        result = real(session, group)
+    def destructive(session, group, also=()):
+        result = real(session, group, also)
         if any(f.record.subject == subject for f in group):
             gen = torch.Generator().manual_seed(0)
             for i, d in enumerate(result.delta.layers):
@@ -218,7 +218,7 @@ FOUR = [("Paris", "Spain"), ("Berlin", "Norway"), ("Oslo", "Cuba"), ("Madrid", "
 
 
 def test_a_destructive_edit_is_rolled_back_bisected_and_quarantined(ws, tmp_path, monkeypatch):
-    set_config(ws, interference_threshold=1e9)  # let the bad delta through to the probes
+    set_config(ws, interference_threshold=1e9, editor={"write": "weights"})  # the bad delta through to the probes
     poison(monkeypatch, "Oslo")
     feed = tmp_path / "feed.jsonl"
     write_facts(feed, FOUR)
@@ -236,6 +236,7 @@ def test_a_destructive_edit_is_rolled_back_bisected_and_quarantined(ws, tmp_path
 
 
 def test_predicted_interference_splits_the_batch_and_defers_the_culprit(ws, tmp_path, monkeypatch):
+    set_config(ws, editor={"write": "weights"})  # interference is predicted for weight updates
     poison(monkeypatch, "Oslo")
     feed = tmp_path / "feed.jsonl"
     write_facts(feed, FOUR)
@@ -312,3 +313,82 @@ def test_refresh_processes_every_watched_feed_and_export_writes_a_loadable_check
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(f["subject"] for f in manifest["facts"]) == ["Berlin", "Oslo", "Paris", "Rome"]
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
+
+
+def scripted_answers(monkeypatch, takes_on: dict[str, int]) -> list[list[str]]:
+    """`answered` that says a fact about subject S answers from its takes_on[S]-th check on (0 = never);
+    others always answer. Returns the subjects of each call."""
+    calls: list[list[str]] = []
+    seen: dict[str, int] = {}
+
+    def fake(session, facts):
+        calls.append([f.record.subject for f in facts])
+        out = []
+        for f in facts:
+            s = f.record.subject
+            seen[s] = seen.get(s, 0) + 1
+            out.append(s not in takes_on or (takes_on[s] > 0 and seen[s] >= takes_on[s]))
+        return out
+
+    monkeypatch.setattr(agent.batch, "answered", fake)
+    return calls
+
+
+@pytest.mark.verify
+def test_a_fact_that_does_not_take_is_retried_then_failed_with_the_models_answer(ws, tmp_path, monkeypatch):
+    scripted_answers(monkeypatch, {"Oslo": 0, "Berlin": 2})  # Oslo never answers; Berlin on its first retry
+    feed = tmp_path / "feed.jsonl"
+    write_facts(feed, FOUR)
+    res = run("watch", feed, "--once", "--batch-size", "4", "--workspace", ws)
+    assert res.exit_code == 0, res.output
+    assert "3 applied" in res.output
+    failed = run("facts", "--status", "failed", "--workspace", ws).output.splitlines()
+    assert len(failed) == 1 and "Oslo" in failed[0] and "did not take after 3 tries: the model answers '" in failed[0]
+    assert sorted(l.split()[4] for l in applied(ws)) == ["Berlin", "Madrid", "Paris"]
+    retries = events(ws, "retry")
+    assert [e.data["facts"] for e in retries] == [[2, 3], [3]]  # Berlin and Oslo, then Oslo alone
+    hist = json.loads(run("history", "--json", "--workspace", ws).output)
+    assert hist[0]["metrics"]["took"] == 3 and hist[0]["metrics"]["failed"] == 1
+
+
+@pytest.mark.verify
+def test_an_earlier_fact_that_stops_answering_is_requeued(ws, tmp_path, monkeypatch):
+    set_config(ws, retention_drop=1.0)  # let the batch commit although the earlier fact is lost
+    lost = []
+
+    def fake(session, facts):  # Paris answers until the Berlin batch has been applied
+        lost.extend(f for f in facts if f.record.subject == "Berlin")
+        return [not (lost and f.record.subject == "Paris") for f in facts]
+
+    monkeypatch.setattr(agent.batch, "answered", fake)
+    feed = tmp_path / "feed.jsonl"
+    write_facts(feed, FOUR[:1])
+    assert run("watch", feed, "--once", "--workspace", ws).exit_code == 0
+    write_facts(feed, FOUR[1:2], mode="a")
+    assert run("watch", feed, "--once", "--workspace", ws).exit_code == 0
+    requeued = events(ws, "requeue")
+    assert len(requeued) == 1 and requeued[0].data["facts"] == [1]
+    assert "stopped answering after batch 2" in run("show", "f1", "--workspace", ws).output
+
+
+@pytest.mark.verify
+def test_check_asks_every_applied_fact_and_exits_1_when_one_does_not_answer(ws, tmp_path, monkeypatch, model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluators.scoring import greedy_answers
+
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    own = greedy_answers(model, tok, ["Rome is the capital of"], 3)[0].strip()  # what the model says anyway
+    scripted_answers(monkeypatch, {})  # every fact "takes" while watching; `check` asks the model for real
+    feed = tmp_path / "feed.jsonl"
+    write_facts(feed, [("Rome", own)])
+    assert run("watch", feed, "--once", "--workspace", ws).exit_code == 0
+    res = run("check", "--json", "--workspace", ws)
+    assert res.exit_code == 0, res.output
+    assert [(r["fact"], r["took"]) for r in json.loads(res.stdout)] == [(1, True)]
+    write_facts(feed, [("Paris", "Spain")], mode="a")  # the tiny model never really answers an edit like this
+    assert run("watch", feed, "--once", "--workspace", ws).exit_code == 0
+    res = run("check", "--workspace", ws)
+    assert res.exit_code == 1
+    assert "MISSED" in res.output and "Paris is the capital of -> Spain  (model: '" in res.output
+    assert res.stdout.strip().splitlines()[-1] == "1 of 2 applied fact(s) answer their target"
