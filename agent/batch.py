@@ -2,7 +2,8 @@
 
 `run_batch` hands `attempt` to `guard.bisect`: a group that passes is committed as its own ledger batch; a group
 that fails is rolled back (the ledger restores the exact weights, the editor state loses its keys) and split.
-Facts that fail on their own are quarantined (probe damage) or deferred (predicted interference), with the reason.
+Facts that fail on their own are quarantined (probe damage above the noise floor, perplexity, retention) or deferred
+(predicted interference), with the reason.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from agent import guard
 from agent.guard import Verdict
 from agent.monitors import norm_metrics, predicted_interference, superposition_metrics, trend_metrics
+from agent.probes import Reading
 from agent.session import Session
 from editors.core import EditResult
 from editors.delta import NonFiniteDelta
@@ -48,16 +50,24 @@ def reference_keys(session: Session) -> dict:
             for l in session.layers if probe.get(l) is not None or session.prior_keys.get(l) is not None}
 
 
-def measure(session: Session, result: EditResult, group: list[StoredFact], sample: list[StoredFact]) -> dict:
-    """Monitors and probes of the model with `result` applied."""
+def noise_floor(session: Session, result: EditResult, group: list[StoredFact], before: Reading):
+    """Per probe fact, the margin drop random updates of the batch's size cause on the model before it."""
+    seed = session.cfg.seed * 1_000_003 + min(f.id for f in group)
+    return session.probes.floor(session.model, session.tok, before, result.delta, session.cfg.damage_draws, seed)
+
+
+def measure(session: Session, result: EditResult, group: list[StoredFact], sample: list[StoredFact],
+            before: Reading, floor) -> tuple[Reading, dict]:
+    """Monitors and probes of the model with `result` applied (damage against `before` and the noise floor)."""
     m = norm_metrics(session.model, session.w0, result.delta)
     m |= trend_metrics(m, session.history_metrics(), session.cfg.flash_k)
     m |= superposition_metrics(result.keys, session.prior_keys, session.covariances())
-    m |= session.probes.downstream(session.model, session.tok)
+    reading, damage = session.probes.damage(session.model, session.tok, before, floor)
+    m |= damage | session.probes.known_acc(session.model, session.tok)
     if sample:
         m["retention"] = session.probes.retention(session.model, session.tok, [f.record for f in sample])
     m["efficacy"] = session.probes.retention(session.model, session.tok, [f.record for f in group])
-    return m
+    return reading, m
 
 
 def compute(session: Session, group: list[StoredFact]) -> EditResult:
@@ -93,8 +103,11 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
     sample = retention_sample(session, set(ids))
     before = {"retention": session.probes.retention(session.model, session.tok, [f.record for f in sample])} \
         if sample else {}
+    reference = session.probes.reference(session.model, session.tok)
+    floor = noise_floor(session, result, group, reference)
     session.editor.apply(result)
-    after = measure(session, result, group, sample) | {"interference": interference}
+    reading, after = measure(session, result, group, sample, reference, floor)
+    after["interference"] = interference
     baseline = session.baseline()
     failures = guard.probe_failures(after, baseline.known_acc, baseline.perplexity,
                                     before.get("retention"), session.cfg)
@@ -111,6 +124,7 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
         session.editor.state.add_keys(result.keys, sign=-1.0)
         raise
     session.add_prior_keys(result.keys)
+    session.probes.keep(reading)
     if after.get("flash"):
         session.ledger.log_event("flash", f"batch {bid}: update size {after['delta_ratio']:.4g} is an outlier",
                                  bid, {"delta_ratio": after["delta_ratio"]})

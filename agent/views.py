@@ -12,7 +12,7 @@ from agent.report import ReportRow
 from memory.ledger import BatchInfo, Ledger
 from memory.record import StoredFact
 
-KEY_METRICS = ("known_acc", "perplexity", "retention", "efficacy", "interference", "delta_ratio")
+KEY_METRICS = ("damage", "floor", "known_acc", "perplexity", "retention", "efficacy", "interference", "delta_ratio")
 
 
 def when(ts: float) -> str:
