@@ -8,7 +8,8 @@ the batch and do not after it go back to pending ("re-queued").
 
 `run_batch` hands `attempt` to `guard.bisect`: a group that passes is committed as its own ledger batch; a group
 that fails is rolled back (the ledger restores the exact weights, the editor state loses its keys) and split.
-Facts that fail on their own are quarantined (probe damage) or deferred (predicted interference), with the reason.
+Facts that fail on their own are quarantined (probe damage above the noise floor, perplexity, retention) or deferred
+(predicted interference), with the reason.
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from dataclasses import dataclass, field
 from agent import guard
 from agent.guard import Verdict
 from agent.monitors import norm_metrics, predicted_interference, superposition_metrics, trend_metrics
+from agent.probes import Reading
 from agent.session import Session
 from editors.core import EditResult
 from editors.delta import NonFiniteDelta
+from editors.entity_memory import EntityMemory
 from evaluators.scoring import greedy_answers, greedy_matches
 from memory.record import StoredFact, normalise
 
@@ -56,16 +59,33 @@ def reference_keys(session: Session) -> dict:
             for l in session.layers if probe.get(l) is not None or session.prior_keys.get(l) is not None}
 
 
-def measure(session: Session, result: EditResult, group: list[StoredFact], sample: list[StoredFact]) -> dict:
-    """Monitors and probes of the model with `result` applied."""
+def unchanged(session: Session, result: EditResult):
+    """For a batch that only wrote entity-memory slots: a predicate telling which texts it cannot have changed
+    (none of its subjects occurs in them: the model computes them bit for bit as before). None otherwise."""
+    if result.delta.layers or result.delta.memory is None:
+        return None
+    new = EntityMemory.from_write(session.tok, result.delta.memory)
+    return lambda text: not new.matches(session.tok(text)["input_ids"])
+
+
+def noise_floor(session: Session, result: EditResult, group: list[StoredFact], before: Reading):
+    """Per probe fact, the margin drop random updates of the batch's size cause on the model before it."""
+    seed = session.cfg.seed * 1_000_003 + min(f.id for f in group)
+    return session.probes.floor(session.model, session.tok, before, result.delta, session.cfg.damage_draws, seed)
+
+
+def measure(session: Session, result: EditResult, group: list[StoredFact], sample: list[StoredFact],
+            before: Reading, floor) -> tuple[Reading, dict]:
+    """Monitors and probes of the model with `result` applied (damage against `before` and the noise floor)."""
     m = norm_metrics(session.model, session.w0, result.delta)
     m |= trend_metrics(m, session.history_metrics(), session.cfg.flash_k)
     m |= superposition_metrics(result.keys, session.prior_keys, session.covariances())
-    m |= session.probes.downstream(session.model, session.tok)
+    reading, damage = session.probes.damage(session.model, session.tok, before, floor, unchanged(session, result))
+    m |= damage | session.probes.known_acc(session.model, session.tok)
     if sample:
         m["retention"] = share(answered(session, sample))
     m["efficacy"] = share(answered(session, group))
-    return m
+    return reading, m
 
 
 def share(hits: list[bool]) -> float:
@@ -173,13 +193,15 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
     sample = retention_sample(session, set(ids))
     hits_before = answered(session, sample)
     before = {"retention": share(hits_before)} if sample else {}
+    reference = session.probes.reference(session.model, session.tok)
+    floor = noise_floor(session, result, group, reference) if result.delta.layers else None  # slots: no weights move
     session.editor.apply(result)
     try:
         result, failed = verify(session, group, result)
     except NonFiniteDelta as exc:
         return reject(session, result, guard.NONFINITE, str(exc), {})
-    after = measure(session, result, group, sample) | {"interference": interference, "took": len(group) - len(failed),
-                                                       "failed": len(failed)}
+    reading, after = measure(session, result, group, sample, reference, floor)
+    after |= {"interference": interference, "took": len(group) - len(failed), "failed": len(failed)}
     baseline = session.baseline()
     failures = guard.probe_failures(after, baseline.known_acc, baseline.perplexity,
                                     before.get("retention"), session.cfg)
@@ -196,6 +218,7 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
         session.editor.state.add_keys(result.keys, sign=-1.0)
         raise
     session.add_prior_keys(result.keys)
+    session.probes.keep(reading)
     if failed:
         session.ledger.log_event("failed", f"batch {bid}: {len(failed)} fact(s) did not take", bid,
                                  {"facts": list(failed)})

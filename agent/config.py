@@ -35,7 +35,18 @@ class AgentConfig(BaseModel):
         "arrival", description="order in which pending facts are batched: arrival (measured best at 1,000 edits, BENCHMARKS.md), cluster or random")
     feeds: list[str] = Field(default_factory=list, description="feed files that `kagent refresh` processes")
     known_acc_drop: float = Field(
-        0.05, ge=0, description="max drop of known-fact accuracy below the baseline (absolute, 0-1)")
+        1.0, ge=0, description="max drop of known-fact accuracy below the baseline (absolute, 0-1); 1 = off: the "
+        "damage measure guards instead (a flip count over a few dozen facts is mostly noise)")
+    damage_z: float = Field(
+        3.0, gt=0, description="a batch damages the model when its probe-fact margin drop exceeds the noise floor "
+        "(the drop random updates of its size cause) by more than damage_z standard errors")
+    damage_tolerance: float = Field(
+        0.05, ge=0, description="excess margin drop over the noise floor (logits, mean over probe facts) always "
+        "tolerated, however significant")
+    damage_draws: int = Field(1, ge=1, description="random updates measured per batch for the noise floor")
+    damage_facts: int = Field(0, ge=0, description="probe facts of the damage measure; 0 = all of the set")
+    damage_file: str = Field("", description="JSONL of the damage measure's probe facts "
+                             "({prompt, subject, target, dataset, record, source, margin}); empty = the shipped set")
     ppl_ratio: float = Field(1.05, ge=1, description="max perplexity on held-out text as a multiple of the baseline")
     retention_drop: float = Field(
         0.10, ge=0, description="max drop of earlier edits' retention compared with before the batch (0-1)")
@@ -43,7 +54,7 @@ class AgentConfig(BaseModel):
         0.15, gt=0, description="max predicted interference ||dW K|| / ||W K|| on probe and earlier-edit keys "
         "(SmolLM2 + ENCORE: ~0.01 for 3 facts, ~0.07 for 10)")
     flash_k: float = Field(6.0, gt=0, description="a batch's update is a 'flash' above median + k * MAD of history")
-    probe_facts: int = Field(40, ge=1, description="known facts used by the probe after every batch")
+    probe_facts: int = Field(40, ge=1, description="known facts whose accuracy is reported after every batch")
     probe_tokens: int = Field(1024, ge=16, description="held-out corpus tokens scored by the perplexity probe")
     probe_file: str = Field("", description="JSONL of facts the model must keep answering "
                             "({prompt, subject, target, case_id}); empty = the shipped known-fact set")

@@ -30,8 +30,9 @@ class Verdict:
 
 def probe_failures(after: dict[str, float], baseline_acc: float | None, baseline_ppl: float,
                    retention_before: float | None, cfg: AgentConfig) -> list[str]:
-    """Why the probes say the model degraded (empty when it did not)."""
-    out = []
+    """Why the probes say the model degraded (empty when it did not): damage above the noise floor first, then
+    perplexity against the baseline, retention of earlier edits and (when enabled) known-fact accuracy."""
+    out = damage_failures(after, cfg)
     if baseline_acc is not None and "known_acc" in after and after["known_acc"] < baseline_acc - cfg.known_acc_drop:
         out.append(f"known-fact accuracy {after['known_acc']:.3f} < baseline {baseline_acc:.3f} - {cfg.known_acc_drop}")
     if "perplexity" in after and not after["perplexity"] <= baseline_ppl * cfg.ppl_ratio:
@@ -42,6 +43,18 @@ def probe_failures(after: dict[str, float], baseline_acc: float | None, baseline
             after["retention"] < retention_before - cfg.retention_drop:
         out.append(f"retention {after['retention']:.3f} < {retention_before:.3f} - {cfg.retention_drop}")
     return out
+
+
+def damage_failures(after: dict[str, float], cfg: AgentConfig) -> list[str]:
+    """The probe facts lost more margin than random updates of the batch's size take: by more than damage_z standard
+    errors of the paired difference and more than damage_tolerance; not finite counts as damage."""
+    if "excess" not in after:
+        return []
+    excess, se = after["excess"], after.get("excess_se", 0.0)
+    if excess <= max(cfg.damage_z * se, cfg.damage_tolerance):
+        return []
+    return [f"probe damage {after.get('damage', excess):.3f} > noise floor {after.get('floor', 0.0):.3f} "
+            f"by {excess:.3f} (> {cfg.damage_z} x se {se:.3f} and > {cfg.damage_tolerance})"]
 
 
 def bisect(facts: Sequence[T], attempt: Callable[[list[T]], Verdict]) -> list[tuple[T, Verdict]]:

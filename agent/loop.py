@@ -53,8 +53,8 @@ class WatchSummary:
 def batch_line(out: BatchOutcome) -> str:
     """One-line summary of a batch."""
     m = out.metrics
-    probes = " ".join(f"{k}={m[k]:.3g}" for k in ("known_acc", "perplexity", "retention", "efficacy",
-                                                   "interference", "delta_ratio") if k in m)
+    probes = " ".join(f"{k}={m[k]:.3g}" for k in ("damage", "floor", "known_acc", "perplexity", "retention",
+                                                   "efficacy", "interference", "delta_ratio") if k in m)
     ids = ",".join(map(str, out.committed)) or "-"
     extra = f", {len(out.quarantined)} quarantined" if out.quarantined else ""
     extra += f", {len(out.deferred)} deferred" if out.deferred else ""

@@ -155,7 +155,7 @@ def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
     w0 = base_weights(loaded.model, editor.hp.layers)
     ledger = open_ledger(ws)
     ledger.attach(loaded.model, editor.hp.layers)
-    probes = ProbeSuite.shipped(cfg.probe_facts, cfg.probe_tokens, cfg.probe_file)
+    probes = ProbeSuite.shipped(cfg.probe_facts, cfg.probe_tokens, cfg.probe_file, cfg.damage_file, cfg.damage_facts)
     session = Session(ws, cfg, loaded, ledger, editor, open_memory(ws, ledger), probes, w0)
     session.hooks.enter_context(editor.memory.attached(loaded.model))
     try:

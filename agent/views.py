@@ -13,7 +13,8 @@ from agent.report import ReportRow
 from memory.ledger import BatchInfo, Ledger
 from memory.record import StoredFact
 
-KEY_METRICS = ("took", "failed", "known_acc", "perplexity", "retention", "efficacy", "interference", "delta_ratio")
+KEY_METRICS = ("took", "failed", "damage", "floor", "known_acc", "perplexity", "retention", "efficacy", "interference",
+               "delta_ratio")
 
 
 def when(ts: float) -> str:

@@ -75,6 +75,20 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def edit_set(records: list, n: int, fmt: str, path: Path) -> list:
+    """The first `n` records that hold none of the guard's probe facts (evaluators.probes.reserved): CounterFact by
+    case id, the shipped zsRE file by position."""
+    if fmt == "counterfact":
+        held = probes.reserved("counterfact")
+        kept = [r for r in records if r.case_id not in held]
+    else:
+        held = probes.reserved(probes.ZSRE) if Path(path).stem == probes.ZSRE else set()
+        kept = [r for i, r in enumerate(records) if i not in held]
+    if len(kept) < len(records):
+        log.info("left out %d %s records that hold probe facts", len(records) - len(kept), fmt)
+    return kept[:n]
+
+
 class _Task:
     """Records, requests and metrics of one data set format."""
 
@@ -82,11 +96,11 @@ class _Task:
         self.cfg = cfg
         end = cfg.start + cfg.n
         if cfg.format == "counterfact":
-            self.records = counterfact.load_counterfact(cfg.facts, end)[cfg.start:]
+            self.records = edit_set(counterfact.load_counterfact(cfg.facts), end, "counterfact", cfg.facts)[cfg.start:]
             self.requests = counterfact.to_requests(self.records)
             self.prompts = ([r.prompt for r in self.records], [r.rephrase_prompt for r in self.records])
         else:
-            edits = zsre.to_requests(zsre.load_zsre(cfg.facts, end)[cfg.start:])
+            edits = zsre.to_requests(edit_set(zsre.load_zsre(cfg.facts), end, "zsre", cfg.facts)[cfg.start:])
             self.records, self.requests = edits.records, edits.requests
             self.pre_loc = zsre.locality_predictions(model, tok, self.records)
             self.prompts = ([r.src for r in self.records], [r.rephrase for r in self.records])

@@ -3,12 +3,18 @@
 - `perplexity`: exp of the mean next-token NLL over windows of the held-out corpus text;
 - `known_fact_accuracy`: share of the shipped probe facts (CounterFact val facts the unedited
   model gets right) that greedy decoding still answers;
-- `retention`: share of applied edit requests whose target is still the model's greedy answer.
+- `retention`: share of applied edit requests whose target is still the model's greedy answer;
+- `fact_margins` / `damage`: the guard's measure with a noise floor. Per probe fact (the shipped
+  `probe_facts.jsonl`: facts the unedited model answers, from CounterFact val, reserved CounterFact
+  train records and zsRE) the answer's logit margin over the best other token; a batch's damage is the mean
+  drop of that margin over the probe facts, with its paired standard error; `random_update` is the
+  same-norm random update whose damage is the floor a real batch is compared with (agent/guard.py).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
@@ -18,11 +24,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from editors.arch import weight_view
 from editors.corpus import heldout_text
+from editors.delta import EditDelta, LayerDelta
 from editors.prompts import EditRequest
-from evaluators.scoring import DEFAULT_BATCH, greedy_matches, hidden_states, model_device, pad_id_of
+from evaluators.scoring import DEFAULT_BATCH, answer_margins, greedy_matches, hidden_states, model_device, pad_id_of
 
 KNOWN_FACTS_FILE = "known_facts.jsonl"
+PROBE_FACTS_FILE = "probe_facts.jsonl"
+CF_VAL, CF_TRAIN, ZSRE = "counterfact-val", "counterfact-train", "zsre-train-1k"  # ProbeFact.dataset values
+MARGIN_BATCH = 128  # probe facts per forward in `fact_margins` (short prompts: the padding stays small)
 LOGIT_ROWS = 2048  # positions sent through the LM head at once (bounds logits memory)
 
 
@@ -39,6 +50,91 @@ def load_known_facts(path: str | Path | None = None) -> list[KnownFact]:
     shipped = files("evaluators") / "data" / KNOWN_FACTS_FILE
     text = (Path(path) if path else shipped).read_text(encoding="utf-8")
     return [KnownFact.model_validate_json(line) for line in text.splitlines() if line.strip()]
+
+
+class ProbeFact(BaseModel):
+    prompt: str  # the prompt with the subject written in
+    subject: str  # the entity the fact is about ("" for a question without one)
+    target: str  # the answer the unedited model gives greedily (no leading space)
+    dataset: str  # CF_VAL, CF_TRAIN (reserved records only, scripts/build_probes.py) or ZSRE
+    record: int  # CounterFact case id, or the record's index in the zsRE file
+    source: str  # which prompt of the record: prompt, rephrase, locality (CounterFact); src, rephrase (zsRE)
+    margin: float  # the unedited model's margin (`fact_margins`) when the set was built, for reference
+
+
+def load_probe_facts(path: str | Path | None = None) -> list[ProbeFact]:
+    """The guard's probe set: the shipped `probe_facts.jsonl` by default, else the JSONL file at `path`."""
+    shipped = files("evaluators") / "data" / PROBE_FACTS_FILE
+    text = (Path(path) if path else shipped).read_text(encoding="utf-8")
+    return [ProbeFact.model_validate_json(line) for line in text.splitlines() if line.strip()]
+
+
+def reserved(dataset: str, facts: Sequence[ProbeFact] | None = None) -> set[int]:
+    """Records of `dataset` that hold probe facts (CounterFact case ids, zsRE positions): no benchmark edits them.
+    For "counterfact" the case ids of both CounterFact files (their ids are disjoint)."""
+    facts = load_probe_facts() if facts is None else facts
+    names = (CF_VAL, CF_TRAIN) if dataset == "counterfact" else (dataset,)
+    return {f.record for f in facts if f.dataset in names}
+
+
+def fact_margins(model: nn.Module, tok: PreTrainedTokenizerBase, facts: Sequence[KnownFact | ProbeFact],
+                 batch_size: int = MARGIN_BATCH, progress: bool = False) -> torch.Tensor:
+    """Per fact, float64 (n,): the mean over the answer's tokens (teacher-forced) of logit(answer token) -
+    max logit(other token). Positive exactly where each token is the greedy choice on average; it moves
+    continuously with any change of the model, so small damage shows long before an answer flips."""
+    if not facts:
+        return torch.zeros(0, dtype=torch.float64)
+    margins, _ = answer_margins(model, tok, [f.prompt for f in facts], [f.target for f in facts],
+                                batch_size=batch_size, progress=progress)
+    return torch.stack([m.double().mean() for m in margins])
+
+
+@dataclass(frozen=True)
+class Damage:
+    mean: float  # mean over probe facts of (margin before - margin after); > 0 = the facts lost margin
+    se: float  # its standard error, from the per-fact paired differences
+    n: int  # probe facts
+
+
+def damage(before: torch.Tensor, after: torch.Tensor) -> Damage:
+    """The damage of going from margins `before` to `after` (same facts, same order), paired per fact."""
+    if before.shape != after.shape:
+        raise ValueError(f"margins of {tuple(before.shape)} and {tuple(after.shape)} facts are not paired")
+    d = (before.double() - after.double())
+    n = d.numel()
+    if n == 0:
+        return Damage(0.0, 0.0, 0)
+    se = float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("inf")
+    return Damage(float(d.mean()), se, n)
+
+
+def layer_norms_of(delta: EditDelta) -> dict[int, float]:
+    """||U V^T||_F of every layer of `delta`, without forming the product."""
+    out = {}
+    for d in delta.layers:
+        u, v = d.u.double(), d.v.double()
+        out[d.layer] = float(torch.sqrt(((u.T @ u) * (v.T @ v)).sum().clamp_min(0)))
+    return out
+
+
+def random_update(model: nn.Module, norms: dict[int, float], generator: torch.Generator,
+                  rank: int = 0) -> EditDelta:
+    """A random update with Frobenius norm `norms[l]` in each layer l: Gaussian U V^T of `rank` (0 = dense:
+    U is the identity's share of a full-rank Gaussian, stored as U = G, V = I). Its direction ignores what the
+    model stores, so its damage is what an update of that size costs by its size alone."""
+    out = []
+    for layer, norm in sorted(norms.items()):
+        o, i = weight_view(model, layer).shape
+        if rank:
+            u = torch.randn(o, rank, generator=generator, dtype=torch.float64)
+            v = torch.randn(i, rank, generator=generator, dtype=torch.float64)
+            scale = norm / float(torch.sqrt(((u.T @ u) * (v.T @ v)).sum()))
+        else:
+            u = torch.randn(o, i, generator=generator, dtype=torch.float64)
+            v = torch.eye(i, dtype=torch.float64)
+            scale = norm / float(u.norm())
+        out.append(LayerDelta(layer, (u * scale).float(), v.float()))
+    return EditDelta(out)
 
 
 def known_fact_hits(model: nn.Module, tok: PreTrainedTokenizerBase, facts: Sequence[KnownFact],

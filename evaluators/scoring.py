@@ -119,6 +119,40 @@ def score_pairs(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequenc
     return nlls, tops  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def _margin_chunk(model: nn.Module, pairs: Sequence[Pair], pad_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per pair, at each answer position: logit(answer token) - max logit of any other token, and log P(token)."""
+    device = model_device(model)
+    ids, mask = _pad([p.ids for p in pairs], pad_id, device)
+    rows, cols, labels, lengths = _answer_positions(pairs)
+    logits = logits_at(model, hidden_states(model, ids, mask), rows.to(device), cols.to(device))
+    labels = labels.to(device)
+    gold = logits.gather(1, labels[:, None])[:, 0]
+    top2 = logits.topk(2, dim=-1)
+    other = torch.where(top2.indices[:, 0] == labels, top2.values[:, 1], top2.values[:, 0])
+    logp = gold - logits.logsumexp(-1)
+    return list((gold - other).cpu().split(lengths)), list(logp.cpu().split(lengths))
+
+
+@torch.no_grad()
+def answer_margins(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str],
+                   batch_size: int = DEFAULT_BATCH,
+                   progress: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """For each (prompt, answer), teacher-forced at every token of " " + answer: the logit margin of the answer
+    token over the best other token (> 0 exactly where it is the greedy choice; it equals the log-probability
+    margin, the softmax's normaliser cancels) and the answer token's log-probability. One tensor per pair each."""
+    pairs = encode_pairs(tok, prompts, answers)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].ids))
+    margins: list[torch.Tensor | None] = [None] * len(pairs)
+    logps: list[torch.Tensor | None] = [None] * len(pairs)
+    pad_id = pad_id_of(tok)
+    for chunk in tqdm(_chunks(len(pairs), order, batch_size), desc="margins", disable=not progress, leave=False):
+        chunk_m, chunk_l = _margin_chunk(model, [pairs[i] for i in chunk], pad_id)
+        for i, m, l in zip(chunk, chunk_m, chunk_l):
+            margins[i], logps[i] = m, l
+    return margins, logps  # type: ignore[return-value]
+
+
 def target_nll(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[str], targets: Sequence[str],
                batch_size: int = DEFAULT_BATCH, progress: bool = False) -> torch.Tensor:
     """Mean per-token NLL of " " + target after each prompt, shape (n,)."""

@@ -34,6 +34,7 @@ class ZsreRecord(BaseModel):
     alt: str  # the new answer to write
     loc: str  # an unrelated (NQ) question for locality
     loc_ans: str  # its answer, scored teacher-forced for locality
+    answers: list[str] = []  # the question's true answers (the probe set's zsRE facts use the first)
 
     def template(self) -> str | None:
         """`src` with the subject replaced by "{}", or None when the subject is not in it."""

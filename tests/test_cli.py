@@ -116,6 +116,12 @@ def test_watch_once_applies_facts_and_reports_bad_lines(ws, tmp_path):
     hist = json.loads(run("history", "--json", "--workspace", ws).output)
     assert sum(h["facts"] for h in hist if h["status"] == "committed") + \
         len(run("facts", "--status", "quarantined", "--workspace", ws).output.splitlines()) == 4
+    from memory.ledger import Ledger
+
+    with Ledger(ws / "ledger") as ledger:  # every commit carries its damage against its own noise floor
+        after = [ledger.metrics(h["batch"])["after"] for h in hist if h["status"] == "committed"]
+    assert after and all({"damage", "floor", "excess", "excess_se", "ppl_before"} <= m.keys() for m in after)
+    assert all(m["excess"] <= max(3 * m["excess_se"], 0.05) for m in after)
 
 
 def write_facts(path: Path, pairs, mode: str = "w") -> None:
