@@ -411,7 +411,7 @@ class Ledger:
                 self._expected = None
                 raise LedgerMismatch(f"layer {layer} rebuilt from base + committed deltas does not match the "
                                      f"fingerprint recorded at the last commit; the ledger at {self.root} is "
-                                     "inconsistent (run verify())")
+                                     "inconsistent (run `kagent verify`)")
         self.restore(model)
 
     def restore(self, model: nn.Module) -> None:
@@ -643,11 +643,21 @@ class Ledger:
         return out
 
     def _check_facts(self) -> list[str]:
+        """Fact statuses against their batches, and the links between facts and batches."""
         rows = self.db.execute(
             "SELECT f.id, f.status, f.batch_id, b.status AS bstatus FROM facts f LEFT JOIN batches b"
             " ON f.batch_id = b.id WHERE f.status IN ('applied', 'superseded')")
-        return [f"fact {r['id']} is {r['status']} but its batch {r['batch_id']} is {r['bstatus']}"
-                for r in rows if r["bstatus"] != "committed"]
+        out = [f"fact {r['id']} is {r['status']} but its batch {r['batch_id']} is {r['bstatus']}"
+               for r in rows if r["bstatus"] != "committed"]
+        out += [f"fact {r[0]} names batch {r[1]}, which does not list it" for r in self.db.execute(
+            "SELECT id, batch_id FROM facts f WHERE batch_id IS NOT NULL AND NOT EXISTS"
+            " (SELECT 1 FROM batch_facts bf WHERE bf.batch_id = f.batch_id AND bf.fact_id = f.id)")]
+        out += [f"fact {r[0]} is superseded by fact {r[1]}, which is not in the ledger" for r in self.db.execute(
+            "SELECT id, superseded_by FROM facts f WHERE superseded_by IS NOT NULL AND NOT EXISTS"
+            " (SELECT 1 FROM facts g WHERE g.id = f.superseded_by)")]
+        return out + [f"batch {r[0]} records {r[1]} fact(s) but lists {r[2]}" for r in self.db.execute(
+            "SELECT b.id, b.n_facts, (SELECT count(*) FROM batch_facts bf WHERE bf.batch_id = b.id) AS n"
+            " FROM batches b WHERE b.n_facts != n")]
 
     def _check_rebuild(self) -> list[str]:
         stored = self._stored_fingerprints()
