@@ -19,7 +19,7 @@ from agent import views
 from agent.batch import compute
 from agent.config import ConfigError, checked_config
 from agent.loop import WatchOptions, watch as watch_feed
-from agent.report import render
+from agent.report import render_report
 from agent.schedule import ScheduleError
 from agent.session import initialise, open_ledger, open_session
 from agent.workspace import Workspace, WorkspaceError, default_root
@@ -350,18 +350,24 @@ def export_cmd(out_dir: Path, workspace: Path | None) -> None:
 
 @cli.command()
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("report.html"), show_default=True)
+@click.option("--facts", "fact_limit", type=click.IntRange(1), default=2000, show_default=True,
+              help="Latest facts to list in the facts table")
 @workspace_option
-def report(out: Path, workspace: Path | None) -> None:
-    """Write an HTML report: norm growth, superposition, probe metrics and retention vs edits."""
+def report(out: Path, fact_limit: int, workspace: Path | None) -> None:
+    """Write an HTML report: plots vs edits, the event timeline, and tables of batches, facts and events."""
     ws = Workspace.open(ws_root(workspace))
-    baseline = ws.baseline()
-    base = {"perplexity": baseline.perplexity} | ({"known_acc": baseline.known_acc}
-                                                   if baseline and baseline.known_acc is not None else {}) \
-        if baseline else {}
+    title = f"kagent report: {ws.config().model}"
     with open_ledger(ws) as ledger:
-        rows = views.report_rows(ledger)
-    out.write_text(render(rows, f"kagent report: {ws.config().model}", base))
-    click.echo(f"wrote {out} ({len(rows)} batches)")
+        data = views.report_data(ledger, title, baseline_values(ws.baseline()), fact_limit)
+    out.write_text(render_report(data), encoding="utf-8")
+    click.echo(f"wrote {out} ({len(data.batches)} batches, {len(data.facts)} of {data.facts_total} facts, "
+               f"{len(data.events)} events)")
+
+
+def baseline_values(baseline) -> dict[str, float]:
+    if baseline is None:
+        return {}
+    return {"perplexity": baseline.perplexity} | ({} if baseline.known_acc is None else {"known_acc": baseline.known_acc})
 
 
 @cli.command()

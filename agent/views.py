@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
-from agent.report import ReportRow
+from agent.report import TOOK_PROBE, EventRow, FactRow, ReportData, ReportRow, lane
 from agent.workspace import Baseline
 from memory.ledger import BatchInfo, Event, Ledger
 from memory.record import StoredFact
@@ -153,3 +153,31 @@ def report_rows(ledger: Ledger) -> list[ReportRow]:
         rows.append(ReportRow(b.id, when(b.created_at), b.n_facts, total, b.status, b.method,
                               ledger.metrics(b.id).get("after", {})))
     return rows
+
+
+def took_probes(ledger: Ledger) -> dict[int, dict[str, Any]]:
+    """fact id -> the latest probes-table row of kind TOOK_PROBE about it."""
+    return {p["fact_id"]: p for p in ledger.probes() if p["kind"] == TOOK_PROBE and p["fact_id"] is not None}
+
+
+def report_facts(ledger: Ledger, limit: int) -> list[FactRow]:
+    """The latest `limit` facts, newest first, with whether each took (None where no probe says)."""
+    took = took_probes(ledger)
+    out = []
+    for f in reversed(ledger.facts()[-limit:]):
+        probe = took.get(f.id, {})
+        correct = probe.get("correct")
+        out.append(FactRow(f.id, f.record.text, f.record.target, f.status, f.batch_id, f.reason,
+                           None if correct is None else bool(correct), probe.get("output")))
+    return out
+
+
+def report_events(ledger: Ledger) -> list[EventRow]:
+    """Events that go on the report's timeline, oldest first."""
+    return [EventRow(e.at, e.kind, e.batch_id, e.message) for e in ledger.events() if lane(e.kind)]
+
+
+def report_data(ledger: Ledger, title: str, baseline: dict[str, float], fact_limit: int) -> ReportData:
+    counts = status_counts(ledger)
+    return ReportData(title, report_rows(ledger), baseline, report_facts(ledger, fact_limit), sum(counts.values()),
+                      counts, report_events(ledger))
