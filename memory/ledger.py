@@ -167,18 +167,19 @@ class Ledger:
 
     # ------------------------------------------------------------------ facts
 
-    def add_facts(self, facts: Sequence[FactRecord], feed: str | None = None,
-                  offset: int | None = None) -> list[int]:
-        """Insert facts as pending and (optionally) the feed's new byte offset, in one transaction."""
+    def add_facts(self, facts: Sequence[FactRecord], feed: str | None = None, offset: int | None = None,
+                  keys: Sequence[tuple[str, str, str]] | None = None) -> list[int]:
+        """Insert facts as pending and (optionally) the feed's new byte offset, in one transaction. `keys`: the
+        facts' `key`s when the caller has them already. Ids follow the highest one, as SQLite would number them."""
         now = time.time()
-        ids = []
+        keys = keys if keys is not None else [f.key for f in facts]
         with self.transaction():
-            for f in facts:
-                s, t, o = f.key
-                cur = self.db.execute(
-                    "INSERT INTO facts (record, subject_norm, template_norm, target_norm, status, added_at,"
-                    " updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)", (f.to_json(), s, t, o, now, now))
-                ids.append(int(cur.lastrowid))
+            first = self.last_fact_id() + 1
+            ids = list(range(first, first + len(facts)))
+            self.db.executemany(
+                "INSERT INTO facts (id, record, subject_norm, template_norm, target_norm, status, added_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                [(i, f.to_json(), *k, now, now) for i, f, k in zip(ids, facts, keys)])
             if feed is not None and offset is not None:
                 self.set_feed_offset(feed, offset)
         return ids
@@ -230,19 +231,21 @@ class Ledger:
     def fact_ids(self) -> list[int]:
         return [r["id"] for r in self.db.execute("SELECT id FROM facts ORDER BY id")]
 
-    def find_duplicates(self, key: tuple[str, str, str]) -> list[StoredFact]:
-        """Pending, applied (not being superseded) or quarantined facts with exactly this normalised key."""
-        rows = self.db.execute(
-            "SELECT * FROM facts WHERE subject_norm = ? AND template_norm = ? AND target_norm = ?"
-            " AND status IN ('pending', 'applied', 'quarantined') AND superseded_by IS NULL ORDER BY id", key)
-        return [self._stored(r) for r in rows]
+    def last_fact_id(self) -> int:
+        """The highest fact id (0 for an empty ledger); facts are never deleted, so it grows with every insert."""
+        return int(self.db.execute("SELECT coalesce(max(id), 0) FROM facts").fetchone()[0])
 
-    def live_by_subject(self, subject_norm: str) -> list[StoredFact]:
-        """Pending or applied facts about this subject not already being superseded."""
-        rows = self.db.execute(
-            "SELECT * FROM facts WHERE subject_norm = ? AND status IN ('pending', 'applied')"
-            " AND superseded_by IS NULL ORDER BY id", (subject_norm,))
-        return [self._stored(r) for r in rows]
+    def unsettled_about(self, subjects: Iterable[str]) -> list[StoredFact]:
+        """Pending, applied or quarantined facts not already being superseded, about any of these normalised
+        subjects, in id order: what a new fact about one of them may duplicate (exact key) or replace (pending or
+        applied ones). One query per 500 subjects."""
+        subs, rows = sorted(set(subjects)), []
+        for start in range(0, len(subs), 500):
+            part = subs[start:start + 500]
+            rows += self.db.execute(
+                f"SELECT * FROM facts WHERE subject_norm IN ({','.join('?' * len(part))}) AND status IN"
+                " ('pending', 'applied', 'quarantined') AND superseded_by IS NULL", part).fetchall()
+        return [self._stored(r) for r in sorted(rows, key=lambda r: r["id"])]
 
     def set_status(self, fact_ids: Iterable[int], status: str, reason: str | None = None) -> None:
         with self.transaction():
