@@ -398,7 +398,7 @@ class FactMemory:
         supers: dict[int, int] = {}
         seen: set[tuple[str, str, str]] = set()
         for i, (rec, key) in enumerate(zip(recs, keys)):
-            if key in seen or self._duplicate(key, known.get(key[0], []), drops.keys() | supers.keys()):
+            if key in seen or self._duplicate(key, known.get(key[0], []), drops, supers):
                 plan.duplicates += 1
                 continue
             if key[0] not in live:
@@ -417,9 +417,9 @@ class FactMemory:
         return accepted, drops, supers
 
     @staticmethod
-    def _duplicate(key: tuple[str, str, str], known: list[_Live], replaced: set[int]) -> bool:
-        """A ledger fact with exactly this key that this chunk does not replace."""
-        return any(c.key == key and c.ledger_id not in replaced for c in known)
+    def _duplicate(key: tuple[str, str, str], known: list[_Live], drops: dict[int, int], supers: dict[int, int]) -> bool:
+        """A ledger fact with exactly this key that this chunk does not replace (drop or supersede)."""
+        return any(c.key == key and c.ledger_id not in drops and c.ledger_id not in supers for c in known)
 
     @staticmethod
     def _replace(match: _Live, i: int, accepted: list[int], drops: dict[int, int], supers: dict[int, int],
