@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from agent import guard
 from agent.guard import Verdict
+from agent.report import TOOK_PROBE
 from agent.monitors import norm_metrics, predicted_interference, superposition_metrics, trend_metrics
 from agent.probes import Reading
 from agent.session import Session
@@ -99,7 +100,7 @@ def companions(session: Session, group: list[StoredFact], also: list[StoredFact]
         return []
     ids = {f.id for f in group}
     subjects = {f.record.subject for f in group}
-    live = [f for s in {normalise(x) for x in subjects} for f in session.ledger.live_by_subject(s)
+    live = [f for f in session.ledger.unsettled_about({normalise(x) for x in subjects})
             if f.status == "applied" and f.id not in ids and f.record.subject in subjects]
     return [f.record.to_request() for f in [*live, *also] if f.record.subject in subjects and f.id not in ids]
 
@@ -219,6 +220,9 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
         raise
     session.add_prior_keys(result.keys)
     session.probes.keep(reading)
+    session.ledger.add_probes(bid, [{"fact_id": f.id, "kind": TOOK_PROBE, "prompt": f.record.text,
+                                     "expected": f.record.target, "output": failed.get(f.id),
+                                     "correct": f.id not in failed} for f in group])
     if failed:
         session.ledger.log_event("failed", f"batch {bid}: {len(failed)} fact(s) did not take", bid,
                                  {"facts": list(failed)})

@@ -18,9 +18,9 @@ from transformers.utils import logging as transformers_logging
 from agent import schedule as sched
 from agent import views
 from agent.batch import compute
-from agent.config import AgentConfig, ConfigError
+from agent.config import ConfigError, checked_config
 from agent.loop import WatchOptions, watch as watch_feed
-from agent.report import render
+from agent.report import render_report
 from agent.schedule import ScheduleError
 from agent.session import initialise, open_ledger, open_session
 from agent.workspace import Workspace, WorkspaceError, default_root
@@ -50,6 +50,14 @@ def workspace_option(fn):
                         help="Workspace directory [default: $KAGENT_HOME/workspace]")(fn)
 
 
+def json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Output JSON")(fn)
+
+
+def echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
 def ws_root(workspace: Path | None) -> Path:
     return workspace or default_root()
 
@@ -68,15 +76,16 @@ def cli(verbose: int) -> None:
 @cli.command()
 @click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help="Embedded alias, local HF dir or hub name")
 @click.option("--method", default="encore", show_default=True, type=click.Choice(METHODS.names()))
-@click.option("--layers", help="Edited layers, comma-separated [default: the method's choice for the model]")
+@click.option("--layers", callback=lambda _ctx, _param, text: parse_layers(text),
+              help="Edited layers, comma-separated [default: the method's choice for the model]")
 @click.option("--stats-tokens", type=click.IntRange(0), default=0, help="Corpus tokens for covariance statistics "
               "[default: the method's]")
 @click.option("--device", default="auto", show_default=True, help="torch device")
 @workspace_option
-def init(model: str, method: str, layers: str | None, stats_tokens: int, device: str, workspace: Path | None) -> None:
+def init(model: str, method: str, layers: list[int], stats_tokens: int, device: str, workspace: Path | None) -> None:
     """Create a workspace (config, ledger, index, caches) and measure the probe baselines."""
-    layer_list = [int(x) for x in layers.split(",")] if layers else []
-    cfg = AgentConfig(model=model, method=method, layers=layer_list, stats_tokens=stats_tokens, device=device)
+    cfg = checked_config(dict(model=model, method=method, layers=layers, stats_tokens=stats_tokens, device=device),
+                         "kagent init")
     root = ws_root(workspace)
     if Workspace(root).exists():
         raise WorkspaceError(f"a workspace already exists at {root}")
@@ -93,6 +102,14 @@ def init(model: str, method: str, layers: str | None, stats_tokens: int, device:
     acc = "n/a" if baseline.known_acc is None else f"{baseline.known_acc:.3f}"
     click.echo(f"initialised {ws.root}: {model} ({method}); baseline known-fact accuracy {acc}, "
                f"perplexity {baseline.perplexity:.2f}")
+
+
+def parse_layers(text: str | None) -> list[int]:
+    """--layers 3,4,5 as a list; anything else is a usage error."""
+    try:
+        return [int(x) for x in text.split(",")] if text else []
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give layer numbers separated by commas, e.g. 3,4,5") from None
 
 
 def load_checked(model: str, device: str | None):
@@ -153,14 +170,14 @@ def refresh(workspace: Path | None) -> None:
 
 @cli.command()
 @click.option("--limit", "-n", type=click.IntRange(0), default=20, show_default=True, help="Batches to show (0 = all)")
-@click.option("--json", "as_json", is_flag=True, help="Output JSON")
+@json_option
 @workspace_option
 def history(limit: int, as_json: bool, workspace: Path | None) -> None:
     """List batches, newest first: time, facts, method, key metrics, status."""
     with open_ledger(Workspace.open(ws_root(workspace))) as ledger:
         rows = views.history_rows(ledger, limit or None)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        echo_json(rows)
     else:
         for row in rows:
             click.echo(views.history_line(row))
@@ -168,12 +185,16 @@ def history(limit: int, as_json: bool, workspace: Path | None) -> None:
 
 @cli.command()
 @click.argument("item")
+@json_option
 @workspace_option
-def show(item: str, workspace: Path | None) -> None:
+def show(item: str, as_json: bool, workspace: Path | None) -> None:
     """Show a batch (N or bN) or a fact (fN) with metrics and events."""
     with open_ledger(Workspace.open(ws_root(workspace))) as ledger:
         kind, num = parse_item(item)
-        click.echo(views.batch_detail(ledger, num) if kind == "b" else views.fact_detail(ledger, ledger.fact(num)))
+        if as_json:
+            echo_json(views.batch_json(ledger, num) if kind == "b" else views.fact_json(ledger, ledger.fact(num)))
+        else:
+            click.echo(views.batch_detail(ledger, num) if kind == "b" else views.fact_detail(ledger, ledger.fact(num)))
 
 
 def parse_item(item: str) -> tuple[str, int]:
@@ -187,13 +208,18 @@ def parse_item(item: str) -> tuple[str, int]:
 @cli.command()
 @click.option("--status", "-s", help="pending, applied, superseded, dropped, rolled_back or quarantined")
 @click.option("--subject", help="Only facts whose subject contains this text")
+@json_option
 @workspace_option
-def facts(status: str | None, subject: str | None, workspace: Path | None) -> None:
+def facts(status: str | None, subject: str | None, as_json: bool, workspace: Path | None) -> None:
     """List facts in the ledger with their status."""
     with open_ledger(Workspace.open(ws_root(workspace))) as ledger:
-        for f in ledger.facts(status=status):
-            if subject is None or subject.casefold() in f.record.subject.casefold():
-                click.echo(views.fact_line(f))
+        found = [f for f in ledger.facts(status=status)
+                 if subject is None or subject.casefold() in f.record.subject.casefold()]
+    if as_json:
+        echo_json([views.fact_row(f) for f in found])
+    else:
+        for f in found:
+            click.echo(views.fact_line(f))
 
 
 @cli.command()
@@ -295,25 +321,54 @@ def rollback_messages(session, batch: int | None, to_batch: int | None) -> list[
 
 
 @cli.command()
+@json_option
 @workspace_option
-def status(workspace: Path | None) -> None:
+def status(as_json: bool, workspace: Path | None) -> None:
     """Show the workspace: model, config, facts by status, last batch and baseline."""
     ws = Workspace.open(ws_root(workspace))
-    cfg, baseline = ws.config(), ws.baseline()
-    click.echo(f"workspace {ws.root}\nmodel {cfg.model} ({cfg.method}), batch size {cfg.batch_size}, "
-               f"order {cfg.order}")
-    if baseline:
-        acc = "n/a" if baseline.known_acc is None else f"{baseline.known_acc:.3f}"
-        click.echo(f"baseline known-fact accuracy {acc}, perplexity {baseline.perplexity:.2f}")
-    holder = ws.writer_holder()
-    click.echo(f"writer: {holder}" if holder else "writer: none (idle)")
     with open_ledger(ws) as ledger:
-        counts = views.status_counts(ledger)
-        click.echo("facts: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
-        rows = views.history_rows(ledger, 1)
-        click.echo("last batch: " + (views.history_line(rows[0]) if rows else "none"))
-        for feed in cfg.feeds:
-            click.echo(f"feed {feed}: byte {ledger.feed_offset(feed)}")
+        info = views.status_json(ws.root, ws.config(), ws.baseline(), ws.writer_holder(), ledger)
+    if as_json:
+        echo_json(info)
+    else:
+        click.echo(views.status_text(info))
+
+
+@cli.command()
+@json_option
+@workspace_option
+def verify(as_json: bool, workspace: Path | None) -> None:
+    """Re-derive and check every delta, fingerprint and fact status in the ledger."""
+    with open_ledger(Workspace.open(ws_root(workspace))) as ledger:
+        problems = ledger.verify()
+        summary = views.verify_summary(ledger)
+    if as_json:
+        echo_json({"ok": not problems, "problems": problems, "checked": summary})
+    else:
+        click.echo("\n".join(problems) if problems else f"OK: {summary}")
+    if problems:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="List the orphan files, remove nothing")
+@json_option
+@workspace_option
+def gc(dry_run: bool, as_json: bool, workspace: Path | None) -> None:
+    """Remove tensor files no ledger row refers to (left by an interrupted commit)."""
+    ws = Workspace.open(ws_root(workspace))
+    with ws.writer(), open_ledger(ws) as ledger:
+        files = [(p, p.stat().st_size) for p in ledger.orphan_files()]
+        if not dry_run:
+            ledger.gc()
+    rows = [{"path": str(p.relative_to(ws.root)), "bytes": size} for p, size in files]
+    if as_json:
+        echo_json({"dry_run": dry_run, "files": rows})
+        return
+    verb = "would remove" if dry_run else "removed"
+    for row in rows:
+        click.echo(f"{verb} {row['path']} ({row['bytes']:,} bytes)")
+    click.echo(f"{verb} {len(rows)} orphan file(s), {sum(r['bytes'] for r in rows):,} bytes")
 
 
 @cli.command(name="export")
@@ -332,18 +387,24 @@ def export_cmd(out_dir: Path, workspace: Path | None) -> None:
 
 @cli.command()
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("report.html"), show_default=True)
+@click.option("--facts", "fact_limit", type=click.IntRange(1), default=2000, show_default=True,
+              help="Latest facts to list in the facts table")
 @workspace_option
-def report(out: Path, workspace: Path | None) -> None:
-    """Write an HTML report: norm growth, superposition, probe metrics and retention vs edits."""
+def report(out: Path, fact_limit: int, workspace: Path | None) -> None:
+    """Write an HTML report: plots vs edits, the event timeline, and tables of batches, facts and events."""
     ws = Workspace.open(ws_root(workspace))
-    baseline = ws.baseline()
-    base = {"perplexity": baseline.perplexity} | ({"known_acc": baseline.known_acc}
-                                                   if baseline and baseline.known_acc is not None else {}) \
-        if baseline else {}
+    title = f"kagent report: {ws.config().model}"
     with open_ledger(ws) as ledger:
-        rows = views.report_rows(ledger)
-    out.write_text(render(rows, f"kagent report: {ws.config().model}", base))
-    click.echo(f"wrote {out} ({len(rows)} batches)")
+        data = views.report_data(ledger, title, baseline_values(ws.baseline()), fact_limit)
+    out.write_text(render_report(data), encoding="utf-8")
+    click.echo(f"wrote {out} ({len(data.batches)} batches, {len(data.facts)} of {data.facts_total} facts, "
+               f"{len(data.events)} events)")
+
+
+def baseline_values(baseline) -> dict[str, float]:
+    if baseline is None:
+        return {}
+    return {"perplexity": baseline.perplexity} | ({} if baseline.known_acc is None else {"known_acc": baseline.known_acc})
 
 
 @cli.command()

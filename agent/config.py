@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from editors.models import DEFAULT_MODEL
@@ -80,6 +81,16 @@ class AgentConfig(BaseModel):
         METHODS.get(method)  # an unknown name raises, naming the choices
         return method
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if device != "auto":
+            try:
+                torch.device(device)
+            except RuntimeError:
+                raise ValueError("not a torch device: use auto, cpu, cuda, cuda:N or mps") from None
+        return device
+
     def resolved_device(self) -> str | None:
         return None if self.device == "auto" else self.device
 
@@ -124,15 +135,33 @@ def save_config(config: AgentConfig, path: Path) -> None:
 
 
 def load_config(path: Path) -> AgentConfig:
+    """The config at `path`; any problem with the file is a ConfigError whose message is one line."""
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"no config at {path}; run `kagent init`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {_one_line(str(exc))}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        raise ConfigError(f"{path}: invalid TOML: {_one_line(str(exc))}") from None
+    return checked_config(data, str(path))
+
+
+def checked_config(values: dict[str, Any], where: str = "config") -> AgentConfig:
+    """AgentConfig from `values`, or a one-line ConfigError naming the first bad setting."""
     try:
-        return AgentConfig.model_validate(data)
+        return AgentConfig.model_validate(values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{path}: {where}: {err['msg']}") from None
+        raise ConfigError(f"{where}: {_describe(exc.errors()[0])}") from None
+
+
+def _describe(err: dict) -> str:
+    """One pydantic error as `key: problem`, naming the allowed keys for an unknown one."""
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown setting (allowed: {', '.join(AgentConfig.model_fields)})"
+    return f"{where} = {_one_line(repr(err.get('input')))}: {_one_line(err['msg'])}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

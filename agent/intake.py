@@ -95,4 +95,5 @@ def intake(memory: FactMemory, follower: FeedFollower, final: bool) -> IntakeSta
     key = str(follower.path)
     while items := read_chunk(follower, final):
         total.merge(store_chunk(memory, key, items, follower.position))
+        memory.checkpoint()  # the chunk is committed: the fact index may take a snapshot now
     return total

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError
 from agent.monitors import base_weights
 from agent.probes import ProbeSuite
 from agent.workspace import Baseline, Workspace
+from editors.arch import n_layers
 from editors.core import Editor
 from editors.models import LoadedModel, fingerprint, load_model
 from editors.registry import make_editor
@@ -127,6 +128,9 @@ class Session:
 
 def build_editor(ws: Workspace, cfg: AgentConfig, loaded: LoadedModel) -> Editor:
     """The configured editor on the unedited model, reusing the workspace's saved context templates."""
+    depth = n_layers(loaded.model)
+    if any(not 0 <= layer < depth for layer in cfg.layers):
+        raise ConfigError(f"{ws.config_path}: layers = {cfg.layers}: the model has {depth} layers (0-{depth - 1})")
     state = EditorState.load(ws.state_path) if ws.state_path.exists() else None
     editor = make_editor(cfg.method, loaded.model, loaded.tok, state=state, **cfg.hparam_overrides())
     if state is None:

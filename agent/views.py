@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from agent.report import ReportRow
-from memory.ledger import BatchInfo, Ledger
+from agent.config import AgentConfig
+from agent.report import TOOK_PROBE, EventRow, FactRow, ReportData, ReportRow, lane
+from agent.workspace import Baseline
+from memory.ledger import BatchInfo, Event, Ledger
 from memory.record import StoredFact
 
 KEY_METRICS = ("took", "failed", "damage", "floor", "known_acc", "perplexity", "retention", "efficacy", "interference",
@@ -40,6 +43,19 @@ def history_line(row: dict[str, Any]) -> str:
             f"{metrics}").rstrip()
 
 
+def fact_row(f: StoredFact) -> dict[str, Any]:
+    """A fact as JSON: ledger id, the source's id, status, batch, reason, and the record's fields."""
+    r = f.record
+    return {"id": f.id, "source_id": r.id, "status": f.status, "batch": f.batch_id, "reason": f.reason,
+            "superseded_by": f.superseded_by, "subject": r.subject, "prompt": r.prompt, "target": r.target,
+            "text": r.text, "source": r.source}
+
+
+def event_row(e: Event) -> dict[str, Any]:
+    return {"id": e.id, "time": when(e.at), "kind": e.kind, "batch": e.batch_id, "message": e.message,
+            "data": e.data}
+
+
 def fact_line(f: StoredFact) -> str:
     r = f.record
     where = f" batch {f.batch_id}" if f.batch_id else ""
@@ -47,15 +63,26 @@ def fact_line(f: StoredFact) -> str:
     return f"f{f.id:<5} {f.status:<11}{where}  {r.text} -> {r.target}{why}"
 
 
+def fact_events(ledger: Ledger, fact_id: int) -> list[Event]:
+    """Events that name the fact (in `data.facts` or `data.fact`)."""
+    def names(e: Event) -> bool:
+        ids = e.data.get("facts")
+        return (isinstance(ids, list) and fact_id in ids) or e.data.get("fact") == fact_id
+    return [e for e in ledger.events() if names(e)]
+
+
 def fact_detail(ledger: Ledger, f: StoredFact) -> str:
     lines = [fact_line(f), json.dumps(f.record.model_dump(mode="json"), ensure_ascii=False)]
     if f.superseded_by:
         lines.append(f"superseded by fact {f.superseded_by}")
-    for e in ledger.events():
-        ids = e.data.get("facts")
-        if (isinstance(ids, list) and f.id in ids) or e.data.get("fact") == f.id:
-            lines.append(f"  {when(e.at)} {e.kind}: {e.message}")
+    lines += [f"  {when(e.at)} {e.kind}: {e.message}" for e in fact_events(ledger, f.id)]
     return "\n".join(lines)
+
+
+def fact_json(ledger: Ledger, f: StoredFact) -> dict[str, Any]:
+    """`show fN --json`: the fact's row, its full record and its events."""
+    return fact_row(f) | {"record": f.record.model_dump(mode="json"),
+                          "events": [event_row(e) for e in fact_events(ledger, f.id)]}
 
 
 def batch_detail(ledger: Ledger, batch_id: int) -> str:
@@ -71,11 +98,51 @@ def batch_detail(ledger: Ledger, batch_id: int) -> str:
     return "\n".join(lines)
 
 
+def batch_json(ledger: Ledger, batch_id: int) -> dict[str, Any]:
+    """`show bN --json`: the history row plus hashes, every metric phase, the facts and the batch's events."""
+    b = ledger.batch(batch_id)
+    return batch_row(ledger, b) | {
+        "delta_hash": b.delta_hash, "keys_hash": b.keys_hash, "metrics_by_phase": ledger.metrics(batch_id),
+        "fact_list": [fact_row(f) for f in ledger.batch_facts(batch_id)],
+        "events": [event_row(e) for e in ledger.events() if e.batch_id == batch_id]}
+
+
 def status_counts(ledger: Ledger) -> dict[str, int]:
     out: dict[str, int] = {}
     for f in ledger.facts():
         out[f.status] = out.get(f.status, 0) + 1
     return out
+
+
+def status_json(root: Path, cfg: AgentConfig, baseline: Baseline | None, writer: str | None,
+                ledger: Ledger) -> dict[str, Any]:
+    """`kagent status`: workspace, model, config in use, baseline, writer, facts by status, last batch, feeds."""
+    rows = history_rows(ledger, 1)
+    return {"workspace": str(root), "model": cfg.model, "method": cfg.method, "batch_size": cfg.batch_size,
+            "order": cfg.order, "baseline": baseline.model_dump() if baseline else None, "writer": writer,
+            "facts": dict(sorted(status_counts(ledger).items())), "last_batch": rows[0] if rows else None,
+            "feeds": [{"feed": feed, "offset": ledger.feed_offset(feed)} for feed in cfg.feeds]}
+
+
+def status_text(info: dict[str, Any]) -> str:
+    lines = [f"workspace {info['workspace']}",
+             f"model {info['model']} ({info['method']}), batch size {info['batch_size']}, order {info['order']}"]
+    if b := info["baseline"]:
+        acc = "n/a" if b["known_acc"] is None else f"{b['known_acc']:.3f}"
+        lines.append(f"baseline known-fact accuracy {acc}, perplexity {b['perplexity']:.2f}")
+    lines.append(f"writer: {info['writer']}" if info["writer"] else "writer: none (idle)")
+    lines.append("facts: " + (", ".join(f"{n} {s}" for s, n in info["facts"].items()) or "none"))
+    lines.append("last batch: " + (history_line(info["last_batch"]) if info["last_batch"] else "none"))
+    lines += [f"feed {f['feed']}: byte {f['offset']}" for f in info["feeds"]]
+    return "\n".join(lines)
+
+
+def verify_summary(ledger: Ledger) -> str:
+    """What `kagent verify` checked, as one line."""
+    batches = ledger.history()
+    committed = sum(b.status == "committed" for b in batches)
+    return (f"{len(batches)} batch(es) ({committed} committed), {len(ledger.fact_ids())} fact(s), "
+            f"{len(ledger.tracked_layers())} tracked layer(s) verified")
 
 
 def report_rows(ledger: Ledger) -> list[ReportRow]:
@@ -105,3 +172,31 @@ def check_rows(model, tok, facts: list[StoredFact]) -> list[dict[str, Any]]:
 def check_line(row: dict[str, Any]) -> str:
     said = "" if row["took"] else f"  (model: {row['answer']!r})"
     return f"f{row['fact']:<5} {'took' if row['took'] else 'MISSED':<6} {row['prompt']} -> {row['target']}{said}"
+
+
+def took_probes(ledger: Ledger) -> dict[int, dict[str, Any]]:
+    """fact id -> the latest probes-table row of kind TOOK_PROBE about it."""
+    return {p["fact_id"]: p for p in ledger.probes() if p["kind"] == TOOK_PROBE and p["fact_id"] is not None}
+
+
+def report_facts(ledger: Ledger, limit: int) -> list[FactRow]:
+    """The latest `limit` facts, newest first, with whether each took (None where no probe says)."""
+    took = took_probes(ledger)
+    out = []
+    for f in reversed(ledger.facts()[-limit:]):
+        probe = took.get(f.id, {})
+        correct = probe.get("correct")
+        out.append(FactRow(f.id, f.record.text, f.record.target, f.status, f.batch_id, f.reason,
+                           None if correct is None else bool(correct), probe.get("output")))
+    return out
+
+
+def report_events(ledger: Ledger) -> list[EventRow]:
+    """Events that go on the report's timeline, oldest first."""
+    return [EventRow(e.at, e.kind, e.batch_id, e.message) for e in ledger.events() if lane(e.kind)]
+
+
+def report_data(ledger: Ledger, title: str, baseline: dict[str, float], fact_limit: int) -> ReportData:
+    counts = status_counts(ledger)
+    return ReportData(title, report_rows(ledger), baseline, report_facts(ledger, fact_limit), sum(counts.values()),
+                      counts, report_events(ledger))

@@ -112,7 +112,7 @@ class BlobStore:
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error type for damaged files
-            raise LedgerMismatch(f"{kind} file {path} is unreadable ({type(exc).__name__}); run verify()") from None
+            raise LedgerMismatch(f"{kind} file {path} is unreadable ({type(exc).__name__}); run `kagent verify`") from None
 
     def check(self, kind: str, digest: str, what: str) -> list[str]:
         """Problems with one file (missing, unreadable, content not matching `digest`), each naming `what`."""

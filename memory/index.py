@@ -3,12 +3,18 @@
 Every fact the ledger has ever stored is in the index under its ledger id, embedded by its
 relation text (prompt template with the subject removed) on the unit sphere, so inner
 product = cosine. The index is a flat inner-product index, rebuilt as IVF once it holds more
-than `ivf_threshold` facts. It is saved beside the ledger (`facts.faiss` + `facts.faiss.json`)
-and rebuilt from the ledger when the file is missing or disagrees with it (count or ids).
+than `ivf_threshold` facts.
+
+On disk beside the ledger: a snapshot (`facts.faiss` + `facts.faiss.json`: count and a hash of the
+ids it holds) and the vectors added since, in an append-only log (`facts.faiss.log`, memory/vectors.py).
+A chunk of intake appends its vectors to the log; the snapshot is rewritten only once the log holds as
+many vectors as it does, so the bytes written grow linearly with the facts. The ledger is the source of
+truth: on load, the snapshot is used if it holds a prefix of the ledger's facts, log records continuing
+that prefix are added, records of facts the ledger never committed (a kill inside a chunk's transaction)
+are cut off, and facts neither holds (a lost log) are embedded again.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -21,7 +27,8 @@ import faiss
 import numpy as np
 
 from memory.ledger import Ledger
-from memory.record import FactRecord, StoredFact, normalise
+from memory.record import FactRecord, StoredFact
+from memory.vectors import VectorLog
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +37,8 @@ log = logging.getLogger(__name__)
 # 0.80, "capital of" ~ "capital city of" 0.77), different relations 0.08-0.65 ("located in" ~ "born
 # in" 0.52); 0.9 caught no paraphrase, 0.75 catches the clear ones with no false merge seen.
 DEFAULT_THRESHOLD = 0.75
+EMBED_CHUNK = 10_000  # facts embedded (and fetched from the ledger) at a time when catching up with it
+MAX_NLIST = 1024  # IVF lists at most (k-means on a rebuild of a million facts stays within seconds)
 
 
 class Embedder(Protocol):
@@ -84,13 +93,54 @@ class _Live:
 
     record: FactRecord  # the fact
     vec: np.ndarray  # its relation embedding
-    status: str  # pending | applied
+    status: str  # pending | applied (| quarantined: a duplicate candidate only)
     ledger_id: int | None  # id in the ledger, None for a fact of the current chunk
     chunk_idx: int | None  # index in the chunk, None for a ledger fact
+    key: tuple[str, str, str]  # record.key, computed once
+
+
+@dataclass
+class _Held:
+    """What the in-memory index holds: the first `count` ledger facts, up to id `last_id`."""
+
+    count: int = 0  # vectors held
+    last_id: int = 0  # ledger id of the last one (0 = none)
+    last_relation: str | None = None  # relation text of the last fact held, as embedded
+
+    def add(self, ids: np.ndarray) -> None:
+        self.count += len(ids)
+        self.last_id = int(ids[-1])
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two id arrays."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+def _index_ids(idx: faiss.Index) -> np.ndarray:
+    """Every id an IndexIDMap2 or IVF index holds (in no particular order)."""
+    inner = faiss.downcast_index(idx)
+    if not isinstance(inner, faiss.IndexIVF):
+        return faiss.vector_to_array(inner.id_map).astype(np.int64)
+    lists = inner.invlists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+             for i in range(inner.nlist) if lists.list_size(i)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def _flat_contents(idx: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of a flat IndexIDMap2, in insertion order."""
+    mapped = faiss.downcast_index(idx)
+    return faiss.vector_to_array(mapped.id_map).astype(np.int64), mapped.index.reconstruct_n(0, mapped.ntotal)
 
 
 class FactMemory:
-    """Dedup / supersede incoming facts against the ledger; list pending facts and their vectors for planning."""
+    """Dedup / supersede incoming facts against the ledger; list pending facts and their vectors for planning.
+
+    The index holds the vectors of the first `count` ledger facts in id order (facts are never deleted, so those
+    are exactly the facts with ids up to the last one held)."""
 
     def __init__(self, ledger: Ledger, embedder: Embedder | None = None, threshold: float = DEFAULT_THRESHOLD,
                  ivf_threshold: int = 10_000, index_path: Path | None = None):
@@ -98,9 +148,11 @@ class FactMemory:
         self.embedder = embedder or MiniLMEmbedder()  # relation text -> unit vector
         self.threshold = threshold  # cosine at or above which two relations of a subject are the same
         self.ivf_threshold = ivf_threshold  # switch from flat to IVF above this many facts
-        self.index_path = index_path or ledger.root / "facts.faiss"  # saved index; meta in <path>.json
+        self.index_path = index_path or ledger.root / "facts.faiss"  # snapshot; meta in <path>.json, log <path>.log
+        self.log = VectorLog(self.index_path.with_name(self.index_path.name + ".log"), self.embedder.name)
         self._idx: faiss.Index | None = None  # loaded lazily
-        self._ids: list[int] = []  # ledger ids held by the index, in insertion order
+        self._held = _Held()  # what the in-memory index holds
+        self._snapshot_count = 0  # vectors in the snapshot on disk
 
     # ------------------------------------------------------------------ index persistence
 
@@ -108,66 +160,133 @@ class FactMemory:
     def meta_path(self) -> Path:
         return self.index_path.with_name(self.index_path.name + ".json")
 
-    @staticmethod
-    def _ids_hash(ids: Sequence[int]) -> str:
-        return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
-
     def index(self) -> faiss.Index:
-        """The index, loaded from disk when it agrees with the ledger, else rebuilt from the ledger."""
+        """The index: the snapshot plus the vector log, reconciled with the ledger (see `_load`)."""
         if self._idx is None:
-            loaded = self._load_consistent()
-            if loaded is None:
-                return self.rebuild()
-            self._idx, self._ids = loaded, self.ledger.fact_ids()
+            self._load()
         return self._idx
 
     def release_index(self) -> None:
-        """Let go of the in-memory index; it is saved on disk and loaded again on next use."""
-        self._idx, self._ids = None, []
+        """Let go of the in-memory index; the snapshot and the log hold it, and it is loaded again on next use."""
+        self._idx, self._held = None, _Held()
 
     def sync(self) -> faiss.Index:
-        """The index, rebuilt if the ledger gained facts behind the memory's back."""
+        """The index, brought up to the ledger if the ledger gained facts behind the memory's back (they are
+        embedded and appended) or lost some it holds (a chunk's transaction rolled back: reloaded from disk)."""
         idx = self.index()
-        if self._ids != self.ledger.fact_ids():
-            log.warning("fact index out of step with the ledger; rebuilding")
-            idx = self.rebuild()
-        return idx
+        last = self.ledger.last_fact_id()
+        if last == self._held.last_id and self._holds_last():
+            return idx
+        if last > self._held.last_id and self._holds_last():
+            log.warning("fact index behind the ledger (facts %d..%d); embedding them", self._held.last_id + 1, last)
+            self._embed_ids(range(self._held.last_id + 1, last + 1))
+            return self._idx
+        log.warning("fact index holds facts the ledger does not; reloading it from disk")
+        self.release_index()
+        return self.index()
 
-    def _load_consistent(self) -> faiss.Index | None:
+    def _holds_last(self) -> bool:
+        """Whether the ledger's fact at the last id held is the one that was embedded (ids are reused after a
+        rolled-back insert)."""
+        if self._held.last_id == 0:
+            return True
+        found = self.ledger.facts(ids=[self._held.last_id])
+        return bool(found) and found[0].record.relation == self._held.last_relation
+
+    def checkpoint(self) -> None:
+        """Write a snapshot when the log holds at least as many vectors as the snapshot (so the snapshots written
+        add up to about twice the final index: intake stays linear). Inside a ledger transaction it does nothing:
+        a snapshot must hold committed facts only."""
+        if self._idx is None or self.ledger.db.in_transaction:
+            return
+        self.sync()
+        tail = self._held.count - self._snapshot_count
+        if tail >= max(1, self._snapshot_count):
+            self._snapshot()
+
+    def _load(self) -> None:
+        """Snapshot (if it holds a prefix of the ledger's facts) + the log's records that continue that prefix;
+        log records of facts the ledger does not have are cut off, facts neither holds are embedded."""
+        ids = np.asarray(self.ledger.fact_ids(), dtype=np.int64)
+        snap = self._read_snapshot(ids)
+        n = snap.ntotal if snap is not None else 0
+        tail = self.log.read_from(n)
+        if tail is None:
+            log.warning("fact vector log %s does not continue the snapshot; re-embedding what it held", self.log.path)
+            self.log.clear()
+            tail = (ids[:0], np.zeros((0, 0), np.float32))
+        k = _common_prefix(tail[0], ids[n:])
+        self.log.truncate(n + k)  # records of an uncommitted chunk, a torn record
+        last = int(ids[n - 1]) if n else 0
+        self._idx, self._held = snap, _Held(n, last, self._relation_of(last))
+        self._snapshot_count = n
+        self._add_to_index(tail[0][:k], tail[1][:k])
+        if n + k < len(ids):
+            log.info("fact index: embedding %d fact(s) neither the snapshot nor the log holds", len(ids) - n - k)
+            self._embed_ids(ids[n + k:].tolist())
+        if self._idx is None:
+            self._idx = self._build(np.zeros((0, 0), np.float32), ids[:0])
+        if (snap is None or n + k < len(ids)) and len(ids):
+            self._snapshot()
+
+    def _relation_of(self, fact_id: int) -> str | None:
+        found = self.ledger.facts(ids=[fact_id]) if fact_id else []
+        return found[0].record.relation if found else None
+
+    def _read_snapshot(self, ids: np.ndarray) -> faiss.Index | None:
+        """The snapshot when it was made by this embedder and holds exactly the first facts of `ids` (checked on the
+        ids it holds, so a meta file left from the previous snapshot by a crash does not matter), else None."""
         if not (self.index_path.exists() and self.meta_path.exists()):
-            log.info("fact index %s missing; rebuilding from the ledger", self.index_path)
             return None
         try:
             meta = json.loads(self.meta_path.read_text())
             idx = faiss.read_index(str(self.index_path))
-        except Exception as exc:  # unreadable index is rebuilt, never trusted
+            held = np.sort(_index_ids(idx))
+        except Exception as exc:  # unreadable snapshot is rebuilt, never trusted
             log.warning("fact index %s unreadable (%s); rebuilding", self.index_path, exc)
             return None
-        ids = self.ledger.fact_ids()
-        ok = (meta.get("embedder") == self.embedder.name and idx.ntotal == len(ids) == meta.get("count")
-              and meta.get("ids_hash") == self._ids_hash(ids))
-        if not ok:
-            log.warning("fact index %s disagrees with the ledger (%d vectors, %d facts); rebuilding",
-                        self.index_path, idx.ntotal, len(ids))
-            return None
-        return idx
+        if meta.get("embedder") == self.embedder.name and np.array_equal(held, ids[:len(held)]):
+            return idx
+        log.warning("fact index %s disagrees with the ledger (%d vectors, %d facts); rebuilding",
+                    self.index_path, len(held), len(ids))
+        return None
 
     def rebuild(self) -> faiss.Index:
-        """Re-embed every ledger fact and write a fresh index."""
-        facts = self.ledger.facts()
-        vecs = self.embedder.embed([f.record.relation for f in facts])
-        ids = np.asarray([f.id for f in facts], dtype=np.int64)
-        self._idx, self._ids = self._build(vecs, ids), ids.tolist()
-        self._save()
+        """Re-embed every ledger fact and write a fresh snapshot."""
+        self.log.clear()
+        self._idx, self._held, self._snapshot_count = None, _Held(), 0
+        ids = self.ledger.fact_ids()
+        self._embed_ids(ids)
+        if self._idx is None:
+            self._idx = self._build(np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
+        self._snapshot()
         log.info("fact index rebuilt from the ledger: %d facts", len(ids))
         return self._idx
+
+    def _embed_ids(self, ids: Sequence[int]) -> None:
+        """Embed the ledger facts `ids` (those right after the ones held, in order) and append them to the log and
+        the index, EMBED_CHUNK at a time."""
+        for start in range(0, len(ids), EMBED_CHUNK):
+            facts = self.ledger.facts(ids=ids[start:start + EMBED_CHUNK])
+            if facts:
+                vecs = self.embedder.embed([f.record.relation for f in facts])
+                self._append([f.id for f in facts], vecs, facts[-1].record.relation)
+
+    def _append(self, ids: Sequence[int], vecs: np.ndarray, last_relation: str | None) -> None:
+        if not len(ids):
+            return
+        id_arr = np.asarray(ids, dtype=np.int64)
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+        self.log.append(self._held.count, id_arr, vecs)
+        self._add_to_index(id_arr, vecs)
+        self._held.last_relation = last_relation
 
     def _build(self, vecs: np.ndarray, ids: np.ndarray) -> faiss.Index:
         dim = vecs.shape[1] if len(vecs) else len(self.embedder.embed(["dimension probe"])[0])
         if len(ids) <= self.ivf_threshold:
             idx = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         else:
-            nlist = max(1, int(4 * math.sqrt(len(ids))))
+            nlist = max(1, min(MAX_NLIST, int(4 * math.sqrt(len(ids)))))
             idx = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
             idx.set_direct_map_type(faiss.DirectMap.Hashtable)
             idx.train(np.ascontiguousarray(vecs))
@@ -176,46 +295,53 @@ class FactMemory:
             idx.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), ids)
         return idx
 
-    def _save(self) -> None:
+    def _add_to_index(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        """Add vectors to the in-memory index (built on first use, switched to IVF past ivf_threshold)."""
+        if not len(ids):
+            return
+        total = self._held.count + len(ids)
+        if self._idx is None:
+            self._idx = self._build(vecs, ids)
+        elif not self._is_ivf(self._idx) and total > self.ivf_threshold:
+            old_ids, old = _flat_contents(self._idx)
+            self._idx = self._build(np.vstack([old, vecs]), np.concatenate([old_ids, ids]))
+            log.info("fact index switched to IVF at %d facts", total)
+        else:
+            self._idx.add_with_ids(vecs, ids)
+        self._held.add(ids)
+
+    def _snapshot(self) -> None:
+        """Write the index, then its meta (temp + rename each), then start the log afresh. A crash between the
+        steps leaves a snapshot that is still checked against the ledger, and log records it holds (skipped)."""
+        self._write_index_file()
+        self._write_meta()
+        self.log.clear()
+        self._snapshot_count = self._held.count
+
+    def _write_index_file(self) -> None:
         tmp = self.index_path.with_name(self.index_path.name + ".tmp")
         faiss.write_index(self._idx, str(tmp))
         os.replace(tmp, self.index_path)
-        meta = {"embedder": self.embedder.name, "count": len(self._ids), "ids_hash": self._ids_hash(self._ids),
-                "kind": "ivf" if self.is_ivf else "flat"}
-        self.meta_path.write_text(json.dumps(meta))
+
+    def _write_meta(self) -> None:
+        meta = {"embedder": self.embedder.name, "count": self._held.count, "kind": "ivf" if self.is_ivf else "flat"}
+        tmp = self.meta_path.with_name(self.meta_path.name + ".tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, self.meta_path)
+
+    @staticmethod
+    def _is_ivf(idx: faiss.Index) -> bool:
+        return isinstance(faiss.downcast_index(idx), faiss.IndexIVF)
 
     @property
     def is_ivf(self) -> bool:
-        return isinstance(faiss.downcast_index(self.index()), faiss.IndexIVF)
-
-    def _add_vectors(self, ids: Sequence[int], vecs: np.ndarray) -> None:
-        idx = self.index()
-        total = len(self._ids) + len(ids)
-        if not self.is_ivf and total > self.ivf_threshold:
-            old = self.vectors(self._ids)
-            self._idx = self._build(np.vstack([old, vecs]), np.asarray(self._ids + list(ids), dtype=np.int64))
-            log.info("fact index switched to IVF at %d facts", total)
-        elif len(ids):
-            idx.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), np.asarray(ids, dtype=np.int64))
-        self._ids += list(ids)
-        self._save()
+        return self._is_ivf(self.index())
 
     def vectors(self, ids: Iterable[int]) -> np.ndarray:
         """Stored embeddings of ledger facts, one row per id."""
         idx = self.index()
         rows = [idx.reconstruct(int(i)) for i in ids]
         return np.vstack(rows).astype(np.float32) if rows else np.zeros((0, idx.d), dtype=np.float32)
-
-    def cosines(self, vec: np.ndarray, ids: Sequence[int]) -> dict[int, float]:
-        """Cosine of `vec` to each listed fact, searching the index restricted to those ids."""
-        if not ids:
-            return {}
-        idx = faiss.downcast_index(self.index())
-        sel = faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64))
-        params = (faiss.SearchParametersIVF(sel=sel, nprobe=idx.nlist) if isinstance(idx, faiss.IndexIVF)
-                  else faiss.SearchParameters(sel=sel))
-        dist, found = self.index().search(np.ascontiguousarray(vec[None], dtype=np.float32), len(ids), params=params)
-        return {int(i): float(d) for d, i in zip(dist[0], found[0]) if i >= 0}
 
     def similar(self, text: str, k: int = 5) -> list[tuple[StoredFact, float]]:
         """Facts whose relation is closest to `text` (relation text, subject removed)."""
@@ -235,9 +361,10 @@ class FactMemory:
         self.sync()  # load (or rebuild) before the ledger changes, so the new facts are added once
         vecs = self.embedder.embed([r.relation for r in recs]) if recs else np.zeros((0, 1), np.float32)
         plan = Plan()
-        accepted, drops, supers = self._resolve(recs, vecs, plan)
+        keys = [r.key for r in recs]
+        accepted, drops, supers = self._resolve(recs, keys, vecs, plan)
         with self.ledger.transaction():
-            new_ids = self.ledger.add_facts([recs[i] for i in accepted], feed=feed, offset=offset)
+            new_ids = self.ledger.add_facts([recs[i] for i in accepted], feed, offset, [keys[i] for i in accepted])
             id_of = dict(zip(accepted, new_ids))
             for old, i in drops.items():
                 self.ledger.set_status([old], "dropped", f"superseded by fact {id_of[i]} before being applied")
@@ -248,7 +375,10 @@ class FactMemory:
                 plan.supersedes[id_of[i]] = old
             plan.added = new_ids
             self.ledger.log_event("intake", self._summary(plan, len(recs)), data={"feed": feed, "offset": offset})
-        self._add_vectors(new_ids, vecs[accepted] if accepted else vecs[:0])
+        if accepted:
+            self._append(new_ids, vecs[accepted], recs[accepted[-1]].relation)
+        if not self.ledger.db.in_transaction:  # else the caller checkpoints once its transaction commits
+            self.checkpoint()
         return plan
 
     @staticmethod
@@ -257,41 +387,48 @@ class FactMemory:
                 f"{plan.paraphrase_duplicates} paraphrase duplicate(s), {len(plan.dropped_pending)} pending dropped, "
                 f"{plan.dropped_in_chunk} replaced within the chunk, {len(plan.supersedes)} superseding applied")
 
-    def _resolve(self, recs: list[FactRecord], vecs: np.ndarray,
+    def _resolve(self, recs: list[FactRecord], keys: list[tuple[str, str, str]], vecs: np.ndarray,
                  plan: Plan) -> tuple[list[int], dict[int, int], dict[int, int]]:
-        """Walk the chunk in order against a live view (ledger + chunk). Returns accepted chunk indices,
-        pending ledger fact -> replacing chunk index, applied ledger fact -> superseding chunk index."""
+        """Walk the chunk (records and their keys) in order against a live view (ledger + chunk). Returns accepted
+        chunk indices, pending ledger fact -> replacing chunk index, applied ledger fact -> superseding chunk index."""
+        known = self._known(k[0] for k in keys)
         live: dict[str, list[_Live]] = {}
         accepted: list[int] = []
         drops: dict[int, int] = {}
         supers: dict[int, int] = {}
-        keys: set[tuple[str, str, str]] = set()
-        for i, rec in enumerate(recs):
-            replaced = drops.keys() | supers.keys()
-            if rec.key in keys or any(f.id not in replaced for f in self.ledger.find_duplicates(rec.key)):
+        seen: set[tuple[str, str, str]] = set()
+        for i, (rec, key) in enumerate(zip(recs, keys)):
+            if key in seen or self._duplicate(key, known.get(key[0], []), drops, supers):
                 plan.duplicates += 1
                 continue
-            cands = live.setdefault(rec.key[0], self._ledger_live(rec.key[0]))
-            match = self._best_match(rec, vecs[i], cands)
-            if match is not None and normalise(match.record.target) == rec.key[2]:
+            if key[0] not in live:
+                live[key[0]] = [c for c in known.get(key[0], []) if c.status in ("pending", "applied")]
+            cands = live[key[0]]
+            match = self._best_match(key, vecs[i], cands)
+            if match is not None and match.key[2] == key[2]:
                 plan.paraphrase_duplicates += 1
                 continue
             if match is not None:
                 cands.remove(match)
-                self._replace(match, i, accepted, drops, supers, keys, plan)
-            cands.append(_Live(rec, vecs[i], "pending", None, i))
+                self._replace(match, i, accepted, drops, supers, seen, plan)
+            cands.append(_Live(rec, vecs[i], "pending", None, i, key))
             accepted.append(i)
-            keys.add(rec.key)
+            seen.add(key)
         return accepted, drops, supers
 
     @staticmethod
+    def _duplicate(key: tuple[str, str, str], known: list[_Live], drops: dict[int, int], supers: dict[int, int]) -> bool:
+        """A ledger fact with exactly this key that this chunk does not replace (drop or supersede)."""
+        return any(c.key == key and c.ledger_id not in drops and c.ledger_id not in supers for c in known)
+
+    @staticmethod
     def _replace(match: _Live, i: int, accepted: list[int], drops: dict[int, int], supers: dict[int, int],
-                 keys: set, plan: Plan) -> None:
+                 seen: set, plan: Plan) -> None:
         """Chunk fact `i` replaces `match`: drop a pending one, supersede an applied one."""
         if match.chunk_idx is not None:
             j = match.chunk_idx
             accepted.remove(j)
-            keys.discard(match.record.key)
+            seen.discard(match.key)
             plan.dropped_in_chunk += 1
             for table in (drops, supers):
                 for old, k in list(table.items()):
@@ -302,19 +439,22 @@ class FactMemory:
         else:
             supers[match.ledger_id] = i
 
-    def _ledger_live(self, subject_norm: str) -> list[_Live]:
-        facts = self.ledger.live_by_subject(subject_norm)
-        vecs = self.vectors([f.id for f in facts]) if facts else []
-        return [_Live(f.record, v, f.status, f.id, None) for f, v in zip(facts, vecs)]
+    def _known(self, subjects: Iterable[str]) -> dict[str, list[_Live]]:
+        """Normalised subject -> the ledger's unsettled facts about it (Ledger.unsettled_about), with vectors."""
+        facts = self.ledger.unsettled_about(subjects)
+        out: dict[str, list[_Live]] = {}
+        for f, v in zip(facts, self.vectors([f.id for f in facts])):
+            key = f.record.key
+            out.setdefault(key[0], []).append(_Live(f.record, v, f.status, f.id, None, key))
+        return out
 
-    def _best_match(self, rec: FactRecord, vec: np.ndarray, cands: list[_Live]) -> _Live | None:
+    def _best_match(self, key: tuple[str, str, str], vec: np.ndarray, cands: list[_Live]) -> _Live | None:
         """The live fact about the same subject with the same relation: same template, else highest cosine."""
         best, best_cos = None, self.threshold
-        ledger_cos = self.cosines(vec, [c.ledger_id for c in cands if c.ledger_id is not None])
         for c in cands:
-            if c.record.relation_key == rec.relation_key:
+            if c.key[:2] == key[:2]:
                 return c
-            cos = ledger_cos.get(c.ledger_id, -1.0) if c.ledger_id is not None else float(c.vec @ vec)
+            cos = float(c.vec @ vec)  # both unit vectors: ledger facts' read back from the index
             if cos >= best_cos:
                 best, best_cos = c, cos
         return best

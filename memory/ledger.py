@@ -168,18 +168,19 @@ class Ledger:
 
     # ------------------------------------------------------------------ facts
 
-    def add_facts(self, facts: Sequence[FactRecord], feed: str | None = None,
-                  offset: int | None = None) -> list[int]:
-        """Insert facts as pending and (optionally) the feed's new byte offset, in one transaction."""
+    def add_facts(self, facts: Sequence[FactRecord], feed: str | None = None, offset: int | None = None,
+                  keys: Sequence[tuple[str, str, str]] | None = None) -> list[int]:
+        """Insert facts as pending and (optionally) the feed's new byte offset, in one transaction. `keys`: the
+        facts' `key`s when the caller has them already. Ids follow the highest one, as SQLite would number them."""
         now = time.time()
-        ids = []
+        keys = keys if keys is not None else [f.key for f in facts]
         with self.transaction():
-            for f in facts:
-                s, t, o = f.key
-                cur = self.db.execute(
-                    "INSERT INTO facts (record, subject_norm, template_norm, target_norm, status, added_at,"
-                    " updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)", (f.to_json(), s, t, o, now, now))
-                ids.append(int(cur.lastrowid))
+            first = self.last_fact_id() + 1
+            ids = list(range(first, first + len(facts)))
+            self.db.executemany(
+                "INSERT INTO facts (id, record, subject_norm, template_norm, target_norm, status, added_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                [(i, f.to_json(), *k, now, now) for i, f, k in zip(ids, facts, keys)])
             if feed is not None and offset is not None:
                 self.set_feed_offset(feed, offset)
         return ids
@@ -231,19 +232,21 @@ class Ledger:
     def fact_ids(self) -> list[int]:
         return [r["id"] for r in self.db.execute("SELECT id FROM facts ORDER BY id")]
 
-    def find_duplicates(self, key: tuple[str, str, str]) -> list[StoredFact]:
-        """Pending, applied (not being superseded) or quarantined facts with exactly this normalised key."""
-        rows = self.db.execute(
-            "SELECT * FROM facts WHERE subject_norm = ? AND template_norm = ? AND target_norm = ?"
-            " AND status IN ('pending', 'applied', 'quarantined') AND superseded_by IS NULL ORDER BY id", key)
-        return [self._stored(r) for r in rows]
+    def last_fact_id(self) -> int:
+        """The highest fact id (0 for an empty ledger); facts are never deleted, so it grows with every insert."""
+        return int(self.db.execute("SELECT coalesce(max(id), 0) FROM facts").fetchone()[0])
 
-    def live_by_subject(self, subject_norm: str) -> list[StoredFact]:
-        """Pending or applied facts about this subject not already being superseded."""
-        rows = self.db.execute(
-            "SELECT * FROM facts WHERE subject_norm = ? AND status IN ('pending', 'applied')"
-            " AND superseded_by IS NULL ORDER BY id", (subject_norm,))
-        return [self._stored(r) for r in rows]
+    def unsettled_about(self, subjects: Iterable[str]) -> list[StoredFact]:
+        """Pending, applied or quarantined facts not already being superseded, about any of these normalised
+        subjects, in id order: what a new fact about one of them may duplicate (exact key) or replace (pending or
+        applied ones). One query per 500 subjects."""
+        subs, rows = sorted(set(subjects)), []
+        for start in range(0, len(subs), 500):
+            part = subs[start:start + 500]
+            rows += self.db.execute(
+                f"SELECT * FROM facts WHERE subject_norm IN ({','.join('?' * len(part))}) AND status IN"
+                " ('pending', 'applied', 'quarantined') AND superseded_by IS NULL", part).fetchall()
+        return [self._stored(r) for r in sorted(rows, key=lambda r: r["id"])]
 
     def set_status(self, fact_ids: Iterable[int], status: str, reason: str | None = None) -> None:
         with self.transaction():
@@ -418,7 +421,7 @@ class Ledger:
                 self._expected = None
                 raise LedgerMismatch(f"layer {layer} rebuilt from base + committed deltas does not match the "
                                      f"fingerprint recorded at the last commit; the ledger at {self.root} is "
-                                     "inconsistent (run verify())")
+                                     "inconsistent (run `kagent verify`)")
         self.restore(model)
 
     def restore(self, model: nn.Module) -> None:
@@ -656,11 +659,21 @@ class Ledger:
         return out
 
     def _check_facts(self) -> list[str]:
+        """Fact statuses against their batches, and the links between facts and batches."""
         rows = self.db.execute(
             "SELECT f.id, f.status, f.batch_id, b.status AS bstatus FROM facts f LEFT JOIN batches b"
             " ON f.batch_id = b.id WHERE f.status IN ('applied', 'superseded')")
-        return [f"fact {r['id']} is {r['status']} but its batch {r['batch_id']} is {r['bstatus']}"
-                for r in rows if r["bstatus"] != "committed"]
+        out = [f"fact {r['id']} is {r['status']} but its batch {r['batch_id']} is {r['bstatus']}"
+               for r in rows if r["bstatus"] != "committed"]
+        out += [f"fact {r[0]} names batch {r[1]}, which does not list it" for r in self.db.execute(
+            "SELECT id, batch_id FROM facts f WHERE batch_id IS NOT NULL AND NOT EXISTS"
+            " (SELECT 1 FROM batch_facts bf WHERE bf.batch_id = f.batch_id AND bf.fact_id = f.id)")]
+        out += [f"fact {r[0]} is superseded by fact {r[1]}, which is not in the ledger" for r in self.db.execute(
+            "SELECT id, superseded_by FROM facts f WHERE superseded_by IS NOT NULL AND NOT EXISTS"
+            " (SELECT 1 FROM facts g WHERE g.id = f.superseded_by)")]
+        return out + [f"batch {r[0]} records {r[1]} fact(s) but lists {r[2]}" for r in self.db.execute(
+            "SELECT b.id, b.n_facts, (SELECT count(*) FROM batch_facts bf WHERE bf.batch_id = b.id) AS n"
+            " FROM batches b WHERE b.n_facts != n")]
 
     def _check_rebuild(self) -> list[str]:
         stored = self._stored_fingerprints()

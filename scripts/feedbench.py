@@ -135,7 +135,7 @@ def run_stage(stage: str, feed: Path, work: Path, trace: bool = False) -> dict:
     rss0 = _rss_kb()
     if trace:
         tracemalloc.start()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out: dict = {"stage": stage}
     with FeedFollower(FeedPosition(str(feed))) as follower:
         if stage == "read":
@@ -150,11 +150,11 @@ def run_stage(stage: str, feed: Path, work: Path, trace: bool = False) -> dict:
             stats = intake(memory, follower, final=True)
             out |= {"lines": stats.lines, "added": stats.added, "duplicates": stats.duplicates,
                     "superseding": stats.superseding, "bad": len(stats.bad)}
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     if trace:
         out["tracemalloc_peak_mb"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 2)
         tracemalloc.stop()
-    out |= {"seconds": round(seconds, 2), "peak_rss_added_mb": round((_peak_kb() - rss0) / 1024, 1),
+    out |= {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_added_mb": round((_peak_kb() - rss0) / 1024, 1),
             "rss_added_mb": round((_rss_kb() - rss0) / 1024, 1), "peak_since": "stage" if reset else "process"}
     if stage == "intake":
         import faiss

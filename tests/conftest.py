@@ -136,13 +136,13 @@ def facts_take(request):
     """A tiny random model cannot be made to answer an edited fact greedily (one residual vector at the subject does
     not steer a character-level model 30 positions on), so the agent's verified application would fail every fact.
     The fast tier tests the agent's machinery with every fact answering (patched for the whole session, so that
-    module-scoped workspaces are built the same way); tests marked `verify` ask the model for real, and so does a
-    run of the slow tier (`-m slow`: the embedded model answers). Yields the real `agent.batch.answered`."""
+    module-scoped workspaces are built the same way); tests marked `verify` ask the model for real, and so do runs of the
+    slow and smoke tiers (`-m slow`, `-m smoke`: the embedded model answers). Yields the real `agent.batch.answered`."""
     import agent.batch
 
     real = agent.batch.answered
     markexpr = request.config.getoption("markexpr", "") or ""
-    if "slow" in markexpr and "not slow" not in markexpr:
+    if any(tier in markexpr and f"not {tier}" not in markexpr for tier in ("slow", "smoke")):
         yield real
         return
     agent.batch.answered = _always_answers
@@ -154,7 +154,7 @@ def facts_take(request):
 
 @pytest.fixture(autouse=True)
 def real_answers_when_marked(request, facts_take, monkeypatch):
-    if request.node.get_closest_marker("verify") or request.node.get_closest_marker("slow"):
+    if any(request.node.get_closest_marker(m) for m in ("verify", "slow", "smoke")):
         import agent.batch
 
         monkeypatch.setattr(agent.batch, "answered", facts_take)

@@ -48,7 +48,7 @@ def test_example_feed_on_the_embedded_model(tmp_path, user_cache):
     assert sum(h["facts"] for h in history if h["status"] == "committed") == len(facts)
     out = tmp_path / "report.html"
     run("report", "--out", out, "--workspace", ws)
-    assert out.read_text().count("data:image/png") == 3 and f"{len(facts)} edits applied" in out.read_text()
+    assert out.read_text().count("data:image/png") == 4 and f"{len(facts)} edits applied" in out.read_text()
     run("rollback", "--to", "0", "--workspace", ws)
     eiffel = run("ask", "The Eiffel Tower is located in the city of", "--workspace", ws)
     assert "Paris" in eiffel and "Rome" not in eiffel  # back to the unedited model
