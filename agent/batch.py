@@ -181,6 +181,7 @@ def requeue(session: Session, sample: list[StoredFact], before: list[bool], batc
 def attempt(session: Session, group: list[StoredFact]) -> Verdict:
     """Compute, apply, verify (with retries), check and - when the probes pass - commit `group` as one batch."""
     ids = [f.id for f in group]
+    clock = [time.perf_counter()]
     try:
         result = compute(session, group)
         result.delta.check_finite()
@@ -196,13 +197,18 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
     before = {"retention": share(hits_before)} if sample else {}
     reference = session.probes.reference(session.model, session.tok)
     floor = noise_floor(session, result, group, reference) if result.delta.layers else None  # slots: no weights move
+    clock.append(time.perf_counter())
     session.editor.apply(result)
     try:
         result, failed = verify(session, group, result)
     except NonFiniteDelta as exc:
         return reject(session, result, guard.NONFINITE, str(exc), {})
+    clock.append(time.perf_counter())
     reading, after = measure(session, result, group, sample, reference, floor)
-    after |= {"interference": interference, "took": len(group) - len(failed), "failed": len(failed)}
+    clock.append(time.perf_counter())
+    after |= {"interference": interference, "took": len(group) - len(failed), "failed": len(failed),
+              "seconds_compute": clock[1] - clock[0], "seconds_verify": clock[2] - clock[1],
+              "seconds_probes": clock[3] - clock[2]}
     baseline = session.baseline()
     failures = guard.probe_failures(after, baseline.known_acc, baseline.perplexity,
                                     before.get("retention"), session.cfg)
