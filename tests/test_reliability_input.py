@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import unicodedata
 import weakref
 from dataclasses import dataclass
 
@@ -96,6 +97,29 @@ CORPUS = [
     Case("five_thousand_digit_int", b'{"subject": "Quito", "prompt": "{} is", "target": ' + b"7" * 5000 + b"}",
          False, "-"),
     Case("unknown_key_with_newline", rec(**{"evil\nkey": 1}), False, "evil\nkey"),
+    # text hygiene (memory/hygiene.py): escaped controls, bidirectional overrides/isolates, separators, surrogates
+    Case("escaped_nul_in_subject", rec(subject="Riga\u0000", target="Latvia"), False, "subject"),
+    Case("escaped_bell_in_target", rec(target="Pe\u0007ru"), False, "target"),
+    Case("tab_inside_target", rec(target="Pe\tru"), False, "target"),
+    Case("newline_inside_prompt", rec(prompt="{} is the\ncapital of"), False, "prompt"),
+    Case("c1_control_in_old_target", rec(old_target="Chi\u0085le"), False, "old_target"),
+    Case("bidi_override_in_target", rec(target="\u202eurep"), False, "target"),
+    Case("bidi_embedding_in_prompt", rec(prompt="{} is the \u202acapital of"), False, "prompt"),
+    Case("bidi_isolate_in_subject", rec(subject="Qu\u2066ito\u2069", prompt="{} is the capital of"), False,
+         "subject"),
+    Case("bidi_override_in_paraphrase", rec(paraphrases=["Quito lies in", "Quito \u202dlies in"]), False,
+         "paraphrases.1"),
+    Case("bidi_isolate_in_neighbor_prompt", rec(neighbors=[{"prompt": "Lima \u2068is in", "target": "Peru"}]),
+         False, "neighbors.0.prompt"),
+    Case("control_in_neighbor_target", rec(neighbors=[{"prompt": "Lima is in", "target": "Pe\u001bru"}]), False,
+         "neighbors.0.target"),
+    Case("bidi_override_in_id", rec(id="cf-\u202e1"), False, "id"),
+    Case("control_in_source", rec(source="feed\u0000x"), False, "source"),
+    Case("line_separator_in_target", rec(target="Peru\u2028Chile"), False, "target"),
+    Case("lone_surrogate_in_subject", rec(subject="Qu\ud800ito"), False, "subject"),
+    Case("zero_width_only_target", rec(target="\u200b\u200b"), False, "target"),
+    Case("directional_marks_only_target", rec(target="\u200f\u200e"), False, "target"),
+    Case("zero_width_only_paraphrase", rec(paraphrases=["\ufeff\u2060"]), False, "paraphrases.0"),
     # valid, if awkward: accepted as new facts (each a distinct subject)
     Case("plain_valid", rec(subject="Accra", target="Ghana"), True),
     Case("subject_verbatim_no_placeholder", rec(subject="Bogota", prompt="Bogota is the capital of",
@@ -112,7 +136,6 @@ CORPUS = [
                                      target="\u05d9\u05e9\u05e8\u05d0\u05dc"), True),
     Case("emoji_and_combining", rec(subject="Cafe\u0301 \U0001F600", target="Paris"), True),
     Case("target_equals_old_target", rec(subject="Tokyo", target="Japan", old_target="Japan"), True),
-    Case("escaped_nul_in_subject", rec(subject="Riga\u0000", target="Latvia"), True),
     Case("duplicate_json_keys", b'{"subject": "Oslo", "subject": "Bern", "prompt": "{} is in", "target": "Swiss"}',
          True),
     Case("huge_paraphrases", rec(subject="Kyiv", target="Ukraine", paraphrases=[f"Kyiv p{i}" for i in range(20_000)]),
@@ -257,8 +280,17 @@ def test_any_json_object_is_a_record_or_a_bad_record(obj):
     assert parse_line(got.to_json(), 5) == got
 
 
-no_braces = st.text(st.characters(blacklist_characters="{}", blacklist_categories=("Cs",)), max_size=30)
-non_blank = no_braces.filter(lambda s: s.strip() != "")
+REFUSED_CHARS = "".join(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))  # bidi overrides, isolates
+no_braces = st.text(st.characters(blacklist_characters="{}" + REFUSED_CHARS,
+                                  blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=30)
+non_blank = no_braces.filter(lambda s: any(unicodedata.category(c)[0] in "LNPS" for c in s))  # something visible
+
+
+def nfc_without_marks(text: str) -> str:
+    """What the feed stores of a model text: NFC, directional marks removed (README, feed schema)."""
+    for mark in "\u200e\u200f\u061c":
+        text = text.replace(mark, "")
+    return unicodedata.normalize("NFC", text)
 
 
 @settings(max_examples=300, deadline=None)
@@ -268,11 +300,19 @@ def test_valid_records_are_accepted_and_round_trip(subject, before, after, targe
     obj = {"subject": subject, "prompt": before + "{}" + after, "target": target, "paraphrases": paraphrases,
            "time": time}
     got = parse_line(json.dumps(obj), 1)
-    assert (got.subject, got.prompt, got.target, got.paraphrases) == (subject, before + "{}" + after, target,
-                                                                      paraphrases)
-    assert got.text == before + subject + after
+    kept = nfc_without_marks
+    assert (got.subject, got.prompt, got.target, got.paraphrases) == (
+        kept(subject), kept(before) + "{}" + kept(after), kept(target), [kept(p) for p in paraphrases])
+    assert got.text == kept(before) + kept(subject) + kept(after)
     assert parse_line(got.to_json(), 1) == got
     assert parse_line(json.dumps(obj, ensure_ascii=False), 1) == got
+
+
+def test_model_texts_are_stored_in_nfc_without_directional_marks():
+    got = parse_line(rec(subject="Cafe\u0301 Ro\u200fyal", prompt="{} is a cafe\u0301 in", target="Pa\u200eris",
+                         paraphrases=["Cafe\u0301 Ro\u200fyal lies in"], id="cf\u200f-1"), 1)
+    assert (got.subject, got.prompt, got.target) == ("Caf\u00e9 Royal", "{} is a caf\u00e9 in", "Paris")
+    assert got.paraphrases == ["Caf\u00e9 Royal lies in"] and got.id == "cf\u200f-1"  # ids are kept as sent
 
 
 # ----------------------------------------------------------------------------- hypothesis: rollback
