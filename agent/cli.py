@@ -27,6 +27,7 @@ from editors.arch import UnknownArchitecture
 from editors.models import DEFAULT_MODEL, fingerprint, load_model
 from editors.registry import METHODS
 from memory.export import export as export_model
+from memory.hygiene import shown
 from memory.ledger import LedgerError, LedgerMismatch
 
 USER_ERRORS = (WorkspaceError, ConfigError, ScheduleError, LedgerError, UnknownArchitecture, FileNotFoundError,
@@ -146,7 +147,7 @@ def refresh(workspace: Path | None) -> None:
         if not feeds:
             click.echo("no feeds configured; add one with `kagent watch FEED --once`")
         for feed in feeds:
-            click.echo(f"{feed}: {run_feed(ws, Path(feed), True, None, None).line()}")
+            click.echo(f"{shown(feed)}: {run_feed(ws, Path(feed), True, None, None).line()}")
 
 
 @cli.command()
@@ -211,10 +212,10 @@ def ask(prompt: str, base: bool, tokens: int, workspace: Path | None) -> None:
         load_edits(ledger, loaded)
     after = greedy_answers(loaded.model, loaded.tok, [prompt], tokens)[0]
     if before is not None:
-        click.echo(f"base:   {prompt}{before}")
-        click.echo(f"edited: {prompt}{after}")
+        click.echo(f"base:   {shown(prompt + before)}")
+        click.echo(f"edited: {shown(prompt + after)}")
     else:
-        click.echo(f"{prompt}{after}")
+        click.echo(shown(prompt + after))
 
 
 def load_edits(ledger, loaded) -> None:
@@ -263,8 +264,8 @@ def status(workspace: Path | None) -> None:
     """Show the workspace: model, config, facts by status, last batch and baseline."""
     ws = Workspace.open(ws_root(workspace))
     cfg, baseline = ws.config(), ws.baseline()
-    click.echo(f"workspace {ws.root}\nmodel {cfg.model} ({cfg.method}), batch size {cfg.batch_size}, "
-               f"order {cfg.order}")
+    click.echo(f"workspace {shown(str(ws.root))}\nmodel {shown(cfg.model)} ({cfg.method}), batch size "
+               f"{cfg.batch_size}, order {cfg.order}")
     if baseline:
         acc = "n/a" if baseline.known_acc is None else f"{baseline.known_acc:.3f}"
         click.echo(f"baseline known-fact accuracy {acc}, perplexity {baseline.perplexity:.2f}")
@@ -276,7 +277,7 @@ def status(workspace: Path | None) -> None:
         rows = views.history_rows(ledger, 1)
         click.echo("last batch: " + (views.history_line(rows[0]) if rows else "none"))
         for feed in cfg.feeds:
-            click.echo(f"feed {feed}: byte {ledger.feed_offset(feed)}")
+            click.echo(f"feed {shown(feed)}: byte {ledger.feed_offset(feed)}")
 
 
 @cli.command(name="export")
@@ -304,8 +305,8 @@ def report(out: Path, workspace: Path | None) -> None:
                                                    if baseline and baseline.known_acc is not None else {}) \
         if baseline else {}
     with open_ledger(ws) as ledger:
-        rows = views.report_rows(ledger)
-    out.write_text(render(rows, f"kagent report: {ws.config().model}", base))
+        rows, set_aside = views.report_rows(ledger), views.set_aside_rows(ledger)
+    out.write_text(render(rows, f"kagent report: {ws.config().model}", base, set_aside))
     click.echo(f"wrote {out} ({len(rows)} batches)")
 
 

@@ -239,6 +239,27 @@ def test_a_prompt_longer_than_the_model_context_is_applied_alone(ws_with_facts, 
     assert {"Paris", "Berlin", "Rome"} <= set(applied_subjects(ws))
 
 
+HOSTILE_TEXT = "\u202e\u2066\u0000\u001b\u2028\u200b"  # override, isolate, NUL, ESC, line separator, zero width
+
+
+def test_text_stored_before_the_checks_is_never_printed_raw(ws_with_facts, tmp_path):
+    """A fact stored by an older kagent (no hygiene at intake) with bidirectional overrides, NUL and escape
+    characters in its texts: `facts`, `show` and the HTML report print them as visible escapes."""
+    ws, _ = ws_with_facts
+    old = FactRecord(subject=f"Lima{HOSTILE_TEXT}", prompt="{} is the capital of", target=f"Pe{HOSTILE_TEXT}ru")
+    with Ledger(ws / "ledger") as ledger:
+        [fid] = ledger.add_facts([old])
+        ledger.quarantine([fid], f"set aside by hand{HOSTILE_TEXT}")
+    outputs = {"facts": run("facts", "--workspace", ws).output,
+               "show": run("show", f"f{fid}", "--workspace", ws).output}
+    assert run("report", "--out", tmp_path / "r.html", "--workspace", ws).exit_code == 0
+    outputs["report"] = (tmp_path / "r.html").read_text(encoding="utf-8")
+    for name, text in outputs.items():
+        assert not any(c in text for c in HOSTILE_TEXT), name
+        assert "\\u202e\\u2066\\u0000\\u001b\\u2028\\u200b" in text, (name, text[-2000:])
+    assert "set aside by hand" in outputs["report"]  # the report lists the quarantined fact with its reason
+
+
 def test_resending_the_corpus_stores_nothing_twice(ws_with_facts, tmp_path):
     ws, _ = ws_with_facts
     cases = [c for c in CORPUS if c.ok and c.name not in SEPARATE]
