@@ -47,6 +47,15 @@ class AgentConfig(BaseModel):
                             "({prompt, subject, target, case_id}); empty = the shipped known-fact set")
     retention_sample: int = Field(50, ge=1, description="applied facts sampled for the retention probe")
     seed: int = Field(0, description="random seed for sampling probes and the 'random' order")
+    max_prompt_tokens: int = Field(
+        64, ge=1, description="most model tokens of a feed line's prompt with its subject filled in; longer lines are "
+        "rejected at intake (CounterFact's longest: 23)")
+    max_target_tokens: int = Field(16, ge=1, description="most model tokens of a feed line's target and old_target")
+    max_paraphrases: int = Field(16, ge=0, description="most paraphrases a feed line may carry")
+    max_paraphrase_tokens: int = Field(64, ge=1, description="most model tokens of each paraphrase")
+    max_neighbors: int = Field(32, ge=0, description="most neighbours a feed line may carry")
+    max_neighbor_prompt_tokens: int = Field(64, ge=1, description="most model tokens of each neighbour's prompt")
+    max_neighbor_target_tokens: int = Field(16, ge=1, description="most model tokens of each neighbour's target")
 
     @field_validator("method")
     @classmethod

@@ -99,7 +99,7 @@ class Watcher:
         return time.monotonic() - self.waiting_since >= self.opts.max_wait
 
     def step(self, final: bool) -> None:
-        got = intake(self.session.memory, self.follower, final)
+        got = intake(self.session.memory, self.follower, final, self.session.limits.problem)  # agent/limits.py
         self.summary.intake.merge(got)
         for bad in got.bad:
             self.echo(f"skipped bad {bad}")

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from agent.config import AgentConfig
+from agent.limits import LimitChecker, checker_for
 from agent.monitors import base_weights
 from agent.probes import ProbeSuite
 from agent.workspace import Baseline, Workspace
@@ -41,6 +42,7 @@ class Session:
     w0: dict[int, torch.Tensor]  # base weights of the edited layers
     prior_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> keys of committed edits (d, m)
     _probe_keys: dict[int, torch.Tensor] | None = None  # layer -> keys of the known-fact probes, computed once
+    limits: LimitChecker | None = None  # feed-line limits in the model's tokens (agent/limits.py)
 
     @property
     def model(self):
@@ -144,7 +146,8 @@ def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
     ledger = open_ledger(ws)
     ledger.attach(loaded.model, editor.hp.layers)
     probes = ProbeSuite.shipped(cfg.probe_facts, cfg.probe_tokens, cfg.probe_file)
-    session = Session(ws, cfg, loaded, ledger, editor, open_memory(ws, ledger), probes, w0)
+    session = Session(ws, cfg, loaded, ledger, editor, open_memory(ws, ledger), probes, w0,
+                      limits=checker_for(cfg, loaded.tok, loaded.model.config))
     session.rebuild_state()
     log.info("workspace %s: %s with %d committed edit(s)", ws.root, cfg.model, session.editor.state.n_edits)
     return session
