@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
+from editors.footprint import Dims, edit_tokens, estimate, peak_mb, reset_peak, resident_mb
 from editors.models import DEFAULT_MODEL, load_model
 from editors.prompts import EditRequest
 from editors.registry import METHODS, make_editor
@@ -61,6 +62,8 @@ class MethodResult(BaseModel):
     value_gflops: float  # achieved matmul GFLOP/s of the value optimisation
     mean_steps: float  # mean optimisation checks per edit
     peak_rss_mb: float  # process peak resident memory so far
+    mem_estimate_mb: float = 0.0  # largest estimated peak of a batch: resident before it + editors.footprint estimate
+    edit_peak_rss_mb: float = 0.0  # measured peak RSS while this method's batches ran (VmHWM reset before them)
     hparams: dict = {}  # the editor's hyperparameters
 
 
@@ -111,23 +114,33 @@ def _probes(model, tok, cfg) -> dict:
     return {"ppl": probes.perplexity(model, tok, max_tokens=cfg.ppl_tokens), "known": probes.known_fact_accuracy(model, tok)}
 
 
+def batch_estimate_mb(lm, editor, batch: list[EditRequest]) -> float:
+    """The estimated peak RSS of editing `batch`: resident memory now plus its working memory (editors.footprint)."""
+    edits = [edit_tokens(lm.tok, r, editor.state.context_templates) for r in batch]
+    return resident_mb() + estimate(Dims.of(lm.model), edits, editor.hp).working_mb
+
+
 def run_method(cfg: BenchConfig, method: str, base: dict) -> MethodResult:
     lm = load_model(cfg.model, cfg.device)
     task = _Task(cfg, lm.model, lm.tok)
     editor = make_editor(method, lm.model, lm.tok, **cfg.overrides)
     w0 = norms.snapshot(lm.model, editor.hp.layers)
     secs = {"total": 0.0, "values": 0.0}
-    flops, steps = 0.0, []
+    flops, steps, mem_estimate = 0.0, [], 0.0
+    reset_peak()
     for batch in tqdm(batches(task.requests, cfg.batch_size, cfg.order), desc=f"{method} batches", unit="batch"):
+        mem_estimate = max(mem_estimate, batch_estimate_mb(lm, editor, batch))
         t = time.perf_counter()
         result = editor.edit(batch, progress=True)
         secs["total"] += time.perf_counter() - t
         secs["values"] += result.seconds["values"]
         flops += result.flops
         steps += result.steps
+    edit_peak = peak_mb()
     es, ps, ns = task.evaluate(lm.model, lm.tok)
     after = _probes(lm.model, lm.tok, cfg)
     return _row(cfg, method, es, ps, ns, base, after, norm_growth=norms.norm_growth(lm.model, w0),
+                mem_estimate_mb=mem_estimate, edit_peak_rss_mb=edit_peak,
                 edit_seconds=secs["total"], edits_per_second=len(task.requests) / max(secs["total"], 1e-9),
                 value_seconds=secs["values"], value_gflops=flops / max(secs["values"], 1e-9) / 1e9,
                 mean_steps=sum(steps) / max(len(steps), 1), hparams=editor.hp.model_dump())
@@ -150,7 +163,7 @@ def run_bench(cfg: BenchConfig) -> list[MethodResult]:
 
 
 COLUMNS = ["method", "es", "ps", "ns", "score", "ppl_after", "known_acc_after", "norm_growth", "edits_per_second",
-           "value_gflops", "mean_steps", "peak_rss_mb"]
+           "value_gflops", "mean_steps", "peak_rss_mb", "mem_estimate_mb", "edit_peak_rss_mb"]
 
 
 def table(rows: list[MethodResult]) -> str:
