@@ -56,6 +56,11 @@ class AgentConfig(BaseModel):
     max_neighbors: int = Field(32, ge=0, description="most neighbours a feed line may carry")
     max_neighbor_prompt_tokens: int = Field(64, ge=1, description="most model tokens of each neighbour's prompt")
     max_neighbor_target_tokens: int = Field(16, ge=1, description="most model tokens of each neighbour's target")
+    crash_isolate_after: int = Field(
+        2, ge=1, description="runs that died (killed, out of memory, crashed) while a fact's batch was applied, "
+        "after which the fact is attempted alone")
+    crash_quarantine_after: int = Field(
+        1, ge=1, description="further deaths while the fact was attempted alone, after which it is quarantined")
 
     @field_validator("method")
     @classmethod
