@@ -56,6 +56,9 @@ class AgentConfig(BaseModel):
     max_neighbors: int = Field(32, ge=0, description="most neighbours a feed line may carry")
     max_neighbor_prompt_tokens: int = Field(64, ge=1, description="most model tokens of each neighbour's prompt")
     max_neighbor_target_tokens: int = Field(16, ge=1, description="most model tokens of each neighbour's target")
+    memory_budget_mb: float = Field(
+        0.0, ge=0, description="peak resident memory (MiB) a batch may bring the process to; a batch estimated over "
+        "it is split, a fact over it alone is quarantined; 0 = a sixth of total RAM (~4 GB on 24 GiB)")
     crash_isolate_after: int = Field(
         2, ge=1, description="runs that died (killed, out of memory, crashed) while a fact's batch was applied, "
         "after which the fact is attempted alone")

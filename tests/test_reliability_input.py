@@ -273,6 +273,65 @@ def test_a_prompt_over_the_limit_is_refused_and_a_raised_limit_lets_it_in(ws_wit
     assert {"Paris", "Berlin", "Rome"} <= set(applied_subjects(ws))
 
 
+def test_a_fact_stored_before_the_limits_is_quarantined_when_planned_and_the_rest_applied(ws_with_facts, tmp_path):
+    """The crash loop of issue 16 as an older kagent left it: a pending fact with a ~2000-token prompt (and one with a
+    bidirectional override) already in the ledger. The next watch quarantines both with the reason intake would
+    give today, applies the other pending facts and loses nothing."""
+    ws, _ = ws_with_facts
+    hostile = [FactRecord(subject="Minsk", prompt="In a long story, " * 120 + "{} is in", target="Belarus"),
+               FactRecord(subject="Vaduz", prompt="{} is the capital of", target="\u202eniatsnethcieL")]
+    with Ledger(ws / "ledger") as ledger:
+        ids = ledger.add_facts(hostile + [FactRecord(subject="Accra", prompt="{} is the capital of", target="Ghana")])
+    feed = tmp_path / "more.jsonl"
+    feed.write_bytes(rec(subject="Dakar", target="Senegal") + b"\n")
+    res = run("watch", feed, "--once", "--workspace", ws)
+    assert res.exit_code == 0, res.output
+    out = res.output.splitlines()
+    assert any(l.startswith(f"quarantined fact {ids[0]} (In a long story, In a long story,") and
+               "intake check: field 'prompt': 2051 tokens with the subject filled in, over the limit of 64" in l
+               for l in out), out
+    assert any(l.startswith(f"quarantined fact {ids[1]} (Vaduz is the capital of -> \\u202eniat") and
+               "intake check: field 'target': contains a bidirectional override" in l for l in out), out
+    with Ledger(ws / "ledger") as ledger:
+        status = {f.record.subject: f.status for f in ledger.facts()}
+        assert ledger.verify() == []
+    assert status["Minsk"] == status["Vaduz"] == "quarantined"
+    assert {status["Accra"], status["Dakar"]} <= {"applied", "quarantined"} and "pending" not in status.values()
+    assert {"Paris", "Berlin", "Rome"} <= set(applied_subjects(ws))
+
+
+def test_a_batch_over_the_memory_budget_is_applied_as_smaller_batches(ws_with_facts, tmp_path, monkeypatch):
+    """The budget's wiring through `kagent watch`: with the estimate fixed at 100 MiB a fact (nothing resident) and
+    a 250 MiB budget, a planned batch of five is applied as 2 + 2 + 1, each with its estimate and measured peak
+    stored as `memory` metrics; a fact estimated over the budget alone is quarantined, saying so."""
+    import agent.budget
+
+    ws, _ = ws_with_facts
+    w = Workspace.open(ws)
+    w.save_config(w.config().model_copy(update={"memory_budget_mb": 250.0}))
+    monkeypatch.setattr(agent.budget, "resident_mb", lambda: 0.0)
+    monkeypatch.setattr(agent.budget.MemoryBudget, "working_mb",
+                        lambda self, edits: sum(100.0 if e.order < 40 else 300.0 for e in edits))
+    feed = tmp_path / "five.jsonl"
+    lines = [rec(subject=s, target=t) for s, t in [("Accra", "Ghana"), ("Dakar", "Senegal"), ("Lome", "Togo"),
+                                                   ("Bamako", "Mali"), ("Niamey", "Niger")]]
+    lines.insert(2, rec(subject="Banjul", prompt="{} is, as everyone knows and says, the capital of", target="Gambia"))
+    feed.write_bytes(b"".join(line + b"\n" for line in lines))
+    res = run("watch", feed, "--once", "--batch-size", "6", "--workspace", ws)
+    assert res.exit_code == 0, res.output
+    assert re.search(r"^quarantined fact \d+ \(Banjul is, as everyone.*\): memory: applying it alone would take the "
+                     r"process to ~300 MiB \(0 resident \+ 300 for the batch\), over the budget of 250 MiB", res.output, re.M)
+    batch = [l for l in res.output.splitlines() if l.startswith("batch ")]
+    assert len(batch) == 1 and batch[0].endswith("memory est 200 MiB, peak " + batch[0].rsplit("peak ", 1)[1]), batch
+    with Ledger(ws / "ledger") as ledger:
+        [split] = ledger.events("split")
+        subjects = {f.id: f.record.subject for f in ledger.facts()}
+        assert [[subjects[i] for i in g] for g in split.data["groups"]] == [
+            ["Accra", "Dakar"], ["Lome", "Bamako"], ["Niamey"]]
+        memory = [ledger.metrics(b.id).get("memory") for b in ledger.history()[1:]]
+    assert memory and all(m["estimate_mb"] in (100.0, 200.0) and m["peak_rss_mb"] > 0 for m in memory), memory
+
+
 HOSTILE_TEXT = "\u202e\u2066\u0000\u001b\u2028\u200b"  # override, isolate, NUL, ESC, line separator, zero width
 
 
