@@ -1,7 +1,7 @@
 """What a batch of edits costs in memory: its peak estimated from token counts, and the process's measured peak.
 
-`estimate(dims, edits, hp, n_context)` predicts the working memory (MiB) a batch adds to the process: the largest of
-its three phases, which run one after another.
+`estimate(dims, edits, hp)` predicts the working memory (MiB) a batch adds to the process in each of the editor's
+phases, which run one after another:
 
 - Target values (editors/optimise.py + values.py), per chunk of `value_chunk` edits sorted by suffix length as the
   optimiser sorts them. A chunk has B = edits x (1 + n_context + 1 KL) rows, padded to prefix width P and suffix
@@ -12,12 +12,18 @@ its three phases, which run one after another.
   block, B P 2kv per block. Transient: the additive mask (B S K, with its boolean helpers), the logits at target
   positions with log-softmax and their gradients (4 (B T + edits) V) and one block's gradients in flight.
   Architectures without the block runner run every block over P + S columns and keep attention probabilities.
-- Keys (editors/keys.py), no gradients: every key row (edits x (1 + n_context)) through one block at a time.
-- Probes (agent/probes.py): the batch's prompts scored in one padded no-grad forward.
+- Keys (editors/keys.py), no gradients: every key row (edits x (1 + n_context)) through one block at a time, and
+  the float64 normal matrix of the solve.
+- Probes of the batch's prompts (`scoring`: one padded no-grad forward, logits at the answer positions).
 
-The counts are elements of the model's dtype; the calibration (`CALIBRATION` x + `SLACK_MB`) is fitted so the
-estimate stays at or above the peak RSS measured on SmolLM2-135M by `scripts/memory_calibration.py` (figures in
-RELIABILITY.md). `resident_mb`, `reset_peak` and `peak_mb` measure the process itself (Linux /proc; elsewhere the
+`scoring` and `whitening` are public so that the agent can add its own probes (held-out perplexity, superposition)
+to a batch's estimate (agent/budget.py). Counts are elements of the model's dtype; `CALIBRATION` x counts +
+`SLACK_MB` is fitted so that the estimate stays at or above the peak RSS measured on SmolLM2-135M by
+`scripts/memory_calibration.py` (figures in RELIABILITY.md).
+
+The process itself: `page_in` reads every weight once (a checkpoint loaded from safetensors is memory-mapped and
+counts in RSS only once used, so an idle process looks ~0.5 GB lighter than it will be), `resident_mb` is RSS with
+freed heap returned to the OS, `reset_peak` / `peak_mb` the kernel's high-water mark (Linux /proc; elsewhere the
 peak since the process started).
 """
 from __future__ import annotations
@@ -28,6 +34,7 @@ import resource
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from editors.arch import arch_of, n_layers
@@ -124,13 +131,26 @@ def _keys(d: Dims, edits: list[EditTokens], n_context: int) -> float:
     return rows * W * d.hidden + block + solve
 
 
+def scoring(d: Dims, rows: int, width: int, logit_rows: int) -> float:
+    """Elements of one no-grad forward of `rows` padded to `width` tokens with the LM head on `logit_rows`
+    positions (logits, log-softmax and the loss's temporaries)."""
+    block = rows * width * (3 * d.inter + 6 * d.hidden) + rows * 2 * d.heads * d.head_dim * width
+    return rows * width * d.hidden + block + 2 * rows * width * width + 3 * logit_rows * d.vocab
+
+
+def whitening(d: Dims) -> float:
+    """Elements of whitening keys with C0^-1/2 (eigendecomposition of a float64 i x i matrix and its products)."""
+    return 6 * d.inter * d.inter * 8 / d.dtype_bytes
+
+
 def _probes(d: Dims, edits: list[EditTokens]) -> float:
-    rows, W = min(len(edits), PROBE_BATCH), max(e.probe_len for e in edits)
-    block = rows * W * (3 * d.inter + 6 * d.hidden) + rows * 2 * d.heads * d.head_dim * W + 2 * rows * W * W
-    return rows * W * d.hidden + block + rows * W * d.vocab
+    rows = min(len(edits), PROBE_BATCH)
+    answer_rows = rows * max(e.rows[0][2] for e in edits)
+    return scoring(d, rows, max(e.probe_len for e in edits), answer_rows)
 
 
-def _mib(d: Dims, elements: float) -> float:
+def mib(d: Dims, elements: float) -> float:
+    """Calibrated MiB of a count of elements (see the module docstring)."""
     return CALIBRATION * elements * d.dtype_bytes / MIB + SLACK_MB
 
 
@@ -139,10 +159,17 @@ def estimate(d: Dims, edits: list[EditTokens], hp: EditHParams) -> Footprint:
     ordered = sorted(edits, key=lambda e: e.order)
     chunks = [ordered[i: i + hp.value_chunk] for i in range(0, len(ordered), hp.value_chunk)]
     values = max(_value_chunk(d, c, hp.layers[-1]) for c in chunks)
-    return Footprint(_mib(d, values), _mib(d, _keys(d, edits, hp.n_context)), _mib(d, _probes(d, edits)))
+    return Footprint(mib(d, values), mib(d, _keys(d, edits, hp.n_context)), mib(d, _probes(d, edits)))
 
 
 # ----------------------------------------------------------------------------- the process itself
+
+
+@torch.no_grad()
+def page_in(model: nn.Module) -> None:
+    """Read every weight once, so that memory-mapped weights are resident before memory is measured."""
+    for p in model.parameters():
+        p.sum()
 
 
 def _status_mb(field: str) -> float | None:

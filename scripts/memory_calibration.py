@@ -5,11 +5,13 @@
 
 A case `NxWp` is N edits whose prompt carries W filler words, placed after the subject (`s`: the suffix the value
 optimisation recomputes with gradients grows) or before it (`p`: the prefix grows). Each case runs in a fresh child
-process: load the model and the ENCORE editor (cached statistics), measure resident memory, reset the kernel's
-peak mark (VmHWM), run `Editor.compute` (two value steps, so one forward and backward pass at full size, then keys
-and solve) and score the batch's prompts as the retention probe does; then compare the peak with the estimate.
-Reported per case: the tokens of the longest prompt, resident memory before, the measured peak added, the
-estimate's working memory (calibrated and as counted), and measured / estimated.
+process: load the model and the ENCORE editor (cached statistics), page the weights in, measure resident memory,
+reset the kernel's peak mark (VmHWM), run `Editor.compute` (two value steps, so one forward and backward pass at
+full size, then keys and solve) and score the batch's prompts as the retention probe does; then, as `kagent watch`
+does after applying a batch, the superposition statistics and the downstream probes (known facts, held-out
+perplexity) with the default probe settings. Reported per case: the tokens of the longest prompt, resident memory
+before, the edit's measured peak added and its estimate (calibrated and as counted), measured / estimated, what
+the process keeps after the compute, and the probes' peak added over the same base with the agent's estimate.
 """
 from __future__ import annotations
 
@@ -37,27 +39,40 @@ def measure(case: str, model: str) -> dict:
     """One case in this process (run it in a fresh one: the peak mark is per process)."""
     import torch
 
-    from editors.footprint import CALIBRATION, SLACK_MB, Dims, edit_tokens, estimate, peak_mb, reset_peak, resident_mb
+    from agent.budget import probes_mb
+    from agent.config import AgentConfig
+    from agent.monitors import superposition_metrics
+    from agent.probes import ProbeSuite
+    from editors.footprint import (CALIBRATION, SLACK_MB, Dims, edit_tokens, estimate, page_in, peak_mb, reset_peak,
+                                   resident_mb)
     from editors.models import load_model
     from editors.registry import make_editor
     from evaluators.probes import retention
 
     lm = load_model(model)
     editor = make_editor("encore", lm.model, lm.tok, max_steps=2, stop="nll", nll_stop=-1.0)
-    reqs = requests_for(case)
-    est = estimate(Dims.of(lm.model), [edit_tokens(lm.tok, r, editor.state.context_templates) for r in reqs],
-                   editor.hp)
+    cfg, reqs, dims = AgentConfig(), requests_for(case), Dims.of(lm.model)
+    est = estimate(dims, [edit_tokens(lm.tok, r, editor.state.context_templates) for r in reqs], editor.hp)
+    suite = ProbeSuite.shipped(cfg.probe_facts, cfg.probe_tokens)
+    page_in(lm.model)
     before = resident_mb()
     reset_peak()
     t0 = time.perf_counter()
-    editor.compute(reqs)
+    result = editor.compute(reqs)
     retention(lm.model, lm.tok, reqs, whole_answer=True)
     added = peak_mb() - before
+    kept = resident_mb() - before  # what the process holds on to after the compute
+    reset_peak()
+    superposition_metrics(result.keys, {}, {layer: st.mom2 for layer, st in editor.stats.items()})
+    suite.downstream(lm.model, lm.tok)
+    probes_added = peak_mb() - before
     return {"case": case, "edits": len(reqs), "prompt_tokens": len(lm.tok(reqs[0].text())["input_ids"]),
             "threads": torch.get_num_threads(), "resident_before_mb": round(before), "peak_added_mb": round(added),
             "estimate_mb": round(est.working_mb), "counted_mb": round((est.working_mb - SLACK_MB) / CALIBRATION),
             "phases_mb": [round(est.values_mb), round(est.keys_mb), round(est.probes_mb)],
-            "measured_over_estimate": round(added / est.working_mb, 3), "seconds": round(time.perf_counter() - t0, 1)}
+            "measured_over_estimate": round(added / est.working_mb, 3), "kept_after_compute_mb": round(kept),
+            "probes_added_mb": round(probes_added), "probes_estimate_mb": round(probes_mb(dims, cfg)),
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def child(case: str, model: str) -> dict:
@@ -69,13 +84,15 @@ def child(case: str, model: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| case | edits | prompt tokens | resident before MB | peak added MB | estimate MB (values/keys/probes) "
-           "| counted MB | measured / estimate | seconds |", "|" + "---|" * 9]
+    out = ["| case | edits | prompt tokens | resident before MB | edit peak added MB | estimate MB (values/keys/probes) "
+           "| counted MB | measured / estimate | kept after MB | agent probes peak added MB (estimate) | seconds |",
+           "|" + "---|" * 11]
     for r in rows:
         v, k, p = r["phases_mb"]
         out.append(f"| {r['case']} | {r['edits']} | {r['prompt_tokens']} | {r['resident_before_mb']} | "
                    f"{r['peak_added_mb']} | {r['estimate_mb']} ({v}/{k}/{p}) | {r['counted_mb']} | "
-                   f"{r['measured_over_estimate']} | {r['seconds']} |")
+                   f"{r['measured_over_estimate']} | {r['kept_after_compute_mb']} | {r['probes_added_mb']} "
+                   f"({r['probes_estimate_mb']}) | {r['seconds']} |")
     return "\n".join(out)
 
 
