@@ -43,7 +43,7 @@ from editors.prompts import EditRequest, key_rows, value_rows
 
 MIB = 2**20
 CALIBRATION = 1.15  # estimate = CALIBRATION * counted bytes + SLACK_MB (scripts/memory_calibration.py)
-SLACK_MB = 128.0  # allocator and framework temporaries the counts leave out
+SLACK_MB = 256.0  # allocator and framework temporaries the counts leave out (128 left a long prefix 9% under)
 PROBE_BATCH = 64  # pairs per probe forward (evaluators.scoring.DEFAULT_BATCH)
 
 
