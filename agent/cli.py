@@ -29,6 +29,7 @@ from editors.entity_memory import EntityMemory
 from editors.models import DEFAULT_MODEL, fingerprint, load_model
 from editors.registry import METHODS
 from memory.export import export as export_model
+from memory.hygiene import shown
 from memory.ledger import LedgerError, LedgerMismatch
 
 USER_ERRORS = (WorkspaceError, ConfigError, ScheduleError, LedgerError, UnknownArchitecture, FileNotFoundError,
@@ -165,7 +166,7 @@ def refresh(workspace: Path | None) -> None:
         if not feeds:
             click.echo("no feeds configured; add one with `kagent watch FEED --once`")
         for feed in feeds:
-            click.echo(f"{feed}: {run_feed(ws, Path(feed), True, None, None).line()}")
+            click.echo(f"{shown(feed)}: {run_feed(ws, Path(feed), True, None, None).line()}")
 
 
 @cli.command()
@@ -240,10 +241,10 @@ def ask(prompt: str, base: bool, tokens: int, workspace: Path | None) -> None:
     with edited(memory, loaded.model):
         after = greedy_answers(loaded.model, loaded.tok, [prompt], tokens)[0]
     if before is not None:
-        click.echo(f"base:   {prompt}{before}")
-        click.echo(f"edited: {prompt}{after}")
+        click.echo(f"base:   {shown(prompt + before)}")
+        click.echo(f"edited: {shown(prompt + after)}")
     else:
-        click.echo(f"{prompt}{after}")
+        click.echo(shown(prompt + after))
 
 
 def load_edits(ledger, loaded) -> EntityMemory | None:

@@ -65,6 +65,23 @@ class AgentConfig(BaseModel):
                            "model's greedy answer begins with its target")
     retention_sample: int = Field(50, ge=1, description="applied facts sampled for the retention probe")
     seed: int = Field(0, description="random seed for sampling probes and the 'random' order")
+    max_prompt_tokens: int = Field(
+        64, ge=1, description="most model tokens of a feed line's prompt with its subject filled in; longer lines are "
+        "rejected at intake (CounterFact's longest: 23)")
+    max_target_tokens: int = Field(16, ge=1, description="most model tokens of a feed line's target and old_target")
+    max_paraphrases: int = Field(16, ge=0, description="most paraphrases a feed line may carry")
+    max_paraphrase_tokens: int = Field(64, ge=1, description="most model tokens of each paraphrase")
+    max_neighbors: int = Field(32, ge=0, description="most neighbours a feed line may carry")
+    max_neighbor_prompt_tokens: int = Field(64, ge=1, description="most model tokens of each neighbour's prompt")
+    max_neighbor_target_tokens: int = Field(16, ge=1, description="most model tokens of each neighbour's target")
+    memory_budget_mb: float = Field(
+        0.0, ge=0, description="peak resident memory (MiB) a batch may bring the process to; a batch estimated over "
+        "it is split, a fact over it alone is quarantined; 0 = a sixth of total RAM (~4 GB on 24 GiB)")
+    crash_isolate_after: int = Field(
+        2, ge=1, description="runs that died (killed, out of memory, crashed) while a fact's batch was applied, "
+        "after which the fact is attempted alone")
+    crash_quarantine_after: int = Field(
+        1, ge=1, description="further deaths while the fact was attempted alone, after which it is quarantined")
 
     @field_validator("editor")
     @classmethod

@@ -3,11 +3,13 @@
 Lines are read in chunks of at most CHUNK_LINES. For each chunk, in one ledger transaction: the valid facts go
 through the memory (dedup, supersede) and are stored as pending with the feed's byte offset; every bad line becomes
 a `bad_line` event with its line number and reason; a `feed` event records the position (offset, line number,
-inode) so a restart resumes exactly there, following rotation that happened while kagent was stopped.
+inode) so a restart resumes exactly there, following rotation that happened while kagent was stopped. A `check`
+(the watch loop passes agent/limits.py's token limits) turns a schema-valid record it objects to into a bad line.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from memory.record import BadRecord, FactRecord, parse_line
 log = logging.getLogger(__name__)
 
 CHUNK_LINES = 256
+
+RecordCheck = Callable[[FactRecord], "tuple[str, str] | None"]  # (field, reason) when a record must be refused
 
 
 @dataclass
@@ -48,13 +52,18 @@ def resume_position(ledger: Ledger, path: Path) -> FeedPosition:
     return FeedPosition(key, mark.offset, mark.lineno, mark.inode)
 
 
-def parse(item: FeedLine) -> FactRecord | BadRecord:
+def parse(item: FeedLine, check: RecordCheck | None = None) -> FactRecord | BadRecord:
     if item.error:
         return BadRecord(item.lineno, "-", item.error)
     try:
-        return parse_line(item.line, item.lineno)
+        record = parse_line(item.line, item.lineno)
     except BadRecord as exc:
         bad = (exc.lineno, exc.field, exc.reason)
+    else:
+        problem = check(record) if check is not None else None
+        if problem is None:
+            return record
+        bad = (item.lineno, *problem)
     # a fresh BadRecord: the caught one's traceback holds this frame and the caller's (with its whole chunk), a
     # reference cycle that only the cyclic garbage collector frees, so a long feed piled them up until it ran
     return BadRecord(*bad)
@@ -69,9 +78,10 @@ def read_chunk(follower: FeedFollower, final: bool) -> list[FeedLine]:
     return out
 
 
-def store_chunk(memory: FactMemory, key: str, items: list[FeedLine], position: FeedPosition) -> IntakeStats:
+def store_chunk(memory: FactMemory, key: str, items: list[FeedLine], position: FeedPosition,
+                check: RecordCheck | None = None) -> IntakeStats:
     """Facts, bad lines and the new feed position of one chunk, atomically."""
-    parsed = [parse(i) for i in items]
+    parsed = [parse(i, check) for i in items]
     facts = [p for p in parsed if isinstance(p, FactRecord)]
     bad = [p for p in parsed if isinstance(p, BadRecord)]
     ledger = memory.ledger
@@ -89,11 +99,11 @@ def store_chunk(memory: FactMemory, key: str, items: list[FeedLine], position: F
                        len(plan.dropped_pending) + len(plan.supersedes) + plan.dropped_in_chunk, [str(b) for b in bad])
 
 
-def intake(memory: FactMemory, follower: FeedFollower, final: bool) -> IntakeStats:
-    """Read everything available now (chunk by chunk) into the memory."""
+def intake(memory: FactMemory, follower: FeedFollower, final: bool, check: RecordCheck | None = None) -> IntakeStats:
+    """Read everything available now (chunk by chunk) into the memory; `check` may refuse valid records."""
     total = IntakeStats()
     key = str(follower.path)
     while items := read_chunk(follower, final):
-        total.merge(store_chunk(memory, key, items, follower.position))
+        total.merge(store_chunk(memory, key, items, follower.position, check))
         memory.checkpoint()  # the chunk is committed: the fact index may take a snapshot now
     return total

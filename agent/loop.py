@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from agent.batch import BatchOutcome, run_batch
+from agent.admission import run_admitted
+from agent.batch import BatchOutcome
 from agent.feed import FeedFollower
 from agent.intake import IntakeStats, intake, resume_position
 from agent.session import Session
@@ -84,11 +85,11 @@ class Watcher:
         skip: set[int] = set()
         while batches := [b for b in self.plan(skip) if partial or len(b) == self.opts.batch_size]:
             bar = tqdm(batches, desc="batches", unit="batch", leave=False, disable=None)
-            for facts in bar:
-                out = run_batch(self.session, facts, self.defers, MAX_DEFERS)
+            for facts in bar:  # run_batch behind the intake re-checks, crash-loop breaker and memory budget
+                out = run_admitted(self.session, facts, self.defers, MAX_DEFERS, self.echo)
                 skip |= set(out.deferred)
                 self.summary.batches.append(out)
-                self.echo(batch_line(out))
+                self.echo(batch_line(out) + out.memory_note())
 
     def due(self) -> bool:
         """A partial batch is due once the oldest pending fact has waited max_wait seconds."""
@@ -99,7 +100,7 @@ class Watcher:
         return time.monotonic() - self.waiting_since >= self.opts.max_wait
 
     def step(self, final: bool) -> None:
-        got = intake(self.session.memory, self.follower, final)
+        got = intake(self.session.memory, self.follower, final, self.session.limits.problem)  # agent/limits.py
         self.summary.intake.merge(got)
         for bad in got.bad:
             self.echo(f"skipped bad {bad}")

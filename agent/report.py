@@ -4,7 +4,8 @@ batches, facts and events. Plots are embedded as base64 PNGs (one self-contained
 
 "Took" is whether the model's greedy answer to the fact's prompt is its target. The report reads it from the
 ledger's probes table (the latest row of kind TOOK_PROBE for the fact: `correct`, `output`); a fact no such row
-names shows "not checked".
+names shows "not checked". Text from the ledger goes through `memory.hygiene.shown` before HTML escaping, so no
+bidirectional override or control character reaches the page raw.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+
+from memory.hygiene import shown  # noqa: E402
 
 SUPERPOSITION_STATS = ("mean", "std", "kurtosis", "tail", "max")
 TOOK_PROBE = "rewrite"  # probes-table kind whose `correct` says the greedy answer to the fact's prompt is its target
@@ -177,7 +180,8 @@ def timeline_plot(events: Sequence[EventRow]) -> str:
 
 
 def _esc(value: object) -> str:
-    return "" if value is None else html.escape(str(value))
+    """Ledger text as HTML: invisible and text-moving characters escaped visibly, then HTML-escaped."""
+    return "" if value is None else html.escape(shown(str(value)))
 
 
 def _badge(status: str) -> str:
@@ -261,9 +265,9 @@ def _figure(title: str, png: str) -> str:
 
 
 def _facts_note(data: ReportData) -> str:
-    shown = len(data.facts)
-    more = f"the latest {shown} of {data.facts_total}, newest first; `kagent facts --json` lists all. " \
-        if shown < data.facts_total else "Newest first. "
+    listed = len(data.facts)
+    more = f"the latest {listed} of {data.facts_total}, newest first; `kagent facts --json` lists all. " \
+        if listed < data.facts_total else "Newest first. "
     return f"<p class='lead'>{more}Took: whether the greedy answer to the prompt is the target (after the edit).</p>"
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from agent.config import AgentConfig, ConfigError
+from agent.limits import LimitChecker, checker_for
 from agent.monitors import base_weights
 from agent.probes import ProbeSuite
 from agent.workspace import Baseline, Workspace
@@ -44,6 +45,7 @@ class Session:
     prior_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> keys of committed edits (d, m)
     _probe_keys: dict[int, torch.Tensor] | None = None  # layer -> keys of the known-fact probes, computed once
     hooks: ExitStack = field(default_factory=ExitStack)  # the entity memory's hooks while the session is open
+    limits: LimitChecker | None = None  # feed-line limits in the model's tokens (agent/limits.py)
 
     @property
     def model(self):
@@ -160,7 +162,8 @@ def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
     ledger = open_ledger(ws)
     ledger.attach(loaded.model, editor.hp.layers)
     probes = ProbeSuite.shipped(cfg.probe_facts, cfg.probe_tokens, cfg.probe_file, cfg.damage_file, cfg.damage_facts)
-    session = Session(ws, cfg, loaded, ledger, editor, open_memory(ws, ledger), probes, w0)
+    session = Session(ws, cfg, loaded, ledger, editor, open_memory(ws, ledger), probes, w0,
+                      limits=checker_for(cfg, loaded.tok, loaded.model.config))
     session.hooks.enter_context(editor.memory.attached(loaded.model))
     try:
         session.sync_memory()

@@ -1,7 +1,9 @@
 """Read-only views of a workspace for the CLI: history rows, batch and fact details, status, report rows.
 
 These read the ledger only (no model), so they work while another process holds the write lock; `check_rows`
-alone asks a model (the one `kagent check` loaded).
+alone asks a model (the one `kagent check` loaded). Every text that came from a feed, a reason or an event passes
+through `memory.hygiene.shown`, so invisible and text-moving characters (bidirectional overrides, NUL, ...) are
+printed as visible escapes, for facts stored before the feed refused them too.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from agent.config import AgentConfig
 from agent.report import TOOK_PROBE, EventRow, FactRow, ReportData, ReportRow, lane
 from agent.workspace import Baseline
 from memory.ledger import BatchInfo, Event, Ledger
+from memory.hygiene import shown
 from memory.record import StoredFact
 
 KEY_METRICS = ("took", "failed", "damage", "floor", "known_acc", "perplexity", "retention", "efficacy", "interference",
@@ -39,8 +42,8 @@ def history_rows(ledger: Ledger, limit: int | None) -> list[dict[str, Any]]:
 
 def history_line(row: dict[str, Any]) -> str:
     metrics = " ".join(f"{k}={v:.3g}" for k, v in row["metrics"].items())
-    return (f"#{row['batch']:<4} {row['time']}  {row['facts']:>3} fact(s)  {row['method']:<8} {row['status']:<11} "
-            f"{metrics}").rstrip()
+    return (f"#{row['batch']:<4} {row['time']}  {row['facts']:>3} fact(s)  {shown(row['method']):<8} "
+            f"{shown(row['status']):<11} {metrics}").rstrip()
 
 
 def fact_row(f: StoredFact) -> dict[str, Any]:
@@ -59,8 +62,12 @@ def event_row(e: Event) -> dict[str, Any]:
 def fact_line(f: StoredFact) -> str:
     r = f.record
     where = f" batch {f.batch_id}" if f.batch_id else ""
-    why = f" ({f.reason})" if f.reason else ""
-    return f"f{f.id:<5} {f.status:<11}{where}  {r.text} -> {r.target}{why}"
+    why = f" ({shown(f.reason)})" if f.reason else ""
+    return f"f{f.id:<5} {f.status:<11}{where}  {shown(r.text)} -> {shown(r.target)}{why}"
+
+
+def event_line(e: Event) -> str:
+    return f"  {when(e.at)} {shown(e.kind)}: {shown(e.message)}"
 
 
 def fact_events(ledger: Ledger, fact_id: int) -> list[Event]:
@@ -72,10 +79,10 @@ def fact_events(ledger: Ledger, fact_id: int) -> list[Event]:
 
 
 def fact_detail(ledger: Ledger, f: StoredFact) -> str:
-    lines = [fact_line(f), json.dumps(f.record.model_dump(mode="json"), ensure_ascii=False)]
+    lines = [fact_line(f), shown(json.dumps(f.record.model_dump(mode="json"), ensure_ascii=False))]
     if f.superseded_by:
         lines.append(f"superseded by fact {f.superseded_by}")
-    lines += [f"  {when(e.at)} {e.kind}: {e.message}" for e in fact_events(ledger, f.id)]
+    lines += [event_line(e) for e in fact_events(ledger, f.id)]
     return "\n".join(lines)
 
 
@@ -89,12 +96,12 @@ def batch_detail(ledger: Ledger, batch_id: int) -> str:
     b = ledger.batch(batch_id)
     lines = [history_line(batch_row(ledger, b))]
     if b.reason:
-        lines.append(f"reason: {b.reason}")
+        lines.append(f"reason: {shown(b.reason)}")
     lines.append(f"layers: {b.layers}  delta: {b.delta_hash[:12]}  keys: {b.keys_hash[:12]}")
     for phase, values in sorted(ledger.metrics(batch_id).items()):
         lines.append(f"{phase}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
     lines += ["facts:"] + [f"  {fact_line(f)}" for f in ledger.batch_facts(batch_id)]
-    lines += ["events:"] + [f"  {when(e.at)} {e.kind}: {e.message}" for e in ledger.events() if e.batch_id == batch_id]
+    lines += ["events:"] + [event_line(e) for e in ledger.events() if e.batch_id == batch_id]
     return "\n".join(lines)
 
 
@@ -125,15 +132,15 @@ def status_json(root: Path, cfg: AgentConfig, baseline: Baseline | None, writer:
 
 
 def status_text(info: dict[str, Any]) -> str:
-    lines = [f"workspace {info['workspace']}",
-             f"model {info['model']} ({info['method']}), batch size {info['batch_size']}, order {info['order']}"]
+    lines = [f"workspace {shown(info['workspace'])}",
+             f"model {shown(info['model'])} ({info['method']}), batch size {info['batch_size']}, order {info['order']}"]
     if b := info["baseline"]:
         acc = "n/a" if b["known_acc"] is None else f"{b['known_acc']:.3f}"
         lines.append(f"baseline known-fact accuracy {acc}, perplexity {b['perplexity']:.2f}")
     lines.append(f"writer: {info['writer']}" if info["writer"] else "writer: none (idle)")
     lines.append("facts: " + (", ".join(f"{n} {s}" for s, n in info["facts"].items()) or "none"))
     lines.append("last batch: " + (history_line(info["last_batch"]) if info["last_batch"] else "none"))
-    lines += [f"feed {f['feed']}: byte {f['offset']}" for f in info["feeds"]]
+    lines += [f"feed {shown(f['feed'])}: byte {f['offset']}" for f in info["feeds"]]
     return "\n".join(lines)
 
 
@@ -170,8 +177,9 @@ def check_rows(model, tok, facts: list[StoredFact]) -> list[dict[str, Any]]:
 
 
 def check_line(row: dict[str, Any]) -> str:
-    said = "" if row["took"] else f"  (model: {row['answer']!r})"
-    return f"f{row['fact']:<5} {'took' if row['took'] else 'MISSED':<6} {row['prompt']} -> {row['target']}{said}"
+    said = "" if row["took"] else f"  (model: {shown(repr(row['answer']))})"
+    return (f"f{row['fact']:<5} {'took' if row['took'] else 'MISSED':<6} {shown(row['prompt'])} -> "
+            f"{shown(row['target'])}{said}")
 
 
 def took_probes(ledger: Ledger) -> dict[int, dict[str, Any]]:

@@ -84,17 +84,33 @@ def resolve_model_path(name: str) -> Path | str:
     return Path(name) if Path(name).exists() else name
 
 
+def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """The tokenizer of `name` alone, no weights loaded (what intake limits count in); pad = eos when unset."""
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def context_length(config) -> int | None:
+    """Positions the model can attend over (`max_position_embeddings` or GPT-2's `n_positions`), if it says."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def load_model_config(name: str = DEFAULT_MODEL):
+    """The model's config alone (dimensions, context length), no weights loaded."""
+    return AutoConfig.from_pretrained(resolve_model_path(name))
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str | None = None) -> LoadedModel:
     """Load `name` (alias, local HF dir or hub name) in fp32 on the chosen device, eval mode."""
     path = resolve_model_path(name)
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = load_tokenizer(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     arch_of(model)  # unknown architectures fail here, before any work
     model.to(pick_device(device)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     return LoadedModel(model, tok, name, Path(str(path)))
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from editors.arch import weight_view
+from editors.footprint import Dims, edit_tokens, estimate, peak_mb, reset_peak, resident_mb
 from editors.models import DEFAULT_MODEL, load_model
 from editors.prompts import EditRequest
 from editors.registry import METHODS, make_editor
@@ -68,6 +69,8 @@ class MethodResult(BaseModel):
     mean_steps: float  # mean optimisation checks per edit
     consolidations: int = 0  # joint re-solves from the base weights (their time is in edit_seconds)
     peak_rss_mb: float  # process peak resident memory so far
+    mem_estimate_mb: float = 0.0  # largest estimated peak of a batch: resident before it + editors.footprint estimate
+    edit_peak_rss_mb: float = 0.0  # measured peak RSS while this method's batches ran (VmHWM reset before them)
     hparams: dict = {}  # the editor's hyperparameters
 
 
@@ -142,16 +145,24 @@ def _probes(model, tok, cfg) -> dict:
     return {"ppl": probes.perplexity(model, tok, max_tokens=cfg.ppl_tokens), "known": probes.known_fact_accuracy(model, tok)}
 
 
+def batch_estimate_mb(lm, editor, batch: list[EditRequest]) -> float:
+    """The estimated peak RSS of editing `batch`: resident memory now plus its working memory (editors.footprint)."""
+    edits = [edit_tokens(lm.tok, r, editor.state.context_templates) for r in batch]
+    return resident_mb() + estimate(Dims.of(lm.model), edits, editor.hp).working_mb
+
+
 def run_method(cfg: BenchConfig, method: str, base: dict) -> MethodResult:
     lm = load_model(cfg.model, cfg.device)
     task = _Task(cfg, lm.model, lm.tok)
     editor = make_editor(method, lm.model, lm.tok, **cfg.overrides)
     w0 = norms.snapshot(lm.model, editor.hp.layers)
     secs = {"total": 0.0, "values": 0.0}
-    flops, steps, done, z, consolidations = 0.0, [], [], [], 0
+    flops, steps, done, z, consolidations, mem_estimate = 0.0, [], [], [], 0, 0.0
+    reset_peak()
     with editor.memory.attached(lm.model):
         for i, batch in enumerate(tqdm(batches(task.requests, cfg.batch_size, cfg.order), desc=f"{method} batches",
                                        unit="batch")):
+            mem_estimate = max(mem_estimate, batch_estimate_mb(lm, editor, batch))
             t = time.perf_counter()
             result = editor.edit(batch, progress=True)
             done, z = done + batch, z + [result.z]
@@ -162,9 +173,11 @@ def run_method(cfg: BenchConfig, method: str, base: dict) -> MethodResult:
             secs["values"] += result.seconds["values"]
             flops += result.flops
             steps += result.steps
+        edit_peak = peak_mb()
         quality = task.evaluate(lm.model, lm.tok)
         after = _probes(lm.model, lm.tok, cfg)
     return _row(cfg, method, quality, base, after, norm_growth=norms.norm_growth(lm.model, w0),
+                mem_estimate_mb=mem_estimate, edit_peak_rss_mb=edit_peak,
                 edit_seconds=secs["total"], edits_per_second=len(task.requests) / max(secs["total"], 1e-9),
                 value_seconds=secs["values"], value_gflops=flops / max(secs["values"], 1e-9) / 1e9,
                 mean_steps=sum(steps) / max(len(steps), 1), consolidations=consolidations,
@@ -197,8 +210,8 @@ def run_bench(cfg: BenchConfig) -> list[MethodResult]:
     return rows
 
 
-COLUMNS = ["method", "es", "greedy_es", "ps", "greedy_ps", "ns", "score", "ppl_after", "known_acc_after", "norm_growth", "edits_per_second",
-           "value_gflops", "mean_steps", "peak_rss_mb"]
+COLUMNS = ["method", "es", "greedy_es", "ps", "greedy_ps", "ns", "score", "ppl_after", "known_acc_after", "norm_growth",
+           "edits_per_second", "value_gflops", "mean_steps", "peak_rss_mb", "mem_estimate_mb", "edit_peak_rss_mb"]
 
 
 def table(rows: list[MethodResult]) -> str:

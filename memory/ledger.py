@@ -1,9 +1,10 @@
 """The edit ledger: what was changed in the model, when, why, and how to undo it exactly.
 
-SQLite (WAL) holds facts, batches, per-layer edits, metrics, probe results, events and feed
-offsets; its schema is memory/migrations.py, applied when the ledger opens. Tensors (each batch's
-delta and keys, the base copies of edited layers) are content-addressed files beside the database,
-kept by memory/blobs.py.
+SQLite (WAL) holds facts, batches, per-layer edits, metrics, probe results, events, feed
+offsets and batch attempts (which facts a batch held while it ran: the crash-loop breaker's
+record); its schema is memory/migrations.py, applied when the ledger opens. Tensors (each
+batch's delta and keys, the base copies of edited layers) are content-addressed files beside
+the database, kept by memory/blobs.py.
 
 The model in use is always base weights + committed deltas, in commit order. A batch commits
 atomically: files are written first (temp + rename), then one DB transaction; a crash in
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -275,6 +277,48 @@ class Ledger:
                     raise LedgerError(f"fact {f.id} is {f.status}; only pending facts can be quarantined")
             self.set_status(ids, "quarantined", reason)
             self.log_event("quarantine", f"quarantined {len(ids)} fact(s): {reason}", data={"facts": ids})
+
+    # ------------------------------------------------------------------ batch attempts (crash-loop breaker)
+
+    def open_attempt(self, fact_ids: Sequence[int]) -> int:
+        """Record, durably and before any compute, that this process is applying a batch holding `fact_ids`."""
+        with self.transaction():
+            cur = self.db.execute("INSERT INTO attempts (started_at, pid, n_facts) VALUES (?, ?, ?)",
+                                  (time.time(), os.getpid(), len(fact_ids)))
+            aid = int(cur.lastrowid)
+            self.db.executemany("INSERT INTO attempt_facts VALUES (?, ?)", [(aid, int(f)) for f in fact_ids])
+        return aid
+
+    def close_attempt(self, attempt_id: int, outcome: str) -> None:
+        """The batch ended (committed, rejected, deferred: "done"; or an error kagent reported)."""
+        with self.transaction():
+            self.db.execute("UPDATE attempts SET closed_at = ?, outcome = ? WHERE id = ?",
+                            (time.time(), outcome, attempt_id))
+
+    def close_abandoned_attempts(self) -> list[tuple[int, int, list[int]]]:
+        """Mark every attempt left open as `died` (its process ended without closing it); return (attempt id,
+        pid, fact ids) of each, oldest first."""
+        with self.transaction():
+            rows = self.db.execute("SELECT id, pid FROM attempts WHERE closed_at IS NULL ORDER BY id").fetchall()
+            out = [(r["id"], r["pid"], self._attempt_facts(r["id"])) for r in rows]
+            self.db.execute("UPDATE attempts SET closed_at = ?, outcome = 'died' WHERE closed_at IS NULL",
+                            (time.time(),))
+        return out
+
+    def _attempt_facts(self, attempt_id: int) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT fact_id FROM attempt_facts WHERE attempt_id = ? ORDER BY "
+                                              "fact_id", (attempt_id,))]
+
+    def deaths(self, fact_ids: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """fact id -> (attempts holding it that died, of which it was the only fact), for facts with any."""
+        ids = [int(i) for i in fact_ids]
+        if not ids:
+            return {}
+        rows = self.db.execute(
+            f"SELECT af.fact_id, COUNT(*) AS n, SUM(a.n_facts = 1) AS alone FROM attempt_facts af JOIN attempts a "
+            f"ON a.id = af.attempt_id WHERE a.outcome = 'died' AND af.fact_id IN ({','.join('?' * len(ids))}) "
+            f"GROUP BY af.fact_id", ids)
+        return {r["fact_id"]: (int(r["n"]), int(r["alone"])) for r in rows}
 
     # ------------------------------------------------------------------ events, metrics, probes
 

@@ -69,11 +69,27 @@ def _m004_superseded_lookup(db: sqlite3.Connection) -> None:
     _run(db, "CREATE INDEX facts_superseded_by ON facts (superseded_by) WHERE superseded_by IS NOT NULL")
 
 
+def _m005_batch_attempts(db: sqlite3.Connection) -> None:
+    """Which facts each batch held while it was applied (the crash-loop breaker, agent/breaker.py): a row is
+    written before the batch's compute starts and closed when it ends; one still open at the next start means the
+    process died holding those facts."""
+    _run(db, """
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY, started_at REAL NOT NULL, pid INTEGER NOT NULL, n_facts INTEGER NOT NULL,
+        closed_at REAL, outcome TEXT);
+    CREATE TABLE attempt_facts (attempt_id INTEGER NOT NULL, fact_id INTEGER NOT NULL,
+        PRIMARY KEY (attempt_id, fact_id));
+    CREATE INDEX attempt_facts_fact ON attempt_facts (fact_id);
+    CREATE INDEX attempts_open ON attempts (closed_at)
+    """)
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_initial", _m001_initial),
     ("m002_metrics_and_probes", _m002_metrics_and_probes),
     ("m003_feed_offsets_and_lookup", _m003_feed_offsets_and_lookup),
     ("m004_superseded_lookup", _m004_superseded_lookup),
+    ("m005_batch_attempts", _m005_batch_attempts),
 ]
 
 

@@ -2,7 +2,9 @@
 
 A feed is JSON Lines; each object has exactly the fields of `FactRecord` (unknown fields are
 an error). `parse_line` turns one line into a record or raises `BadRecord` whose message is a
-single line naming the line number, the field and the reason.
+single line naming the line number, the field and the reason; it refuses control, bidirectional
+and invisible-only text and normalises the texts the model reads (memory/hygiene.py). Records read
+back from the ledger are not re-checked, so facts stored before a check existed still load.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from memory.hygiene import normalise_record, record_problem
 
 PLACEHOLDER = "{}"
 
@@ -173,8 +177,11 @@ def parse_line(line: str, lineno: int) -> FactRecord:
         raise BadRecord(lineno, "-", f"not valid JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise BadRecord(lineno, "-", f"expected a JSON object, got {type(data).__name__}")
+    problem = record_problem(data)
+    if problem:
+        raise BadRecord(lineno, *problem)
     try:
-        return FactRecord.model_validate(data)
+        return FactRecord.model_validate(normalise_record(data))
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
     # Raised here, not in the except block, so the BadRecord does not keep the ValidationError as its context:

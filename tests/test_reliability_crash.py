@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -70,6 +71,8 @@ for line in sys.stdin:
         try:
             if req["stop"]:
                 test_reliability_support.arm(req["stop"], req["layer_calls"])
+            if req.get("poison"):
+                test_reliability_support.poison(req["poison"])
             cli.main(req["args"], prog_name="kagent")
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -100,10 +103,13 @@ class Zygote:
         self.proc.stdin.flush()
         return self._reply()
 
-    def start(self, args: list, logfile: Path, stop: str | None = None, layer_calls: int = 0) -> int:
-        """Fork `kagent ARGS`; with `stop`, the child stops itself at that phase (test_reliability_support.arm)."""
+    def start(self, args: list, logfile: Path, stop: str | None = None, layer_calls: int = 0,
+              poison: str | None = None) -> int:
+        """Fork `kagent ARGS`; with `stop`, the child stops itself at that phase (test_reliability_support.arm); with
+        `poison`, it SIGKILLs itself inside compute whenever a batch holds that subject
+        (test_reliability_support.poison)."""
         return self._send({"args": [str(a) for a in args], "log": str(logfile), "stop": stop,
-                           "layer_calls": layer_calls})["pid"]
+                           "layer_calls": layer_calls, "poison": poison})["pid"]
 
     def wait(self, pid: int, stopped: bool = False) -> int:
         """Raw wait status of a child: when it ends, or (`stopped`) also when it stops itself."""
@@ -366,6 +372,47 @@ def test_five_sigkills_at_each_named_phase(shared, zygote, ws, tmp_path, request
     tally = phase_loop(ws, shared[0], zygote, tmp_path, rounds=5, seed=int(os.environ.get("KAGENT_CRASH_SEED", 1)))
     report(tally, request)
     assert tally.phase_survived == tally.phase_kills == Counter({p.name: 5 for p in PHASES})
+
+
+# ----------------------------------------------------------------------------- a fact that kills the editor
+
+
+def poison_runs(h: Harness, subject: str, batch_size: int) -> list[Path]:
+    """`kagent watch --once` with `subject` killing the process (SIGKILL inside compute) until a run finishes;
+    returns the logs of the runs that were killed and, last, of the one that finished."""
+    logs = []
+    for _ in range(6):
+        pid, logfile = h.start(h.watch(batch_size), poison=subject)
+        status = h.zygote.wait(pid)
+        logs.append(logfile)
+        h.check()
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0, logfile.read_text()[-3000:]
+            return logs
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    pytest.fail("the breaker never stopped the crash loop")
+
+
+def test_a_fact_that_kills_the_editor_three_times_is_quarantined_and_the_rest_applied(shared, zygote, ws, tmp_path):
+    """The OOM-kill loop: one fact's batch is SIGKILLed from inside compute on every run. Two deaths in its batch
+    isolate it (its batch-mates too), one death alone quarantines it; the fourth run finishes, nothing is lost."""
+    h = Harness(ws, shared[0], zygote, tmp_path)
+    h.append(6)
+    logs = poison_runs(h, "Town002", batch_size=3)
+    assert len(logs) == 4 and all(STOP_MARK + "poison Town002]" in log.read_text() for log in logs[:3])
+    last = logs[-1].read_text()
+    assert re.search(r"^quarantined fact \d+ \(Town002 is the capital of -> Land2\): stopped the editor 3 times",
+                     last, re.M), last[-3000:]
+    with Ledger(ws / "ledger") as ledger:
+        facts = {f.record.subject: f for f in ledger.facts()}
+        crashes = ledger.events("crash")
+        assert ledger.verify() == []
+    assert facts["Town002"].status == "quarantined" and facts["Town002"].reason.startswith("stopped the editor 3 ")
+    assert len(crashes) == 3 and [len(e.data["facts"]) for e in crashes] == [3, 3, 1]
+    others = [f for s, f in facts.items() if s != "Town002"]
+    assert len(others) == 5 and all(f.status == "applied" or (f.status == "quarantined" and not
+                                    f.reason.startswith("stopped the editor")) for f in others), others
+    h.finish()  # one more plain run: nothing pending, nothing lost, no orphan after gc
 
 
 # ----------------------------------------------------------------------------- corruption

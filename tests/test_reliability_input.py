@@ -10,7 +10,9 @@ import gc
 import json
 import logging
 import os
+import re
 import shutil
+import unicodedata
 import weakref
 from dataclasses import dataclass
 
@@ -20,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import load_script, make_tiny_llama, rand_delta
+from agent.workspace import Workspace
 from editors.arch import weight_view
 from memory.ledger import Ledger
 from memory.record import BadRecord, FactRecord, parse_line
@@ -44,6 +47,7 @@ class Case:
     field: str | None = None  # field named in the rejection ("-" = not a JSON object)
     parse_ok: bool | None = None  # parse_line's verdict when it differs from the feed's (None: same as ok)
     bug: str | None = None  # a known crash: the case is xfail(strict=True) with this reason
+    limit: str | None = None  # the config key of the intake limit (agent/limits.py) the line is over
 
     @property
     def parses(self) -> bool:
@@ -96,6 +100,29 @@ CORPUS = [
     Case("five_thousand_digit_int", b'{"subject": "Quito", "prompt": "{} is", "target": ' + b"7" * 5000 + b"}",
          False, "-"),
     Case("unknown_key_with_newline", rec(**{"evil\nkey": 1}), False, "evil\nkey"),
+    # text hygiene (memory/hygiene.py): escaped controls, bidirectional overrides/isolates, separators, surrogates
+    Case("escaped_nul_in_subject", rec(subject="Riga\u0000", target="Latvia"), False, "subject"),
+    Case("escaped_bell_in_target", rec(target="Pe\u0007ru"), False, "target"),
+    Case("tab_inside_target", rec(target="Pe\tru"), False, "target"),
+    Case("newline_inside_prompt", rec(prompt="{} is the\ncapital of"), False, "prompt"),
+    Case("c1_control_in_old_target", rec(old_target="Chi\u0085le"), False, "old_target"),
+    Case("bidi_override_in_target", rec(target="\u202eurep"), False, "target"),
+    Case("bidi_embedding_in_prompt", rec(prompt="{} is the \u202acapital of"), False, "prompt"),
+    Case("bidi_isolate_in_subject", rec(subject="Qu\u2066ito\u2069", prompt="{} is the capital of"), False,
+         "subject"),
+    Case("bidi_override_in_paraphrase", rec(paraphrases=["Quito lies in", "Quito \u202dlies in"]), False,
+         "paraphrases.1"),
+    Case("bidi_isolate_in_neighbor_prompt", rec(neighbors=[{"prompt": "Lima \u2068is in", "target": "Peru"}]),
+         False, "neighbors.0.prompt"),
+    Case("control_in_neighbor_target", rec(neighbors=[{"prompt": "Lima is in", "target": "Pe\u001bru"}]), False,
+         "neighbors.0.target"),
+    Case("bidi_override_in_id", rec(id="cf-\u202e1"), False, "id"),
+    Case("control_in_source", rec(source="feed\u0000x"), False, "source"),
+    Case("line_separator_in_target", rec(target="Peru\u2028Chile"), False, "target"),
+    Case("lone_surrogate_in_subject", rec(subject="Qu\ud800ito"), False, "subject"),
+    Case("zero_width_only_target", rec(target="\u200b\u200b"), False, "target"),
+    Case("directional_marks_only_target", rec(target="\u200f\u200e"), False, "target"),
+    Case("zero_width_only_paraphrase", rec(paraphrases=["\ufeff\u2060"]), False, "paraphrases.0"),
     # valid, if awkward: accepted as new facts (each a distinct subject)
     Case("plain_valid", rec(subject="Accra", target="Ghana"), True),
     Case("subject_verbatim_no_placeholder", rec(subject="Bogota", prompt="Bogota is the capital of",
@@ -112,13 +139,30 @@ CORPUS = [
                                      target="\u05d9\u05e9\u05e8\u05d0\u05dc"), True),
     Case("emoji_and_combining", rec(subject="Cafe\u0301 \U0001F600", target="Paris"), True),
     Case("target_equals_old_target", rec(subject="Tokyo", target="Japan", old_target="Japan"), True),
-    Case("escaped_nul_in_subject", rec(subject="Riga\u0000", target="Latvia"), True),
     Case("duplicate_json_keys", b'{"subject": "Oslo", "subject": "Bern", "prompt": "{} is in", "target": "Swiss"}',
          True),
+    # schema-valid lines over an intake limit in the model's tokens (the toy tokenizer: one token a character)
     Case("huge_paraphrases", rec(subject="Kyiv", target="Ukraine", paraphrases=[f"Kyiv p{i}" for i in range(20_000)]),
-         True),
+         False, "paraphrases", parse_ok=True, limit="max_paraphrases"),
     Case("prompt_longer_than_context", rec(subject="Minsk", prompt="In a long story, " * 120 + "{} is in",
-                                           target="Belarus"), True),
+                                           target="Belarus"), False, "prompt", parse_ok=True, limit="max_prompt_tokens"),
+    Case("subject_too_long_for_the_prompt", rec(subject="Minsk " * 15 + "city", prompt="{} is in", target="Belarus"),
+         False, "prompt", parse_ok=True, limit="max_prompt_tokens"),
+    Case("target_too_long", rec(subject="Vilnius", target="Lithuania " * 4), False, "target", parse_ok=True,
+         limit="max_target_tokens"),
+    Case("old_target_too_long", rec(subject="Tallinn", target="Estonia", old_target="Finland " * 4), False,
+         "old_target", parse_ok=True, limit="max_target_tokens"),
+    Case("paraphrase_too_long", rec(subject="Bern", target="Swiss", paraphrases=["Bern lies in", "Bern is in " * 7]),
+         False, "paraphrases.1", parse_ok=True, limit="max_paraphrase_tokens"),
+    Case("too_many_neighbors", rec(subject="Bratislava", target="Slovakia",
+                                   neighbors=[{"prompt": f"Town{i} is in", "target": "X"} for i in range(40)]),
+         False, "neighbors", parse_ok=True, limit="max_neighbors"),
+    Case("neighbor_prompt_too_long", rec(subject="Ljubljana", target="Slovenia",
+                                         neighbors=[{"prompt": "Zagreb is in " * 6, "target": "Croatia"}]),
+         False, "neighbors.0.prompt", parse_ok=True, limit="max_neighbor_prompt_tokens"),
+    Case("neighbor_target_too_long", rec(subject="Skopje", target="Macedonia",
+                                         neighbors=[{"prompt": "Sofia is in", "target": "Bulgaria " * 3}]),
+         False, "neighbors.0.target", parse_ok=True, limit="max_neighbor_target_tokens"),
     Case("all_optional_fields", rec(subject="Sofia", target="Bulgaria", old_target="Greece", id="f-1",
                                     source="https://example.org", paraphrases=["Sofia lies in"],
                                     neighbors=[{"prompt": "Athens is in", "target": "Greece"}]), True),
@@ -176,7 +220,7 @@ def applied_subjects(ws) -> list[str]:
 
 def test_watch_skips_every_bad_line_with_its_number_and_keeps_stored_facts(ws_with_facts, tmp_path):
     ws, _ = ws_with_facts
-    cases = [c for c in CORPUS if not c.bug and c.name not in SEPARATE]
+    cases = [c for c in CORPUS if not c.bug]
     feed = tmp_path / "corpus.jsonl"
     feed.write_bytes(b"".join(c.raw + b"\n" for c in cases))
     res = run("watch", feed, "--once", "--batch-size", "16", "--workspace", ws)
@@ -196,29 +240,122 @@ def test_watch_skips_every_bad_line_with_its_number_and_keeps_stored_facts(ws_wi
         else:
             assert len(echoed) == 1 and f"field '{escaped(case.field)}'" in echoed[0], (case.name, echoed)
             assert "\n" not in bad_events[lineno].message, case.name
+            if case.limit:  # the limit and the size found: "N tokens, over the limit of L (config key K)"
+                assert re.search(rf": \d+ [a-z ]+, over the limit of \d+ \(config key {case.limit}\)$", echoed[0]), echoed
     assert len(stored) == 3 + n_ok
     assert {"Paris", "Berlin", "Rome"} <= set(applied_subjects(ws))  # nothing stored before was lost
     assert all(f.status in ("applied", "quarantined") for f in stored)
 
 
-# one over-long prompt pads every prompt of its batch to its length (~2000 tokens): run it in a batch of its own
-SEPARATE = {"prompt_longer_than_context"}
-
-
-def test_a_prompt_longer_than_the_model_context_is_applied_alone(ws_with_facts, tmp_path):
+def test_a_prompt_over_the_limit_is_refused_and_a_raised_limit_lets_it_in(ws_with_facts, tmp_path):
+    """The ~2000-token prompt (over the tiny model's 256 positions) is one bad line naming the limit; with the limit
+    raised in the config, a 100-token prompt is taken in, while the model's positions still cap it."""
     ws, _ = ws_with_facts
     feed = tmp_path / "long.jsonl"
-    feed.write_bytes(b"".join(c.raw + b"\n" for c in CORPUS if c.name in SEPARATE))
-    res = run("watch", feed, "--once", "--batch-size", "1", "--workspace", ws)
+    long_line = rec(subject="Minsk", prompt="In a long story, " * 120 + "{} is in", target="Belarus")
+    mid_line = rec(subject="Riga", prompt="In a story of some length, " * 3 + "{} is in", target="Latvia")
+    feed.write_bytes(long_line + b"\n" + mid_line + b"\n")
+    n = len("In a long story, " * 120 + "Minsk is in")  # the toy tokenizer: one token a character
+    res = run("watch", feed, "--once", "--workspace", ws)
+    assert res.exit_code == 0 and "0 new fact(s)" in res.output, res.output
+    assert (f"skipped bad line 1: field 'prompt': {n} tokens with the subject filled in, over the limit of 64 "
+            "(config key max_prompt_tokens)") in res.output.splitlines()
+    w = Workspace.open(ws)
+    w.save_config(w.config().model_copy(update={"max_prompt_tokens": 4000}))
+    again = tmp_path / "again.jsonl"
+    shutil.copy(feed, again)
+    res = run("watch", again, "--once", "--workspace", ws)
     assert res.exit_code == 0 and "1 new fact(s)" in res.output, res.output
+    assert (f"skipped bad line 1: field 'prompt': {n} tokens with the subject filled in, over the limit of 208 "
+            "(config key max_prompt_tokens, capped by the model's 256 positions)") in res.output.splitlines()
     with Ledger(ws / "ledger") as ledger:
-        assert [f.status for f in ledger.facts()][3:] in (["applied"], ["quarantined"]) and ledger.verify() == []
+        assert [f.record.subject for f in ledger.facts()][3:] == ["Riga"] and ledger.verify() == []
     assert {"Paris", "Berlin", "Rome"} <= set(applied_subjects(ws))
+
+
+def test_a_fact_stored_before_the_limits_is_quarantined_when_planned_and_the_rest_applied(ws_with_facts, tmp_path):
+    """The crash loop of issue 16 as an older kagent left it: a pending fact with a ~2000-token prompt (and one with a
+    bidirectional override) already in the ledger. The next watch quarantines both with the reason intake would
+    give today, applies the other pending facts and loses nothing."""
+    ws, _ = ws_with_facts
+    hostile = [FactRecord(subject="Minsk", prompt="In a long story, " * 120 + "{} is in", target="Belarus"),
+               FactRecord(subject="Vaduz", prompt="{} is the capital of", target="\u202eniatsnethcieL")]
+    with Ledger(ws / "ledger") as ledger:
+        ids = ledger.add_facts(hostile + [FactRecord(subject="Accra", prompt="{} is the capital of", target="Ghana")])
+    feed = tmp_path / "more.jsonl"
+    feed.write_bytes(rec(subject="Dakar", target="Senegal") + b"\n")
+    res = run("watch", feed, "--once", "--workspace", ws)
+    assert res.exit_code == 0, res.output
+    out = res.output.splitlines()
+    assert any(l.startswith(f"quarantined fact {ids[0]} (In a long story, In a long story,") and
+               "intake check: field 'prompt': 2051 tokens with the subject filled in, over the limit of 64" in l
+               for l in out), out
+    assert any(l.startswith(f"quarantined fact {ids[1]} (Vaduz is the capital of -> \\u202eniat") and
+               "intake check: field 'target': contains a bidirectional override" in l for l in out), out
+    with Ledger(ws / "ledger") as ledger:
+        status = {f.record.subject: f.status for f in ledger.facts()}
+        assert ledger.verify() == []
+    assert status["Minsk"] == status["Vaduz"] == "quarantined"
+    assert {status["Accra"], status["Dakar"]} <= {"applied", "quarantined"} and "pending" not in status.values()
+    assert {"Paris", "Berlin", "Rome"} <= set(applied_subjects(ws))
+
+
+def test_a_batch_over_the_memory_budget_is_applied_as_smaller_batches(ws_with_facts, tmp_path, monkeypatch):
+    """The budget's wiring through `kagent watch`: with the estimate fixed at 100 MiB a fact (nothing resident) and
+    a 250 MiB budget, a planned batch of five is applied as 2 + 2 + 1, each with its estimate and measured peak
+    stored as `memory` metrics; a fact estimated over the budget alone is quarantined, saying so."""
+    import agent.budget
+
+    ws, _ = ws_with_facts
+    w = Workspace.open(ws)
+    w.save_config(w.config().model_copy(update={"memory_budget_mb": 250.0}))
+    monkeypatch.setattr(agent.budget, "resident_mb", lambda: 0.0)
+    monkeypatch.setattr(agent.budget.MemoryBudget, "working_mb",
+                        lambda self, edits: sum(100.0 if e.order < 40 else 300.0 for e in edits))
+    feed = tmp_path / "five.jsonl"
+    lines = [rec(subject=s, target=t) for s, t in [("Accra", "Ghana"), ("Dakar", "Senegal"), ("Lome", "Togo"),
+                                                   ("Bamako", "Mali"), ("Niamey", "Niger")]]
+    lines.insert(2, rec(subject="Banjul", prompt="{} is, as everyone knows and says, the capital of", target="Gambia"))
+    feed.write_bytes(b"".join(line + b"\n" for line in lines))
+    res = run("watch", feed, "--once", "--batch-size", "6", "--workspace", ws)
+    assert res.exit_code == 0, res.output
+    assert re.search(r"^quarantined fact \d+ \(Banjul is, as everyone.*\): memory: applying it alone would take the "
+                     r"process to ~300 MiB \(0 resident \+ 300 for the batch\), over the budget of 250 MiB", res.output, re.M)
+    batch = [l for l in res.output.splitlines() if l.startswith("batch ")]
+    assert len(batch) == 1 and batch[0].endswith("memory est 200 MiB, peak " + batch[0].rsplit("peak ", 1)[1]), batch
+    with Ledger(ws / "ledger") as ledger:
+        [split] = ledger.events("split")
+        subjects = {f.id: f.record.subject for f in ledger.facts()}
+        assert [[subjects[i] for i in g] for g in split.data["groups"]] == [
+            ["Accra", "Dakar"], ["Lome", "Bamako"], ["Niamey"]]
+        memory = [ledger.metrics(b.id).get("memory") for b in ledger.history()[1:]]
+    assert memory and all(m["estimate_mb"] in (100.0, 200.0) and m["peak_rss_mb"] > 0 for m in memory), memory
+
+
+HOSTILE_TEXT = "\u202e\u2066\u0000\u001b\u2028\u200b"  # override, isolate, NUL, ESC, line separator, zero width
+
+
+def test_text_stored_before_the_checks_is_never_printed_raw(ws_with_facts, tmp_path):
+    """A fact stored by an older kagent (no hygiene at intake) with bidirectional overrides, NUL and escape
+    characters in its texts: `facts`, `show` and the HTML report print them as visible escapes."""
+    ws, _ = ws_with_facts
+    old = FactRecord(subject=f"Lima{HOSTILE_TEXT}", prompt="{} is the capital of", target=f"Pe{HOSTILE_TEXT}ru")
+    with Ledger(ws / "ledger") as ledger:
+        [fid] = ledger.add_facts([old])
+        ledger.quarantine([fid], f"set aside by hand{HOSTILE_TEXT}")
+    outputs = {"facts": run("facts", "--workspace", ws).output,
+               "show": run("show", f"f{fid}", "--workspace", ws).output}
+    assert run("report", "--out", tmp_path / "r.html", "--workspace", ws).exit_code == 0
+    outputs["report"] = (tmp_path / "r.html").read_text(encoding="utf-8")
+    for name, text in outputs.items():
+        assert not any(c in text for c in HOSTILE_TEXT), name
+        assert "\\u202e\\u2066\\u0000\\u001b\\u2028\\u200b" in text, (name, text[-2000:])
+    assert "set aside by hand" in outputs["report"]  # the report lists the quarantined fact with its reason
 
 
 def test_resending_the_corpus_stores_nothing_twice(ws_with_facts, tmp_path):
     ws, _ = ws_with_facts
-    cases = [c for c in CORPUS if c.ok and c.name not in SEPARATE]
+    cases = [c for c in CORPUS if c.ok]
     feed = tmp_path / "valid.jsonl"
     feed.write_bytes(b"".join(c.raw + b"\n" for c in cases))
     assert run("watch", feed, "--once", "--batch-size", "16", "--workspace", ws).exit_code == 0
@@ -257,8 +394,17 @@ def test_any_json_object_is_a_record_or_a_bad_record(obj):
     assert parse_line(got.to_json(), 5) == got
 
 
-no_braces = st.text(st.characters(blacklist_characters="{}", blacklist_categories=("Cs",)), max_size=30)
-non_blank = no_braces.filter(lambda s: s.strip() != "")
+REFUSED_CHARS = "".join(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))  # bidi overrides, isolates
+no_braces = st.text(st.characters(blacklist_characters="{}" + REFUSED_CHARS,
+                                  blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=30)
+non_blank = no_braces.filter(lambda s: any(unicodedata.category(c)[0] in "LNPS" for c in s))  # something visible
+
+
+def nfc_without_marks(text: str) -> str:
+    """What the feed stores of a model text: NFC, directional marks removed (README, feed schema)."""
+    for mark in "\u200e\u200f\u061c":
+        text = text.replace(mark, "")
+    return unicodedata.normalize("NFC", text)
 
 
 @settings(max_examples=300, deadline=None)
@@ -268,11 +414,19 @@ def test_valid_records_are_accepted_and_round_trip(subject, before, after, targe
     obj = {"subject": subject, "prompt": before + "{}" + after, "target": target, "paraphrases": paraphrases,
            "time": time}
     got = parse_line(json.dumps(obj), 1)
-    assert (got.subject, got.prompt, got.target, got.paraphrases) == (subject, before + "{}" + after, target,
-                                                                      paraphrases)
-    assert got.text == before + subject + after
+    kept = nfc_without_marks
+    assert (got.subject, got.prompt, got.target, got.paraphrases) == (
+        kept(subject), kept(before) + "{}" + kept(after), kept(target), [kept(p) for p in paraphrases])
+    assert got.text == kept(before) + kept(subject) + kept(after)
     assert parse_line(got.to_json(), 1) == got
     assert parse_line(json.dumps(obj, ensure_ascii=False), 1) == got
+
+
+def test_model_texts_are_stored_in_nfc_without_directional_marks():
+    got = parse_line(rec(subject="Cafe\u0301 Ro\u200fyal", prompt="{} is a cafe\u0301 in", target="Pa\u200eris",
+                         paraphrases=["Cafe\u0301 Ro\u200fyal lies in"], id="cf\u200f-1"), 1)
+    assert (got.subject, got.prompt, got.target) == ("Caf\u00e9 Royal", "{} is a caf\u00e9 in", "Paris")
+    assert got.paraphrases == ["Caf\u00e9 Royal lies in"] and got.id == "cf\u200f-1"  # ids are kept as sent
 
 
 # ----------------------------------------------------------------------------- hypothesis: rollback

@@ -231,3 +231,19 @@ def arm(name: str, layer_calls: int = 0) -> None:
             return real_forward(*args, **kwargs)
 
         LlamaDecoderLayer.forward = forward
+
+
+def poison(subject: str) -> None:
+    """In a forked kagent child: SIGKILL the process from inside `agent.batch.compute` whenever the batch holds a
+    fact about `subject`, as the kernel's OOM killer would (a fact that takes the editor down every time)."""
+    import agent.batch
+
+    real = agent.batch.compute
+
+    def compute(session, group):
+        if any(f.record.subject == subject for f in group):
+            os.write(2, f"{STOP_MARK}poison {subject}]\n".encode())
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(session, group)
+
+    agent.batch.compute = compute

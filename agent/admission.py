@@ -1,0 +1,113 @@
+"""Admitting a planned batch to the editor: the checks again, the crash-loop breaker and the memory budget.
+
+`run_admitted` is what the watch loop calls for each planned batch, around agent/batch.py's `run_batch`:
+
+1. attempts left open by runs that died are recorded as deaths (agent/breaker.py `recover`);
+2. facts stored before the intake checks existed, or before a limit was lowered, are checked again (text hygiene,
+   memory/hygiene.py; token limits, agent/limits.py) and quarantined with the reason intake would have given;
+3. the breaker quarantines facts that stopped the editor too often and sets aside those to be attempted alone;
+4. the memory budget (agent/budget.py) splits the rest into groups that fit, and quarantines a fact too big alone;
+5. each group runs through `run_batch` inside an attempt record; its estimated and measured peak memory are
+   stored as the committed batches' `memory` metrics and shown on the watch line.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent import breaker
+from agent.batch import BatchOutcome, run_batch
+from agent.budget import MemoryBudget, Split
+from agent.session import Session
+from editors.footprint import peak_mb, reset_peak
+from memory.hygiene import record_problem, shown
+from memory.record import StoredFact
+
+LABEL_CHARS = 60  # of a fact's prompt shown in a quarantine line
+
+
+@dataclass
+class AdmittedOutcome(BatchOutcome):
+    estimates: list[float] = field(default_factory=list)  # estimated process peak (MiB) of each group applied
+    peaks: list[float] = field(default_factory=list)  # measured peak RSS (MiB) while each group was applied
+
+    def memory_note(self) -> str:
+        """"  memory est E MiB, peak P MiB" over the groups applied ("" when none was)."""
+        if not self.estimates:
+            return ""
+        return f"  memory est {max(self.estimates):.0f} MiB, peak {max(self.peaks):.0f} MiB"
+
+
+def label(fact: StoredFact) -> str:
+    text = shown(fact.record.text)
+    text = text if len(text) <= LABEL_CHARS else text[:LABEL_CHARS] + "..."
+    return f"fact {fact.id} ({text} -> {shown(fact.record.target)[:LABEL_CHARS]})"
+
+
+def quarantine(session: Session, found: list[tuple[StoredFact, str]], out: BatchOutcome,
+               echo: Callable[[str], None]) -> None:
+    for fact, reason in found:
+        session.ledger.quarantine([fact.id], reason)
+        out.quarantined.append(fact.id)
+        echo(f"quarantined {label(fact)}: {shown(reason)}")
+
+
+def recheck(session: Session, facts: list[StoredFact]) -> tuple[list[StoredFact], list[tuple[StoredFact, str]]]:
+    """(facts passing today's intake checks, (fact, reason) of those that do not)."""
+    keep, bad = [], []
+    for f in facts:
+        problem = record_problem(f.record.model_dump(mode="json")) or session.limits.problem(f.record)
+        if problem:
+            bad.append((f, f"intake check: field '{problem[0]}': {problem[1]}"))
+        else:
+            keep.append(f)
+    return keep, bad
+
+
+def merge(out: BatchOutcome, got: BatchOutcome) -> None:
+    out.committed += got.committed
+    out.applied += got.applied
+    out.quarantined += got.quarantined
+    out.deferred += got.deferred
+    out.metrics = got.metrics if got.committed else out.metrics
+    out.seconds += got.seconds
+
+
+def apply_group(session: Session, group: list[StoredFact], estimate: float, defers: dict[int, int],
+                max_defers: int, out: AdmittedOutcome) -> None:
+    """`run_batch` on one group inside an attempt record, with its peak memory measured and stored."""
+    reset_peak()
+    with breaker.attempt(session.ledger, group):
+        got = run_batch(session, group, defers, max_defers)
+    peak = peak_mb()
+    for bid in got.committed:
+        session.ledger.add_metrics(bid, "memory", {"estimate_mb": estimate, "peak_rss_mb": peak})
+    merge(out, got)
+    out.estimates.append(estimate)
+    out.peaks.append(peak)
+
+
+def log_split(session: Session, split: Split, budget: MemoryBudget) -> None:
+    if len(split.groups) > 1:
+        ids = [[f.id for f in g] for g in split.groups]
+        session.ledger.log_event("split", f"memory: {sum(map(len, ids))} facts applied as {len(ids)} batches to "
+                                 f"stay within the budget of {budget.limit_mb:.0f} MiB",
+                                 data={"groups": ids, "estimates_mb": split.estimates})
+
+
+def run_admitted(session: Session, facts: list[StoredFact], defers: dict[int, int], max_defers: int,
+                 echo: Callable[[str], None]) -> AdmittedOutcome:
+    """Apply a planned batch behind the checks, the breaker and the memory budget (module docstring)."""
+    out = AdmittedOutcome()
+    breaker.recover(session.ledger)
+    facts, bad = recheck(session, facts)
+    quarantine(session, bad, out, echo)
+    verdicts = breaker.judge(session.ledger, facts, session.cfg)
+    quarantine(session, verdicts.quarantine, out, echo)
+    budget = MemoryBudget(session)
+    for split in (budget.split(verdicts.rest), budget.split(verdicts.alone, alone=True)):
+        quarantine(session, split.too_big, out, echo)
+        log_split(session, split, budget)
+        for group, estimate in zip(split.groups, split.estimates):
+            apply_group(session, group, estimate, defers, max_defers, out)
+    return out
