@@ -2,14 +2,16 @@
 
 Refused in every string field of a feed line (the line is a bad line naming the field, the character and where):
 
-- control characters (Unicode category Cc: the C0 range with NUL, tab and newline, DEL, the C1 range);
+- control characters (Unicode category Cc: the C0 range with NUL, DEL, the C1 range) other than tab, newline and
+  carriage return, which are ordinary whitespace in real data (CounterFact's paraphrases hold newlines);
 - bidirectional embeddings, overrides and isolates, U+202A-U+202E and U+2066-U+2069: they reorder how the text
   around them is displayed, so a terminal or a web page would show something other than what the model is taught;
 - the line and paragraph separators U+2028 and U+2029, and lone surrogates (not encodable text);
 - a non-blank string made only of invisible characters (zero-width spaces, joiners, directional marks, ...).
 
 Normalised in the texts the model reads (subject, prompt, target, old_target, paraphrases, neighbours): Unicode NFC,
-and the directional marks U+200E, U+200F and U+061C removed. The marks are invisible, mean nothing to the model, and
+each run of tabs, newlines and carriage returns becomes one space, and the directional marks U+200E, U+200F and
+U+061C are removed. The marks are invisible, mean nothing to the model, and
 a subject carrying one would be a different string from the same subject without it, slipping past deduplication.
 `id` and `source` are checked but kept as sent.
 
@@ -23,8 +25,9 @@ import re
 import unicodedata
 from typing import Any
 
-REFUSED = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029\ud800-\udfff]")
+REFUSED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029\ud800-\udfff]")
 MARKS = re.compile("[\u200e\u200f\u061c]")
+BREAKS = re.compile("[\t\n\r]+")  # whitespace controls: one space each run in model texts
 MODEL_TEXT = ("subject", "prompt", "target", "old_target")  # normalised; `id` and `source` are only checked
 KEPT_AS_SENT = ("id", "source")
 INVISIBLE = {"Cc", "Cf", "Cs", "Zl", "Zp", "Zs", "Mn", "Me"}  # categories with nothing to see on their own
@@ -55,8 +58,8 @@ def text_problem(text: str) -> str | None:
 
 
 def normalised(text: str) -> str:
-    """NFC, without the directional marks."""
-    return unicodedata.normalize("NFC", MARKS.sub("", text))
+    """NFC, tabs and line breaks as one space, without the directional marks."""
+    return unicodedata.normalize("NFC", BREAKS.sub(" ", MARKS.sub("", text)))
 
 
 def _strings(data: dict[str, Any]) -> list[tuple[str, str]]:

@@ -103,8 +103,8 @@ CORPUS = [
     # text hygiene (memory/hygiene.py): escaped controls, bidirectional overrides/isolates, separators, surrogates
     Case("escaped_nul_in_subject", rec(subject="Riga\u0000", target="Latvia"), False, "subject"),
     Case("escaped_bell_in_target", rec(target="Pe\u0007ru"), False, "target"),
-    Case("tab_inside_target", rec(target="Pe\tru"), False, "target"),
-    Case("newline_inside_prompt", rec(prompt="{} is the\ncapital of"), False, "prompt"),
+    Case("tab_inside_target", rec(subject="Tallinn", target="Es\tto nia"), True),  # whitespace: one space
+    Case("newline_inside_prompt", rec(subject="Vilnius", prompt="{} is the main\ncity of", target="Peru"), True),
     Case("c1_control_in_old_target", rec(old_target="Chi\u0085le"), False, "old_target"),
     Case("bidi_override_in_target", rec(target="\u202eurep"), False, "target"),
     Case("bidi_embedding_in_prompt", rec(prompt="{} is the \u202acapital of"), False, "prompt"),
