@@ -76,17 +76,19 @@ def noise_floor(session: Session, result: EditResult, group: list[StoredFact], b
 
 
 def measure(session: Session, result: EditResult, group: list[StoredFact], sample: list[StoredFact],
-            before: Reading, floor) -> tuple[Reading, dict]:
-    """Monitors and probes of the model with `result` applied (damage against `before` and the noise floor)."""
+            before: Reading, floor, took: int) -> tuple[Reading, dict, list[bool]]:
+    """Monitors and probes of the model with `result` applied (damage against `before` and the noise floor);
+    `took` facts of the group answer (verify asked them last). Also returns which sample facts answer."""
     m = norm_metrics(session.model, session.w0, result.delta)
     m |= trend_metrics(m, session.history_metrics(), session.cfg.flash_k)
     m |= superposition_metrics(result.keys, session.prior_keys, session.covariances())
     reading, damage = session.probes.damage(session.model, session.tok, before, floor, unchanged(session, result))
     m |= damage | session.probes.known_acc(session.model, session.tok)
+    kept = answered(session, sample)
     if sample:
-        m["retention"] = share(answered(session, sample))
-    m["efficacy"] = share(answered(session, group))
-    return reading, m
+        m["retention"] = share(kept)
+    m["efficacy"] = took / len(group)
+    return reading, m, kept
 
 
 def share(hits: list[bool]) -> float:
@@ -167,9 +169,10 @@ def reject(session: Session, result: EditResult, kind: str, reason: str, metrics
     return Verdict(False, kind, reason, metrics)
 
 
-def requeue(session: Session, sample: list[StoredFact], before: list[bool], batch_id: int) -> list[int]:
-    """Earlier facts that answered before batch `batch_id` and do not now go back to pending."""
-    lost = [f for f, was, now in zip(sample, before, answered(session, sample)) if was and not now]
+def requeue(session: Session, sample: list[StoredFact], before: list[bool], after: list[bool],
+            batch_id: int) -> list[int]:
+    """Earlier facts that answered before batch `batch_id` and do not after it go back to pending."""
+    lost = [f for f, was, now in zip(sample, before, after) if was and not now]
     if lost:
         ids = [f.id for f in lost]
         session.ledger.set_status(ids, "pending", f"stopped answering after batch {batch_id}; re-queued")
@@ -204,7 +207,7 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
     except NonFiniteDelta as exc:
         return reject(session, result, guard.NONFINITE, str(exc), {})
     clock.append(time.perf_counter())
-    reading, after = measure(session, result, group, sample, reference, floor)
+    reading, after, hits_after = measure(session, result, group, sample, reference, floor, len(group) - len(failed))
     clock.append(time.perf_counter())
     after |= {"interference": interference, "took": len(group) - len(failed), "failed": len(failed),
               "seconds_compute": clock[1] - clock[0], "seconds_verify": clock[2] - clock[1],
@@ -232,7 +235,7 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
     if failed:
         session.ledger.log_event("failed", f"batch {bid}: {len(failed)} fact(s) did not take", bid,
                                  {"facts": list(failed)})
-    requeue(session, sample, hits_before, bid)
+    requeue(session, sample, hits_before, hits_after, bid)
     if after.get("flash"):
         session.ledger.log_event("flash", f"batch {bid}: update size {after['delta_ratio']:.4g} is an outlier",
                                  bid, {"delta_ratio": after["delta_ratio"]})

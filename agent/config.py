@@ -30,8 +30,8 @@ class AgentConfig(BaseModel):
     stats_tokens: int = Field(0, ge=0, description="corpus tokens for covariance statistics; 0 = the method's default")
     editor: dict[str, Any] = Field(default_factory=dict, description="editor hyperparameter overrides (names of "
                                    "editors.hparams.EditHParams), e.g. { write = \"weights\" } for ENCORE's weight solve")
-    batch_size: int = Field(32, ge=1, description="facts applied together in one batch (two value chunks of 16: "
-                            "half the seconds per fact of batches of 10, BENCHMARKS.md)")
+    batch_size: int = Field(32, ge=1, description="facts applied together in one batch (two value chunks of 16; "
+                            "the probes' and checks' seconds per batch are shared by more facts)")
     max_wait: float = Field(30.0, ge=0, description="seconds to wait before applying a partial batch")
     order: Literal["cluster", "arrival", "random"] = Field(
         "arrival", description="order in which pending facts are batched: arrival (measured best at 1,000 edits, BENCHMARKS.md), cluster or random")
