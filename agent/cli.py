@@ -241,10 +241,16 @@ def ask(prompt: str, base: bool, tokens: int, workspace: Path | None) -> None:
     with edited(memory, loaded.model):
         after = greedy_answers(loaded.model, loaded.tok, [prompt], tokens)[0]
     if before is not None:
-        click.echo(f"base:   {shown(prompt + before)}")
-        click.echo(f"edited: {shown(prompt + after)}")
+        click.echo(f"base:   {shown_lines(prompt + before)}")
+        click.echo(f"edited: {shown_lines(prompt + after)}")
     else:
-        click.echo(shown(prompt + after))
+        click.echo(shown_lines(prompt + after))
+
+
+def shown_lines(text: str) -> str:
+    """Model text for the terminal: its line breaks kept (a model writes them), every other invisible or
+    text-moving character escaped (memory.hygiene.shown)."""
+    return "\n".join(shown(line) for line in text.split("\n"))
 
 
 def load_edits(ledger, loaded) -> EntityMemory | None:
