@@ -103,20 +103,27 @@ def _score_chunk(model: nn.Module, pairs: Sequence[Pair], pad_id: int) -> tuple[
     return list(nll.split(lengths)), list(top.split(lengths))
 
 
+def _per_pair(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str],
+              chunk_fn, batch_size: int, progress: bool, desc: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Run `chunk_fn(model, pairs, pad_id) -> (firsts, seconds)` over length-sorted chunks of the encoded pairs and
+    return both per-pair lists in the input order."""
+    pairs = encode_pairs(tok, prompts, answers)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].ids))
+    firsts: list[torch.Tensor | None] = [None] * len(pairs)
+    seconds: list[torch.Tensor | None] = [None] * len(pairs)
+    pad_id = pad_id_of(tok)
+    for chunk in tqdm(_chunks(len(pairs), order, batch_size), desc=desc, disable=not progress, leave=False):
+        chunk_a, chunk_b = chunk_fn(model, [pairs[i] for i in chunk], pad_id)
+        for i, a, b in zip(chunk, chunk_a, chunk_b):
+            firsts[i], seconds[i] = a, b
+    return firsts, seconds  # type: ignore[return-value]
+
+
 @torch.no_grad()
 def score_pairs(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str],
                 batch_size: int = DEFAULT_BATCH, progress: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """For each (prompt, answer): per-token NLL of " " + answer and the argmax token at each answer position."""
-    pairs = encode_pairs(tok, prompts, answers)
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].ids))
-    nlls: list[torch.Tensor | None] = [None] * len(pairs)
-    tops: list[torch.Tensor | None] = [None] * len(pairs)
-    pad_id = pad_id_of(tok)
-    for chunk in tqdm(_chunks(len(pairs), order, batch_size), desc="scoring", disable=not progress, leave=False):
-        chunk_nll, chunk_top = _score_chunk(model, [pairs[i] for i in chunk], pad_id)
-        for i, n, t in zip(chunk, chunk_nll, chunk_top):
-            nlls[i], tops[i] = n, t
-    return nlls, tops  # type: ignore[return-value]
+    return _per_pair(model, tok, prompts, answers, _score_chunk, batch_size, progress, "scoring")
 
 
 @torch.no_grad()
@@ -141,16 +148,7 @@ def answer_margins(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequ
     """For each (prompt, answer), teacher-forced at every token of " " + answer: the logit margin of the answer
     token over the best other token (> 0 exactly where it is the greedy choice; it equals the log-probability
     margin, the softmax's normaliser cancels) and the answer token's log-probability. One tensor per pair each."""
-    pairs = encode_pairs(tok, prompts, answers)
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].ids))
-    margins: list[torch.Tensor | None] = [None] * len(pairs)
-    logps: list[torch.Tensor | None] = [None] * len(pairs)
-    pad_id = pad_id_of(tok)
-    for chunk in tqdm(_chunks(len(pairs), order, batch_size), desc="margins", disable=not progress, leave=False):
-        chunk_m, chunk_l = _margin_chunk(model, [pairs[i] for i in chunk], pad_id)
-        for i, m, l in zip(chunk, chunk_m, chunk_l):
-            margins[i], logps[i] = m, l
-    return margins, logps  # type: ignore[return-value]
+    return _per_pair(model, tok, prompts, answers, _margin_chunk, batch_size, progress, "margins")
 
 
 def target_nll(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[str], targets: Sequence[str],
