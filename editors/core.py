@@ -166,7 +166,7 @@ class Editor:
     @torch.no_grad()
     def weights_stamp(self) -> tuple[float, ...]:
         """A cheap summary of the edited layers' weights (target values depend on them)."""
-        return tuple(round(float(x), 6) for layer in self.hp.layers
+        return tuple(float(x) for layer in self.hp.layers
                      for w in [weight_view(self.model, layer)] for x in (w.sum(), w.norm()))
 
     @contextmanager
