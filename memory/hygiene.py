@@ -48,6 +48,8 @@ def _what(char: str) -> tuple[str, str]:
 
 def text_problem(text: str) -> str | None:
     """Why `text` is refused (one line), or None."""
+    if text.isascii() and text.isprintable():  # the common case: nothing refused, something visible or blank
+        return None
     bad = REFUSED.search(text)
     if bad:
         what, why = _what(bad.group())
@@ -59,6 +61,8 @@ def text_problem(text: str) -> str | None:
 
 def normalised(text: str) -> str:
     """NFC, tabs and line breaks as one space, without the directional marks."""
+    if text.isascii() and text.isprintable():  # no marks, no breaks, and ASCII is already NFC
+        return text
     return unicodedata.normalize("NFC", BREAKS.sub(" ", MARKS.sub("", text)))
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from memory.hygiene import normalise_record, record_problem
 
@@ -38,7 +38,7 @@ def _one_line(text: str) -> str:
 
 def normalise(text: str) -> str:
     """Case-folded text with runs of whitespace collapsed; used for duplicate detection."""
-    return re.sub(r"\s+", " ", text).strip().casefold()
+    return " ".join(text.split()).casefold()  # str.split's whitespace is re's \s (both Py_UNICODE_ISSPACE)
 
 
 def _non_blank(value: str) -> str:
@@ -67,8 +67,8 @@ class FactRecord(BaseModel):
     prompt: str  # relation prompt holding the subject verbatim or exactly one "{}" placeholder
     target: str  # new object, no leading space, e.g. "English"
     old_target: str | None = None  # object the model is believed to give today, if known
-    paraphrases: list[str] = []  # other prompts for the same fact (generalisation probes)
-    neighbors: list[Neighbor] = []  # unrelated prompts whose answers must stay (locality probes)
+    paraphrases: list[str] = Field(default_factory=list)  # other prompts for the same fact (generalisation probes)
+    neighbors: list[Neighbor] = Field(default_factory=list)  # unrelated prompts whose answers must stay (locality probes)
     id: str | None = None  # the source's id for the fact, if any
     source: str | None = None  # where the fact came from (URL, feed name)
     time: datetime | None = None  # ISO-8601 time the fact became true / was published
