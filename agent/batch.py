@@ -17,6 +17,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent import guard
@@ -76,15 +77,17 @@ def noise_floor(session: Session, result: EditResult, group: list[StoredFact], b
 
 
 def measure(session: Session, result: EditResult, group: list[StoredFact], sample: list[StoredFact],
-            before: Reading, floor, took: int) -> tuple[Reading, dict, list[bool]]:
+            hits_before: list[bool], before: Reading, floor, took: int) -> tuple[Reading, dict, list[bool]]:
     """Monitors and probes of the model with `result` applied (damage against `before` and the noise floor);
-    `took` facts of the group answer (verify asked them last). Also returns which sample facts answer."""
+    `took` facts of the group answer (verify asked them last). Also returns which sample facts answer (they answered
+    `hits_before` before the batch)."""
     m = norm_metrics(session.model, session.w0, result.delta)
     m |= trend_metrics(m, session.history_metrics(), session.cfg.flash_k)
     m |= superposition_metrics(result.keys, session.prior_keys, session.covariances())
-    reading, damage = session.probes.damage(session.model, session.tok, before, floor, unchanged(session, result))
-    m |= damage | session.probes.known_acc(session.model, session.tok)
-    kept = answered(session, sample)
+    same = unchanged(session, result)
+    reading, damage = session.probes.damage(session.model, session.tok, before, floor, same)
+    m |= damage | session.probes.known_acc(session.model, session.tok, reading, before, same)
+    kept = answered(session, sample, hits_before, same)
     if sample:
         m["retention"] = share(kept)
     m["efficacy"] = took / len(group)
@@ -119,8 +122,18 @@ def dense(t):
     return t.detach().cpu().reshape(-1).clone().view(t.shape)
 
 
-def answered(session: Session, facts: list[StoredFact]) -> list[bool]:
-    """Per fact: does greedy decoding of its prompt begin with its target (what `kagent ask` shows)?"""
+def answered(session: Session, facts: list[StoredFact], before: list[bool] | None = None,
+             same: Callable[[str], bool] | None = None) -> list[bool]:
+    """Per fact: does greedy decoding of its prompt begin with its target (what `kagent ask` shows)? With the
+    answers `before` a slot-only batch and its `unchanged` predicate `same`, a fact that answered before and names
+    no edited subject in its prompt or target is not asked again (the model reproduces it token for token)."""
+    if before is not None and same is not None:
+        redo = [i for i, (f, was) in enumerate(zip(facts, before))
+                if not was or not same(f"{f.record.text} {f.record.target}")]
+        out = list(before)
+        for i, hit in zip(redo, answered(session, [facts[i] for i in redo])):
+            out[i] = hit
+        return out
     if not facts:
         return []
     return greedy_matches(session.model, session.tok, [f.record.text for f in facts],
@@ -207,7 +220,8 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
     except NonFiniteDelta as exc:
         return reject(session, result, guard.NONFINITE, str(exc), {})
     clock.append(time.perf_counter())
-    reading, after, hits_after = measure(session, result, group, sample, reference, floor, len(group) - len(failed))
+    reading, after, hits_after = measure(session, result, group, sample, hits_before, reference, floor,
+                                         len(group) - len(failed))
     clock.append(time.perf_counter())
     after |= {"interference": interference, "took": len(group) - len(failed), "failed": len(failed),
               "seconds_compute": clock[1] - clock[0], "seconds_verify": clock[2] - clock[1],

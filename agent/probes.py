@@ -40,6 +40,7 @@ class Reading:
 
     margins: torch.Tensor  # (n,) float64 margins of the guard's probe facts
     perplexity: float  # held-out perplexity
+    known: torch.Tensor | None = None  # (k,) bool: which known facts the model answers (None: not asked yet)
 
 
 def delta_rank(delta: EditDelta) -> int:
@@ -117,8 +118,23 @@ class ProbeSuite:
         out = {"perplexity": self.perplexity(model, tok)}
         return out | self.known_acc(model, tok)
 
-    def known_acc(self, model: nn.Module, tok) -> dict[str, float]:
-        return {"known_acc": probes.known_fact_accuracy(model, tok, self.known)} if self.known else {}
+    def known_acc(self, model: nn.Module, tok, into: Reading | None = None, before: Reading | None = None,
+                  unchanged: Callable[[str], bool] | None = None) -> dict[str, float]:
+        """known_acc of the model as it is (stored in `into`'s reading when given). With `before` (holding the known
+        facts' answers before the change) and `unchanged`, a fact answered before whose prompt and answer name no
+        edited subject is not asked again: greedy decoding reproduces the answer token for token."""
+        if not self.known:
+            return {}
+        if before is None or before.known is None or unchanged is None:
+            hits = probes.known_fact_hits(model, tok, self.known)
+        else:
+            hits = before.known.clone()
+            redo = [i for i, k in enumerate(self.known) if not hits[i] or not unchanged(f"{k.prompt} {k.target}")]
+            if redo:
+                hits[redo] = probes.known_fact_hits(model, tok, [self.known[i] for i in redo])
+        if into is not None:
+            into.known = hits
+        return {"known_acc": float(hits.float().mean())}
 
     def damage(self, model: nn.Module, tok, before: Reading, floor: torch.Tensor | None,
                unchanged: Callable[[str], bool] | None = None) -> tuple[Reading, dict]:

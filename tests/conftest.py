@@ -127,7 +127,7 @@ def pretrain(model, tok, steps: int = 40):
 USER_HOME = Path(os.environ.get("KAGENT_HOME") or platformdirs.user_data_dir("kagent"))
 
 
-def _always_answers(session, facts):
+def _always_answers(session, facts, before=None, same=None):
     return [True] * len(facts)
 
 

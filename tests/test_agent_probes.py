@@ -49,3 +49,37 @@ def test_damage_and_excess_are_paired_drops_against_the_reference(tiny_llama, to
     assert "excess" not in plain and plain["perplexity"] == after.perplexity
     suite.keep(after)
     assert suite.reference(tiny_llama, tok) is after
+
+
+
+def test_known_acc_after_a_slot_batch_asks_only_facts_naming_its_subjects_and_equals_a_full_read(tiny_llama, tok,
+                                                                                                  monkeypatch):
+    from editors.entity_memory import EntityMemory, MemoryWrite
+    from evaluators import probes
+    from evaluators.probes import KnownFact
+    from evaluators.scoring import greedy_answers
+
+    asked = []
+
+    def hits(model, tok, facts, *args):  # the tiny model's answer, without the leading space greedy_matches wants
+        asked.extend(f.prompt for f in facts)
+        return torch.tensor([greedy_answers(model, tok, [f.prompt], 2)[0] == f.target for f in facts])
+
+    monkeypatch.setattr(probes, "known_fact_hits", hits)
+    prompts = ["We met in Cairo", "The cat sat", "abc def", "Rome and"]
+    known = [KnownFact(prompt=p, subject=p.split()[-1], target=a, case_id=i)
+             for i, (p, a) in enumerate(zip(prompts, greedy_answers(tiny_llama, tok, prompts, 2)))]
+    suite = ProbeSuite(known, "some held-out text " * 40, 32, [])
+    before = suite.read(tiny_llama, tok)
+    assert suite.known_acc(tiny_llama, tok, before)["known_acc"] == 1.0 and before.known.all()
+    mem = EntityMemory(tok, layer=1)
+    mem.write(MemoryWrite(1, ["Cairo"], 50.0 * torch.randn(1, tiny_llama.config.hidden_size,
+                                                           generator=torch.Generator().manual_seed(0))))
+    asked.clear()
+    with mem.attached(tiny_llama):
+        after = suite.read(tiny_llama, tok)
+        reused = suite.known_acc(tiny_llama, tok, after, before, lambda text: not mem.matches(tok(text)["input_ids"]))
+        assert asked == [prompts[0]]  # only the fact naming Cairo was asked again
+        full = suite.known_acc(tiny_llama, tok)
+    assert reused == full and full["known_acc"] == 0.75  # ... and the reuse agrees with asking all: Cairo's moved
+    assert after.known.tolist() == [False, True, True, True]

@@ -327,7 +327,7 @@ def scripted_answers(monkeypatch, takes_on: dict[str, int]) -> list[list[str]]:
     calls: list[list[str]] = []
     seen: dict[str, int] = {}
 
-    def fake(session, facts):
+    def fake(session, facts, before=None, same=None):
         calls.append([f.record.subject for f in facts])
         out = []
         for f in facts:
@@ -362,7 +362,7 @@ def test_an_earlier_fact_that_stops_answering_is_requeued(ws, tmp_path, monkeypa
     set_config(ws, retention_drop=1.0)  # let the batch commit although the earlier fact is lost
     lost = []
 
-    def fake(session, facts):  # Paris answers until the Berlin batch has been applied
+    def fake(session, facts, before=None, same=None):  # Paris answers until the Berlin batch has been applied
         lost.extend(f for f in facts if f.record.subject == "Berlin")
         return [not (lost and f.record.subject == "Paris") for f in facts]
 

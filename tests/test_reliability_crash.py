@@ -52,7 +52,7 @@ import torch
 torch.set_num_threads(1)
 import agent.batch, agent.session, test_reliability_support
 agent.session.default_embedder = test_reliability_support.ToyEmbedder
-agent.batch.answered = lambda session, facts: [True] * len(facts)  # as conftest.facts_take: tiny models never answer
+agent.batch.answered = lambda session, facts, *_: [True] * len(facts)  # as conftest.facts_take: tiny models never answer
 from agent.cli import cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 AutoModelForCausalLM.from_pretrained(sys.argv[1]), AutoTokenizer.from_pretrained(sys.argv[1])  # import lazy modules
