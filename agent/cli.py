@@ -10,6 +10,7 @@ import logging
 import shutil
 import sqlite3
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -18,6 +19,7 @@ from transformers.utils import logging as transformers_logging
 from agent import schedule as sched
 from agent import views
 from agent.batch import compute
+from agent.consolidate import consolidate as consolidate_live
 from agent.config import ConfigError, checked_config
 from agent.loop import WatchOptions, watch as watch_feed
 from agent.report import render_report
@@ -167,6 +169,30 @@ def refresh(workspace: Path | None) -> None:
             click.echo("no feeds configured; add one with `kagent watch FEED --once`")
         for feed in feeds:
             click.echo(f"{shown(feed)}: {run_feed(ws, Path(feed), True, None, None).line()}")
+        if ws.config().consolidate_on_refresh:
+            click.echo(run_consolidation(ws).line())
+
+
+@cli.command()
+@json_option
+@workspace_option
+def consolidate(as_json: bool, workspace: Path | None) -> None:
+    """Re-solve every applied fact from the base weights as one batch that replaces the chain."""
+    ws = Workspace.open(ws_root(workspace))
+    with ws.writer():
+        done = run_consolidation(ws)
+    if as_json:
+        echo_json(asdict(done))
+    else:
+        click.echo(done.line())
+
+
+def run_consolidation(ws: Workspace):
+    session = open_session(ws)
+    try:
+        return consolidate_live(session)
+    finally:
+        session.close()
 
 
 @cli.command()

@@ -64,6 +64,8 @@ class AgentConfig(BaseModel):
                            "doubles the steps and widens the margin); a fact counts as applied only when the "
                            "model's greedy answer begins with its target")
     retention_sample: int = Field(50, ge=1, description="applied facts sampled for the retention probe")
+    consolidate_on_refresh: bool = Field(True, description="after `kagent refresh` has read its feeds, re-solve every "
+                                         "applied fact from the base weights as one batch (`kagent consolidate`)")
     seed: int = Field(0, description="random seed for sampling probes and the 'random' order")
     max_prompt_tokens: int = Field(
         64, ge=1, description="most model tokens of a feed line's prompt with its subject filled in; longer lines are "

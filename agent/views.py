@@ -30,8 +30,8 @@ def when(ts: float) -> str:
 def batch_row(ledger: Ledger, b: BatchInfo) -> dict[str, Any]:
     after = ledger.metrics(b.id).get("after", {})
     return {"batch": b.id, "time": when(b.created_at), "facts": b.n_facts, "method": b.method, "status": b.status,
-            "layers": b.layers, "reason": b.reason, "replay_of": b.replay_of,
-            "metrics": {k: after[k] for k in KEY_METRICS if k in after}}
+            "layers": b.layers, "reason": b.reason, "replay_of": b.replay_of, "kind": b.kind,
+            "covered_by": b.covered_by, "metrics": {k: after[k] for k in KEY_METRICS if k in after}}
 
 
 def history_rows(ledger: Ledger, limit: int | None) -> list[dict[str, Any]]:
@@ -42,6 +42,10 @@ def history_rows(ledger: Ledger, limit: int | None) -> list[dict[str, Any]]:
 
 def history_line(row: dict[str, Any]) -> str:
     metrics = " ".join(f"{k}={v:.3g}" for k, v in row["metrics"].items())
+    if row.get("kind") == "consolidated":
+        metrics = f"(consolidation) {metrics}"
+    elif row.get("covered_by"):
+        metrics = f"(in batch {row['covered_by']}) {metrics}"
     return (f"#{row['batch']:<4} {row['time']}  {row['facts']:>3} fact(s)  {shown(row['method']):<8} "
             f"{shown(row['status']):<11} {metrics}").rstrip()
 

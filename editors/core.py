@@ -213,23 +213,38 @@ class Editor:
         secs = {"keys": t_keys, "solve": total - t_keys, "total": total}
         return EditResult(EditDelta(deltas), keys, values.steps, secs, values.flops)
 
-    def consolidate(self, requests: list[EditRequest], z: torch.Tensor, base: dict[int, torch.Tensor]) -> EditResult:
-        """All `requests` solved jointly from the base weights `base` towards their values `z` (D4S-style):
-        keys and residuals are read on the base model and no earlier keys are carried. The result is a delta
-        relative to `base`; the model and the editor state are unchanged afterwards."""
+    @contextmanager
+    def _at_base(self, base: dict[int, torch.Tensor]) -> Iterator[None]:
+        """The edited layers set to `base`, the entity memory suspended and no earlier keys carried, for the block;
+        weights and key sums as they were afterwards."""
         current = {layer: weight_view(self.model, layer).clone() for layer in self.hp.layers}
         saved = self.state.kkt
         self.state.kkt = {}
         try:
-            with torch.no_grad(), self.memory.suspended():
+            with torch.no_grad():
                 for layer, w in base.items():
                     weight_view(self.model, layer).copy_(w)
-                return self.solve_values(requests, ValueResult(z, [0] * len(requests), 0.0))
+            with self.memory.suspended():
+                yield
         finally:
             self.state.kkt = saved
             with torch.no_grad():
                 for layer, w in current.items():
                     weight_view(self.model, layer).copy_(w)
+
+    def consolidate(self, requests: list[EditRequest], z: torch.Tensor, base: dict[int, torch.Tensor]) -> EditResult:
+        """All `requests` solved jointly from the base weights `base` towards their values `z` (D4S-style):
+        keys and residuals are read on the base model and no earlier keys are carried. The result is a delta
+        relative to `base`; the model and the editor state are unchanged afterwards."""
+        with self._at_base(base), torch.no_grad():
+            return self.solve_values(requests, ValueResult(z, [0] * len(requests), 0.0))
+
+    def rebase(self, requests: list[EditRequest], base: dict[int, torch.Tensor], progress: bool = False) -> EditResult:
+        """All `requests` edited jointly from the base weights `base`: target values optimised on the base model
+        (NSE's "rewinding") and one solve without earlier keys (D4S). A delta relative to `base`; the model, the
+        memory and the editor state are unchanged afterwards."""
+        with self._at_base(base):
+            return self.compute(requests, progress)
 
     def apply(self, result: EditResult) -> None:
         """Write the result into the model (and memory) and add its keys to the editor state."""

@@ -56,7 +56,7 @@ class BatchInfo:
 
     id: int  # batch id (commit order)
     method: str  # editor that produced it (encore / memit / alphaedit)
-    status: str  # committed | rolled_back | replaced (rolled back, then replayed as a new batch)
+    status: str  # committed | rolled_back | replaced (rolled back, then replayed) | consolidated (covered by one)
     created_at: float  # unix time of the commit
     n_facts: int  # facts edited in it
     layers: list[int]  # edited layers
@@ -64,6 +64,8 @@ class BatchInfo:
     keys_hash: str  # content hash of its keys file
     reason: str | None  # why it was rolled back / replaced
     replay_of: int | None  # batch it replays, if it was recomputed after a rollback
+    kind: str = "edit"  # edit | consolidated (a re-solve of every live fact, relative to the base weights)
+    covered_by: int | None = None  # the consolidation that replaced this batch (status `consolidated`)
 
 
 @dataclass(frozen=True)
@@ -497,7 +499,8 @@ class Ledger:
         layers = [r["layer"] for r in self.db.execute("SELECT layer FROM edits WHERE batch_id = ? ORDER BY layer",
                                                       (row["id"],))]
         return BatchInfo(row["id"], row["method"], row["status"], row["created_at"], row["n_facts"], layers,
-                         row["delta_hash"], row["keys_hash"], row["reason"], row["replay_of"])
+                         row["delta_hash"], row["keys_hash"], row["reason"], row["replay_of"], row["kind"],
+                         row["covered_by"])
 
     def batch(self, batch_id: int) -> BatchInfo:
         return self._info(self._batch_row(batch_id))
@@ -543,6 +546,44 @@ class Ledger:
                               f"{len(fact_ids)} fact(s) was not committed, they stay pending") from exc
         self.expected_weights().update(new_weights)
         return batch_id
+
+    def consolidate(self, delta: EditDelta, keys: Mapping[int, torch.Tensor],
+                    metrics: Mapping[str, Mapping[str, float]], method: str, model: nn.Module | None = None) -> int:
+        """Record a consolidation: `delta` is relative to the base weights (its memory slots replace every earlier
+        one) and the model holds base + delta; every committed batch becomes `consolidated`, covered by the new
+        batch, which lists the facts applied now. Their old deltas stay on disk: rolling the consolidation back
+        rebuilds the chain bit for bit."""
+        delta.check_finite()
+        weights = {layer: w.clone() for layer, w in self._base().items()}
+        for d in delta.layers:
+            _add_delta(weights[d.layer], d.u, d.v)
+        if model is not None:
+            self.check_model(model, weights)
+        delta_hash, keys_hash = delta.content_hash(), hash_tensors(keys_tensors(keys))
+        self.blobs.write("deltas", delta_hash, delta.tensors())
+        self.blobs.write("keys", keys_hash, keys_tensors(keys))
+        chain = self._committed_ids()
+        live = [f.id for f in self.facts(status="applied")]
+        now = time.time()
+        with self.transaction():
+            bid = int(self.db.execute(
+                "INSERT INTO batches (method, status, delta_hash, keys_hash, n_facts, created_at, kind)"
+                " VALUES (?, 'committed', ?, ?, ?, ?, 'consolidated')",
+                (method, delta_hash, keys_hash, len(live), now)).lastrowid)
+            for d in delta.layers:
+                self.db.execute("INSERT OR REPLACE INTO edits VALUES (?, ?, ?, ?)",
+                                (bid, d.layer, d.u.shape[1], float(d.dense().norm())))
+            self.db.executemany("INSERT INTO batch_facts VALUES (?, ?)", [(bid, f) for f in live])
+            marks = ",".join("?" * len(chain))
+            self.db.execute(f"UPDATE batches SET status = 'consolidated', covered_by = ? WHERE id IN ({marks})",
+                            (bid, *chain))
+            for phase, values in metrics.items():
+                self.add_metrics(bid, phase, values)
+            self._store_fingerprints(weights)
+            self.log_event("consolidate", f"consolidated batches {chain} into batch {bid}: {len(live)} live fact(s)"
+                           f" re-solved from the base weights", bid, {"covers": chain, "facts": live})
+        self._expected = weights
+        return bid
 
     def _weights_after(self, delta: EditDelta) -> dict[int, torch.Tensor]:
         expected = self.expected_weights()
@@ -604,8 +645,14 @@ class Ledger:
                  recompute: Recompute | None = None, reason: str = "rolled back by user") -> RollbackReport:
         """Undo a committed batch exactly (no counter-edit). For an older batch, later batches are
         reverted too and replayed through `recompute(facts) -> (delta, keys)`, as new batches."""
-        if self._batch_row(batch_id)["status"] != "committed":
-            raise LedgerError(f"batch {batch_id} is {self._batch_row(batch_id)['status']}, not committed")
+        row = self._batch_row(batch_id)
+        if row["status"] == "consolidated":  # un-consolidate (exact), then roll the batch back out of its chain
+            first = self.rollback(row["covered_by"], model, state, recompute,
+                                  f"to roll back batch {batch_id}, which it covers")
+            then = self.rollback(batch_id, model, state, recompute, reason)
+            return RollbackReport(batch_id, then.fact_ids, then.replayed, f"{first.message}; then {then.message}")
+        if row["status"] != "committed":
+            raise LedgerError(f"batch {batch_id} is {row['status']}, not committed")
         committed = self._committed_ids()
         later = [b for b in committed if b > batch_id]
         if later and recompute is None:
@@ -616,12 +663,23 @@ class Ledger:
         if state is not None:
             for bid in reversed([batch_id] + later):
                 state.add_keys(keys[bid], sign=-1.0)
-        fact_ids = [f.id for f in self.batch_facts(batch_id)]
-        self._record_rollback(batch_id, later, fact_ids, reason, weights)
+        if row["kind"] == "consolidated":
+            covered = self._record_unconsolidate(batch_id, later, reason)
+            weights = self._build(self._committed_ids())
+            self._store_fingerprints_now(weights)
+            if state is not None:
+                for bid in covered:
+                    state.add_keys(self.load_keys(bid))
+            fact_ids: list[int] = []
+            what = f"consolidation {batch_id} (batches {covered} are committed again)"
+        else:
+            fact_ids = [f.id for f in self.batch_facts(batch_id)]
+            self._record_rollback(batch_id, later, fact_ids, reason, weights)
+            what = f"batch {batch_id} ({len(fact_ids)} fact(s))"
         self._expected = weights
         self.restore(model)
         replayed = self._replay(later, model, state, recompute) if later else []
-        msg = f"rolled back batch {batch_id} ({len(fact_ids)} fact(s)): {reason}"
+        msg = f"rolled back {what}: {reason}"
         if replayed:
             msg += "; replayed later batches " + ", ".join(f"{o}->{n}" for o, n in replayed) + " with recomputed deltas"
         self.log_event("rollback", msg, batch_id, {"facts": fact_ids, "replayed": replayed})
@@ -649,6 +707,28 @@ class Ledger:
                                 "('applied', 'superseded')", (why, now, bid))
             self._store_fingerprints(weights)
 
+    def _record_unconsolidate(self, batch_id: int, later: Sequence[int], reason: str) -> list[int]:
+        """Rolling back consolidation `batch_id`: the chain it covered is committed again (its facts never left
+        it), later batches are replaced as in any rollback. Returns the batches committed again."""
+        covered = [r["id"] for r in self.db.execute("SELECT id FROM batches WHERE covered_by = ? ORDER BY id",
+                                                    (batch_id,))]
+        now = time.time()
+        with self.transaction():
+            self.db.execute("UPDATE batches SET status = 'rolled_back', reason = ? WHERE id = ?", (reason, batch_id))
+            self.db.execute("UPDATE batches SET status = 'committed', covered_by = NULL WHERE covered_by = ?",
+                            (batch_id,))
+            for bid in later:
+                why = f"replayed after rollback of batch {batch_id}"
+                self.db.execute("UPDATE batches SET status = 'replaced', reason = ? WHERE id = ?", (why, bid))
+                self.db.execute("UPDATE facts SET status = 'pending', reason = ?, updated_at = ? WHERE id IN "
+                                "(SELECT fact_id FROM batch_facts WHERE batch_id = ?) AND status IN "
+                                "('applied', 'superseded')", (why, now, bid))
+        return covered
+
+    def _store_fingerprints_now(self, weights: Mapping[int, torch.Tensor]) -> None:
+        with self.transaction():
+            self._store_fingerprints(weights)
+
     def _replay(self, later: Sequence[int], model: nn.Module, state: KeyState | None,
                 recompute: Recompute) -> list[tuple[int, int]]:
         replayed = []
@@ -669,9 +749,10 @@ class Ledger:
     def rollback_to(self, batch_id: int, model: nn.Module, state: KeyState | None = None,
                     reason: str = "rolled back by user") -> list[RollbackReport]:
         """Roll back every committed batch after `batch_id` (0 = all), latest first; no replay needed."""
-        later = [b for b in self._committed_ids() if b > batch_id]
-        return [self.rollback(b, model, state, reason=f"{reason} (rollback to batch {batch_id})")
-                for b in reversed(later)]
+        reports = []
+        while later := [b for b in self._committed_ids() if b > batch_id]:  # a consolidation recommits its chain
+            reports.append(self.rollback(later[-1], model, state, reason=f"{reason} (rollback to batch {batch_id})"))
+        return reports
 
     # ------------------------------------------------------------------ integrity
 
@@ -708,7 +789,7 @@ class Ledger:
             "SELECT f.id, f.status, f.batch_id, b.status AS bstatus FROM facts f LEFT JOIN batches b"
             " ON f.batch_id = b.id WHERE f.status IN ('applied', 'superseded')")
         out = [f"fact {r['id']} is {r['status']} but its batch {r['batch_id']} is {r['bstatus']}"
-               for r in rows if r["bstatus"] != "committed"]
+               for r in rows if r["bstatus"] not in ("committed", "consolidated")]
         out += [f"fact {r[0]} names batch {r[1]}, which does not list it" for r in self.db.execute(
             "SELECT id, batch_id FROM facts f WHERE batch_id IS NOT NULL AND NOT EXISTS"
             " (SELECT 1 FROM batch_facts bf WHERE bf.batch_id = f.batch_id AND bf.fact_id = f.id)")]

@@ -84,12 +84,24 @@ def _m005_batch_attempts(db: sqlite3.Connection) -> None:
     """)
 
 
+def _m006_consolidations(db: sqlite3.Connection) -> None:
+    """A consolidation (`kagent consolidate`) is a batch of kind `consolidated` whose delta is relative to the base
+    weights and replaces the chain it covers: those batches get status `consolidated` and name it in `covered_by`
+    (rolling the consolidation back makes them committed again, exactly)."""
+    _run(db, """
+    ALTER TABLE batches ADD COLUMN kind TEXT NOT NULL DEFAULT 'edit';
+    ALTER TABLE batches ADD COLUMN covered_by INTEGER;
+    CREATE INDEX batches_covered_by ON batches (covered_by) WHERE covered_by IS NOT NULL
+    """)
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_initial", _m001_initial),
     ("m002_metrics_and_probes", _m002_metrics_and_probes),
     ("m003_feed_offsets_and_lookup", _m003_feed_offsets_and_lookup),
     ("m004_superseded_lookup", _m004_superseded_lookup),
     ("m005_batch_attempts", _m005_batch_attempts),
+    ("m006_consolidations", _m006_consolidations),
 ]
 
 
