@@ -81,7 +81,7 @@ def measure(session: Session, result: EditResult, group: list[StoredFact], sampl
     `took` facts of the group answer (verify asked them last). Also returns which sample facts answer."""
     m = norm_metrics(session.model, session.w0, result.delta)
     m |= trend_metrics(m, session.history_metrics(), session.cfg.flash_k)
-    m |= superposition_metrics(result.keys, session.prior_keys, session.covariances())
+    m |= superposition_metrics(result.keys, session.prior_keys, session.covariances(), session.whitener)
     reading, damage = session.probes.damage(session.model, session.tok, before, floor, unchanged(session, result))
     m |= damage | session.probes.known_acc(session.model, session.tok)
     kept = answered(session, sample)

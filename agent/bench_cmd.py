@@ -6,7 +6,18 @@ from pathlib import Path
 
 import click
 
+from editors.models import DTYPE_CHOICES
 from editors.registry import METHODS
+
+
+def dtype_option(fn):
+    return click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
+                        help="Model dtype (auto: bfloat16 on CUDA, float32 on CPU).")(fn)
+
+
+def device_map_option(fn):
+    return click.option("--device-map", type=click.Choice(["auto"]), default=None,
+                        help="Spread the model over the visible GPUs with accelerate (ignores --device).")(fn)
 
 
 def _overrides(pairs: tuple[str, ...]) -> dict:
@@ -41,17 +52,23 @@ def _methods(_ctx, _param, text: str) -> list[str]:
               help="Comma-separated editors.")
 @click.option("--model", default="smollm2-135m", show_default=True, help="Alias, local HF dir or hub name.")
 @click.option("--device", default=None, help="torch device (default: CUDA when available).")
+@dtype_option
+@device_map_option
 @click.option("--order", type=click.Choice(["arrival", "random", "cluster"]), default="arrival", show_default=True)
 @click.option("--set", "sets", multiple=True, help="Hyperparameter override KEY=VALUE (JSON values), repeatable.")
 @click.option("--consolidate-every", type=click.IntRange(0), default=0, show_default=True,
               help="Re-solve all edits jointly from the base weights every K batches (weights mode; 0 = never).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
-def bench(facts, fmt, start, n, batch_size, methods, model, device, order, sets, consolidate_every, json_out) -> None:
+def bench(facts, fmt, start, n, batch_size, methods, model, device, dtype, device_map, order, sets, consolidate_every,
+          json_out) -> None:
     """Benchmark editors on sequential edits: quality, side effects and speed."""
+    from editors.models import pick_device
     from evaluators.bench import BenchConfig, run_bench, table
 
+    pick_device(device)  # a device this machine lacks is a one-line error before anything loads
     cfg = BenchConfig(facts=facts, format=fmt, start=start, n=n, batch_size=batch_size, methods=methods,
-                      model=model, device=device, order=order, overrides=_overrides(sets),
+                      model=model, device=device, dtype=dtype, device_map=device_map, order=order,
+                      overrides=_overrides(sets),
                       consolidate_every=consolidate_every)
     rows = run_bench(cfg)
     click.echo(table(rows))
@@ -66,7 +83,9 @@ def bench(facts, fmt, start, n, batch_size, methods, model, device, order, sets,
               help="Whose default layers to use.")
 @click.option("--layers", default=None, help="Comma-separated layers (default: the method's).")
 @click.option("--tokens", type=int, default=None, help="Corpus tokens (default: the method's).")
-def stats(model, method, layers, tokens) -> None:
+@click.option("--device", default=None, help="torch device (default: CUDA when available).")
+@dtype_option
+def stats(model, method, layers, tokens, device, dtype) -> None:
     """Compute (once, cached) and show the covariance statistics of the edited layers."""
     import torch
 
@@ -75,7 +94,7 @@ def stats(model, method, layers, tokens) -> None:
     from editors.registry import hparams_for
     from editors.stats import default_corpus, layer_stats
 
-    lm = load_model(model)
+    lm = load_model(model, device, dtype)
     over = {"layers": [int(x) for x in layers.split(",")]} if layers else {}
     over |= {"stats_tokens": tokens} if tokens else {}
     hp = hparams_for(method, lm.model.config.model_type, n_layers(lm.model), **over)

@@ -26,6 +26,7 @@ from editors.core import Editor
 from editors.models import LoadedModel, fingerprint, load_model
 from editors.registry import make_editor
 from editors.state import EditorState
+from evaluators.superposition import whitener
 from memory.index import Embedder, FactMemory, MiniLMEmbedder
 from memory.ledger import Ledger
 
@@ -70,7 +71,7 @@ class Session:
         if baseline is None or baseline.probes != self.probe_settings():
             log.warning("probe settings changed since the baseline (or none was taken); measuring it again "
                         "on the unedited model")
-            base = load_model(self.cfg.model, self.cfg.resolved_device())
+            base = load_model(self.cfg.model, **self.cfg.load_options())
             baseline = measure_baseline(self.ws, self.probes, base, self.probe_settings())
         return baseline
 
@@ -95,6 +96,10 @@ class Session:
 
     def covariances(self) -> dict[int, torch.Tensor]:
         return {layer: st.mom2 for layer, st in self.editor.stats.items()}
+
+    def whitener(self, layer: int) -> torch.Tensor:
+        """C0^-1/2 of `layer`, computed once with the statistics (not every batch)."""
+        return self.editor.stats[layer].cached("whitener", whitener)
 
     def probe_keys(self) -> dict[int, torch.Tensor]:
         """Keys of the known-fact probes at every edited layer (what a batch must not move); computed once per
@@ -156,7 +161,7 @@ def open_memory(ws: Workspace, ledger: Ledger) -> FactMemory:
 def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
     """Load the model, build the editor on its base weights, then bring it to base + committed deltas."""
     cfg = ws.config()
-    loaded = loaded or load_model(cfg.model, cfg.resolved_device())
+    loaded = loaded or load_model(cfg.model, **cfg.load_options())
     editor = build_editor(ws, cfg, loaded)
     w0 = base_weights(loaded.model, editor.hp.layers)
     ledger = open_ledger(ws)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from editors.arch import arch_of, get_module, layers_of, module_name
+from editors.devices import input_device
 from editors.forward import PrefixKV, additive_mask, output_tensor, run_blocks
 from editors.hooks import StopForward, capture_input, forward_hook
 
@@ -49,7 +50,7 @@ class LayerwiseKeys:
                  row_chunk: int = 256):
         self.model = model
         self.n = len(seqs)
-        device = next(model.parameters()).device
+        device = input_device(model)
         contexts = contexts or []
         which = [_context_of(s, contexts) for s in seqs]
         embed = get_module(model, arch_of(model).embed)
@@ -149,7 +150,7 @@ def _padded(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torc
 def at_last_token(model: nn.Module, seqs: list[list[int]], pad: int, module: nn.Module, kind: str,
                   chunk: int = 256) -> torch.Tensor:
     """The input ("in") or output ("out") of `module` at each sequence's last token, (N, d)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = []
     for i in range(0, len(seqs), chunk):
         ids, mask, last = _padded(seqs[i : i + chunk], pad, device)

@@ -1,15 +1,18 @@
 """Covariance statistics C0 = E[k k^T] of each edited module's input over a text corpus.
 
 Uncentred second moments, accumulated in float64 from float32 chunk products, forward
-only up to the deepest edited layer. Cached per (model fingerprint, layer, corpus hash,
-token count) under the kagent cache dir; `kagent stats` computes and shows them.
+only up to the deepest edited layer, on the model's device. Cached per (model fingerprint, layer, corpus
+hash, token count) under the kagent cache dir; `kagent stats` computes and shows them. What is derived
+from C0 (AlphaEdit's null-space projection, the superposition whitener) is computed once per loaded
+statistics object (`LayerStats.cached`), on the device the statistics were placed on.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 from contextlib import ExitStack
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +22,7 @@ from tqdm import tqdm
 
 from editors.arch import get_module, module_name
 from editors.corpus import stats_text
+from editors.devices import input_device
 from editors.hooks import StopForward, forward_pre_hook
 from editors.models import cache_dir, fingerprint
 
@@ -34,6 +38,17 @@ class LayerStats:
     layer: int
     mom2: torch.Tensor  # (d_in, d_in) float64, E[k k^T]
     count: int  # tokens averaged
+    derived: dict = field(default_factory=dict, repr=False, compare=False)  # name -> tensor computed from mom2
+
+    def to(self, device) -> "LayerStats":
+        """The same statistics on `device` (where the layer's solves run); derived tensors are computed anew there."""
+        return LayerStats(self.layer, self.mom2.to(device), self.count)
+
+    def cached(self, name, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """compute(mom2), computed once per statistics object (a whitener, a null-space projection) and kept."""
+        if name not in self.derived:
+            self.derived[name] = compute(self.mom2)
+        return self.derived[name]
 
 
 def _stats_path(fp: str, layer: int, corpus: str, n_tokens: int) -> Path:
@@ -48,7 +63,7 @@ def _token_chunks(tok, text: str, n_tokens: int, seq_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _accumulate(model: nn.Module, seqs: torch.Tensor, layers: list[int], batch: int) -> dict[int, torch.Tensor]:
-    device = next(model.parameters()).device
+    device = input_device(model)
     sums = {l: None for l in layers}
 
     def capture(layer):
