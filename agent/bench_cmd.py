@@ -89,7 +89,6 @@ def stats(model, method, layers, tokens, device, dtype) -> None:
     """Compute (once, cached) and show the covariance statistics of the edited layers."""
     import torch
 
-    from editors.arch import n_layers
     from editors.models import load_model
     from editors.registry import hparams_for
     from editors.stats import default_corpus, layer_stats
@@ -97,7 +96,7 @@ def stats(model, method, layers, tokens, device, dtype) -> None:
     lm = load_model(model, device, dtype)
     over = {"layers": [int(x) for x in layers.split(",")]} if layers else {}
     over |= {"stats_tokens": tokens} if tokens else {}
-    hp = hparams_for(method, lm.model.config.model_type, n_layers(lm.model), **over)
+    hp = hparams_for(method, lm.model.config, **over)
     for layer, st in layer_stats(lm.model, lm.tok, hp.layers, default_corpus(), hp.stats_tokens).items():
         ev = torch.linalg.eigvalsh(st.mom2)
         click.echo(f"layer {layer}: {st.count} tokens, dim {st.mom2.shape[0]}, trace {st.mom2.trace():.4g}, "

@@ -27,7 +27,7 @@ from agent.workspace import Workspace, WorkspaceError, default_root
 from editors.arch import UnknownArchitecture
 from editors.entity_memory import EntityMemory
 from editors.models import DEFAULT_MODEL, DTYPE_CHOICES, DeviceUnavailable, dtype_name, fingerprint, load_model
-from editors.registry import METHODS
+from editors.registry import METHODS, resolve_hparams
 from memory.export import export as export_model
 from memory.hygiene import shown
 from memory.ledger import LedgerError, LedgerMismatch
@@ -109,6 +109,7 @@ def init(model: str, method: str, layers: list[int], stats_tokens: int, device: 
         raise WorkspaceError(f"a workspace already exists at {root}")
     loaded = load_checked(model, cfg.load_options())
     cfg = cfg.model_copy(update={"dtype": dtype_name(next(loaded.model.parameters()).dtype)})  # auto, resolved
+    chosen = chosen_hparams(cfg, loaded.model.config)
     ws = Workspace.create(root, cfg)
     try:
         with ws.writer():
@@ -119,8 +120,18 @@ def init(model: str, method: str, layers: list[int], stats_tokens: int, device: 
         shutil.rmtree(ws.root, ignore_errors=True)
         raise
     acc = "n/a" if baseline.known_acc is None else f"{baseline.known_acc:.3f}"
-    click.echo(f"initialised {ws.root}: {model} ({method}); baseline known-fact accuracy {acc}, "
+    click.echo(f"initialised {ws.root}: {model} ({method}, {cfg.dtype}); baseline known-fact accuracy {acc}, "
                f"perplexity {baseline.perplexity:.2f}")
+    click.echo(f"{method} settings: {chosen.summary()}")
+
+
+def chosen_hparams(cfg, config):
+    """The editor settings `kagent init` will use and why; a bad --hparams file is a one-line error."""
+    try:
+        return resolve_hparams(cfg.method, config, cfg.hparams_file or None, **cfg.hparam_overrides())
+    except ValueError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise click.ClickException(f"--hparams {cfg.hparams_file}: {first}") from None
 
 
 def parse_layers(text: str | None) -> list[int]:

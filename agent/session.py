@@ -139,7 +139,8 @@ def build_editor(ws: Workspace, cfg: AgentConfig, loaded: LoadedModel) -> Editor
     if any(not 0 <= layer < depth for layer in cfg.layers):
         raise ConfigError(f"{ws.config_path}: layers = {cfg.layers}: the model has {depth} layers (0-{depth - 1})")
     state = EditorState.load(ws.state_path) if ws.state_path.exists() else None
-    editor = make_editor(cfg.method, loaded.model, loaded.tok, state=state, **cfg.hparam_overrides())
+    editor = make_editor(cfg.method, loaded.model, loaded.tok, state=state, hparams_file=cfg.hparams_file or None,
+                         **cfg.hparam_overrides())
     if state is None:
         editor.state.save(ws.state_path)
     return editor

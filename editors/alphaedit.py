@@ -8,12 +8,10 @@ from __future__ import annotations
 import torch
 
 from editors.core import Editor
-from editors.hparams import SMOLLM2
 
 
 class AlphaEdit(Editor):
     name = "alphaedit"
-    families = {"llama": SMOLLM2}
 
     def projection(self, layer: int) -> torch.Tensor:
         """The null-space projector of C0, computed once with the statistics (on their device) for a threshold."""

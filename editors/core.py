@@ -67,14 +67,13 @@ def generate_context_templates(model: nn.Module, tok, n: int, length: int, seed:
 class Editor:
     """Locate-then-edit on `hparams.layers`; subclasses set the stopping rule and `solve`.
 
-    A subclass declares its method: `name`, `defaults` (hyperparameters over EditHParams' own, for any model
-    family) and `families` (model_type -> the hyperparameters measured for that family, layers included);
-    `editors.registry.METHODS.register(Subclass)` makes it a method.
+    A subclass declares its method: `name` and `defaults` (hyperparameters over EditHParams' own, for any model;
+    what differs per model is the table in editors/defaults.py); `editors.registry.METHODS.register(Subclass)`
+    makes it a method.
     """
 
     name = "base"
     defaults: dict = {}
-    families: dict[str, dict] = {}
 
     def __init__(self, model: nn.Module, tok, hparams: EditHParams, stats: dict[int, LayerStats],
                  state: EditorState | None = None):

@@ -194,6 +194,7 @@ def bf16_ws(tmp_path_factory, model_dir, shared_home):
         res = run("init", "--model", model_dir, "--layers", "1,2", "--stats-tokens", "2000", "--dtype", "bfloat16",
                   "--workspace", root)
     assert res.exit_code == 0, res.output
+    assert "(encore, bfloat16)" in res.output and "encore settings: layers 1-2, lambda 3000" in res.output
     ws = Workspace.open(root)
     assert ws.config().dtype == "bfloat16"
     ws.save_config(ws.config().model_copy(update={"probe_tokens": 128, "probe_facts": 4, "retention_sample": 4}))
