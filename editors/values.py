@@ -150,12 +150,12 @@ class SuffixRunner:
         """Keep only `rows` (edits still optimising)."""
         self.batch = self.batch.select(rows)
         if self.fast:
-            self._hL, self._mask = self._hL[rows], self._mask[rows]
-            self.kv = {l: (k[rows], v[rows]) for l, (k, v) in self.kv.items()}
+            self._hL, self._mask = self._hL[rows.to(self._hL.device)], self._mask[rows]
+            self.kv = {l: (k[rows.to(k.device)], v[rows.to(v.device)]) for l, (k, v) in self.kv.items()}
 
     def h_layer(self) -> torch.Tensor:
-        """Layer output at the subject's last token for every row (B, d)."""
-        return self._hL[:, 0] if self.fast else self._hLsub
+        """Layer output at the subject's last token for every row (B, d), on the batch's device."""
+        return (self._hL[:, 0] if self.fast else self._hLsub).to(self.batch.ids.device)
 
     def run(self, delta_rows: torch.Tensor) -> torch.Tensor:
         b = self.batch

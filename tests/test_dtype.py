@@ -224,3 +224,13 @@ def test_watch_rollback_verify_export_on_a_bf16_workspace(tmp_path, bf16_ws):
     res = run("rollback", "1", "--workspace", ws)
     assert res.exit_code == 0, res.output
     assert run("verify", "--workspace", ws).exit_code == 0
+
+
+def test_device_map_auto_loads_through_accelerate_and_edits(model_dir):
+    """On a CPU-only machine accelerate maps every block to the CPU; the load path and the editor run the same."""
+    from editors.models import load_model
+
+    lm = load_model(str(model_dir), dtype="bfloat16", device_map="auto")
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    editor = make_editor("encore", lm.model, lm.tok, write="weights", **FAST)
+    editor.apply(editor.compute(REQUESTS[:1]))
