@@ -28,11 +28,12 @@ from editors.arch import UnknownArchitecture
 from editors.entity_memory import EntityMemory
 from editors.models import DEFAULT_MODEL, DTYPE_CHOICES, DeviceUnavailable, dtype_name, fingerprint, load_model
 from editors.registry import METHODS, resolve_hparams
+from editors.user_corpus import CorpusError
 from memory.export import export as export_model
 from memory.hygiene import shown
 from memory.ledger import LedgerError, LedgerMismatch
 
-USER_ERRORS = (WorkspaceError, ConfigError, ScheduleError, LedgerError, UnknownArchitecture, DeviceUnavailable,
+USER_ERRORS = (WorkspaceError, ConfigError, ScheduleError, LedgerError, UnknownArchitecture, DeviceUnavailable, CorpusError,
                FileNotFoundError,
                FileExistsError, OSError, sqlite3.OperationalError)  # the last: database or disk full, I/O error
 
@@ -60,6 +61,12 @@ def dtype_option(fn):
 def device_map_option(fn):
     return click.option("--device-map", type=click.Choice(["auto"]), default=None,
                         help="Spread the model over the visible GPUs with accelerate (ignores --device)")(fn)
+
+
+def stats_corpus_option(fn):
+    return click.option("--stats-corpus", type=click.Path(exists=True, path_type=Path), default=None,
+                        help="Text or JSONL file, or a directory of them, for the covariance statistics "
+                        "[default: the shipped WikiText-2 part]")(fn)
 
 
 def json_option(fn):
@@ -97,13 +104,15 @@ def cli(verbose: int) -> None:
 @device_map_option
 @click.option("--hparams", "hparams_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TOML or JSON file of editor hyperparameters [default: the per-model defaults]")
+@stats_corpus_option
 @workspace_option
 def init(model: str, method: str, layers: list[int], stats_tokens: int, device: str, dtype: str, device_map: str,
-         hparams_file: str, workspace: Path | None) -> None:
+         hparams_file: str, stats_corpus: Path | None, workspace: Path | None) -> None:
     """Create a workspace (config, ledger, index, caches) and measure the probe baselines."""
     cfg = checked_config(dict(model=model, method=method, layers=layers, stats_tokens=stats_tokens, device=device,
                               dtype=dtype, device_map=device_map or "",
-                              hparams_file=str(Path(hparams_file).resolve()) if hparams_file else ""), "kagent init")
+                              hparams_file=str(Path(hparams_file).resolve()) if hparams_file else "",
+                              stats_corpus=str(stats_corpus.resolve()) if stats_corpus else ""), "kagent init")
     root = ws_root(workspace)
     if Workspace(root).exists():
         raise WorkspaceError(f"a workspace already exists at {root}")

@@ -28,6 +28,8 @@ class AgentConfig(BaseModel):
                        "elsewhere; `kagent init` writes the one it chose, workspaces made before it were float32)")
     device_map: str = Field("", description="'auto': spread the model over the visible GPUs with accelerate "
                             "(device is then ignored); empty = the whole model on `device`")
+    stats_corpus: str = Field("", description="file or directory of text / JSONL the covariance statistics are "
+                              "computed on; empty = the shipped WikiText-2 part")
     hparams_file: str = Field("", description="TOML or JSON file of editor hyperparameters for this model "
                               "(over the per-model defaults, under `editor`); empty = the defaults")
     method: str = Field("encore", description=f"editing method: {', '.join(METHODS.names())}")

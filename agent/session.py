@@ -12,6 +12,7 @@ import json
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,6 +27,7 @@ from editors.core import Editor
 from editors.models import LoadedModel, fingerprint, load_model
 from editors.registry import make_editor
 from editors.state import EditorState
+from editors.user_corpus import UserCorpus
 from evaluators.superposition import whitener
 from memory.index import Embedder, FactMemory, MiniLMEmbedder
 from memory.ledger import Ledger
@@ -139,8 +141,9 @@ def build_editor(ws: Workspace, cfg: AgentConfig, loaded: LoadedModel) -> Editor
     if any(not 0 <= layer < depth for layer in cfg.layers):
         raise ConfigError(f"{ws.config_path}: layers = {cfg.layers}: the model has {depth} layers (0-{depth - 1})")
     state = EditorState.load(ws.state_path) if ws.state_path.exists() else None
+    corpus = UserCorpus(Path(cfg.stats_corpus)) if cfg.stats_corpus else None
     editor = make_editor(cfg.method, loaded.model, loaded.tok, state=state, hparams_file=cfg.hparams_file or None,
-                         **cfg.hparam_overrides())
+                         corpus=corpus, **cfg.hparam_overrides())
     if state is None:
         editor.state.save(ws.state_path)
     return editor

@@ -64,7 +64,7 @@ def hparams_for(method: str, config, hparams_file=None, **overrides) -> EditHPar
 
 
 def make_editor(method: str, model: nn.Module, tok, hparams: EditHParams | None = None,
-                state: EditorState | None = None, corpus: str | None = None, hparams_file=None,
+                state: EditorState | None = None, corpus=None, hparams_file=None,
                 **overrides) -> Editor:
     """An editor of `method` for `model`: typed defaults for its family and size, cached covariance stats."""
     editor = METHODS.get(method)

@@ -23,6 +23,7 @@ from editors.footprint import Dims, edit_tokens, estimate, peak_mb, reset_peak, 
 from editors.models import DEFAULT_MODEL, dtype_name, load_model
 from editors.prompts import EditRequest
 from editors.registry import METHODS, make_editor
+from editors.user_corpus import UserCorpus
 from evaluators import counterfact, norms, probes, zsre
 from evaluators.counterfact import harmonic_mean
 from evaluators.scoring import greedy_matches
@@ -43,6 +44,7 @@ class BenchConfig(BaseModel):
     device: str | None = None  # None = CUDA when available
     dtype: str = "auto"  # model dtype: auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
     device_map: str | None = None  # "auto": spread the model over the visible GPUs (accelerate)
+    stats_corpus: Path | None = None  # text/JSONL file or directory for the covariance statistics (None: shipped)
     order: Literal["arrival", "random", "cluster"] = "arrival"  # batch order (cluster = FAISS k-means)
     ppl_tokens: int = 4096  # held-out tokens for perplexity
     overrides: dict = {}  # hyperparameter overrides for every method
@@ -173,7 +175,8 @@ def placement(model) -> dict:
 def run_method(cfg: BenchConfig, method: str, base: dict) -> MethodResult:
     lm = load(cfg)
     task = _Task(cfg, lm.model, lm.tok)
-    editor = make_editor(method, lm.model, lm.tok, **cfg.overrides)
+    corpus = UserCorpus(cfg.stats_corpus) if cfg.stats_corpus else None
+    editor = make_editor(method, lm.model, lm.tok, corpus=corpus, **cfg.overrides)
     w0 = norms.snapshot(lm.model, editor.hp.layers)
     secs = {"total": 0.0, "values": 0.0}
     flops, steps, done, z, consolidations, mem_estimate = 0.0, [], [], [], 0, 0.0

@@ -187,16 +187,21 @@ def bf16_ws(tmp_path_factory, model_dir, shared_home):
     """A workspace initialised once in bf16 with small probes; tests get copies."""
     from agent.workspace import Workspace
 
+    from editors.corpus import stats_text
+
     root = tmp_path_factory.mktemp("bf16") / "ws"
+    corpus = root.parent / "stats.txt"  # a user's statistics corpus (--stats-corpus), read through the session
+    corpus.write_text(stats_text()[:6000])
     with pytest.MonkeyPatch.context() as mp, one_thread():
         mp.setattr(agent.session, "default_embedder", ToyEmbedder)
         mp.setenv("KAGENT_HOME", str(shared_home))
         res = run("init", "--model", model_dir, "--layers", "1,2", "--stats-tokens", "2000", "--dtype", "bfloat16",
-                  "--workspace", root)
+                  "--stats-corpus", corpus, "--workspace", root)
     assert res.exit_code == 0, res.output
     assert "(encore, bfloat16)" in res.output and "encore settings: layers 1-2, lambda 3000" in res.output
     ws = Workspace.open(root)
-    assert ws.config().dtype == "bfloat16"
+    assert ws.config().dtype == "bfloat16" and ws.config().stats_corpus == str(corpus.resolve())
+    assert list((shared_home / "cache" / "stats").glob("*-u*-2000.safetensors"))  # statistics of the user corpus
     ws.save_config(ws.config().model_copy(update={"probe_tokens": 128, "probe_facts": 4, "retention_sample": 4}))
     return root
 
