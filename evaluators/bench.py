@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from editors.arch import weight_view
-from editors.devices import peak_gpu_mb, reset_gpu_peak, synchronize
+from editors.devices import model_devices, peak_gpu_mb, reset_gpu_peak, synchronize
 from editors.footprint import Dims, edit_tokens, estimate, peak_mb, reset_peak, resident_mb
 from editors.models import DEFAULT_MODEL, dtype_name, load_model
 from editors.prompts import EditRequest
@@ -166,8 +166,6 @@ def load(cfg: BenchConfig):
 
 def placement(model) -> dict:
     """The device(s) and dtype fields of a result row."""
-    from editors.devices import model_devices
-
     return {"device": ",".join(str(d) for d in model_devices(model)),
             "dtype": dtype_name(next(model.parameters()).dtype)}
 

@@ -239,3 +239,11 @@ def test_device_map_auto_loads_through_accelerate_and_edits(model_dir):
     assert next(lm.model.parameters()).dtype == torch.bfloat16
     editor = make_editor("encore", lm.model, lm.tok, write="weights", **FAST)
     editor.apply(editor.compute(REQUESTS[:1]))
+
+
+def test_bench_rows_record_device_dtype_and_no_gpu_peak_without_cuda(tok):
+    from evaluators.bench import MethodResult, placement
+
+    assert placement(bf16(make_tiny_llama(len(tok)))) == {"device": "cpu", "dtype": "bfloat16"}
+    fields = MethodResult.model_fields
+    assert {"device", "dtype", "peak_gpu_mb"} <= fields.keys() and fields["peak_gpu_mb"].default is None
