@@ -83,7 +83,7 @@ def measure(session: Session, result: EditResult, group: list[StoredFact], sampl
     `hits_before` before the batch)."""
     m = norm_metrics(session.model, session.w0, result.delta)
     m |= trend_metrics(m, session.history_metrics(), session.cfg.flash_k)
-    m |= superposition_metrics(result.keys, session.prior_keys, session.covariances())
+    m |= superposition_metrics(result.keys, session.prior_keys, session.covariances(), session.whitener)
     same = unchanged(session, result)
     reading, damage = session.probes.damage(session.model, session.tok, before, floor, same)
     m |= damage | session.probes.known_acc(session.model, session.tok, reading, before, same)

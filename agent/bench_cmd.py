@@ -6,7 +6,23 @@ from pathlib import Path
 
 import click
 
+from editors.models import DTYPE_CHOICES
 from editors.registry import METHODS
+
+
+def dtype_option(fn):
+    return click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
+                        help="Model dtype (auto: bfloat16 on CUDA, float32 on CPU).")(fn)
+
+
+def stats_corpus_option(fn):
+    return click.option("--stats-corpus", type=click.Path(exists=True, path_type=Path), default=None,
+                        help="Text or JSONL file, or a directory of them, for the covariance statistics.")(fn)
+
+
+def device_map_option(fn):
+    return click.option("--device-map", type=click.Choice(["auto"]), default=None,
+                        help="Spread the model over the visible GPUs with accelerate (ignores --device).")(fn)
 
 
 def _overrides(pairs: tuple[str, ...]) -> dict:
@@ -41,17 +57,25 @@ def _methods(_ctx, _param, text: str) -> list[str]:
               help="Comma-separated editors.")
 @click.option("--model", default="smollm2-135m", show_default=True, help="Alias, local HF dir or hub name.")
 @click.option("--device", default=None, help="torch device (default: CUDA when available).")
+@dtype_option
+@device_map_option
+@stats_corpus_option
 @click.option("--order", type=click.Choice(["arrival", "random", "cluster"]), default="arrival", show_default=True)
 @click.option("--set", "sets", multiple=True, help="Hyperparameter override KEY=VALUE (JSON values), repeatable.")
 @click.option("--consolidate-every", type=click.IntRange(0), default=0, show_default=True,
               help="Re-solve all edits jointly from the base weights every K batches (weights mode; 0 = never).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
-def bench(facts, fmt, start, n, batch_size, methods, model, device, order, sets, consolidate_every, json_out) -> None:
+def bench(facts, fmt, start, n, batch_size, methods, model, device, dtype, device_map, stats_corpus, order, sets,
+          consolidate_every, json_out) -> None:
     """Benchmark editors on sequential edits: quality, side effects and speed."""
+    from editors.models import pick_device
     from evaluators.bench import BenchConfig, run_bench, table
 
+    pick_device(device)  # a device this machine lacks is a one-line error before anything loads
     cfg = BenchConfig(facts=facts, format=fmt, start=start, n=n, batch_size=batch_size, methods=methods,
-                      model=model, device=device, order=order, overrides=_overrides(sets),
+                      model=model, device=device, dtype=dtype, device_map=device_map, stats_corpus=stats_corpus,
+                      order=order,
+                      overrides=_overrides(sets),
                       consolidate_every=consolidate_every)
     rows = run_bench(cfg)
     click.echo(table(rows))
@@ -66,20 +90,24 @@ def bench(facts, fmt, start, n, batch_size, methods, model, device, order, sets,
               help="Whose default layers to use.")
 @click.option("--layers", default=None, help="Comma-separated layers (default: the method's).")
 @click.option("--tokens", type=int, default=None, help="Corpus tokens (default: the method's).")
-def stats(model, method, layers, tokens) -> None:
+@click.option("--device", default=None, help="torch device (default: CUDA when available).")
+@dtype_option
+@stats_corpus_option
+def stats(model, method, layers, tokens, device, dtype, stats_corpus) -> None:
     """Compute (once, cached) and show the covariance statistics of the edited layers."""
     import torch
 
-    from editors.arch import n_layers
     from editors.models import load_model
     from editors.registry import hparams_for
     from editors.stats import default_corpus, layer_stats
+    from editors.user_corpus import UserCorpus
 
-    lm = load_model(model)
+    lm = load_model(model, device, dtype)
     over = {"layers": [int(x) for x in layers.split(",")]} if layers else {}
     over |= {"stats_tokens": tokens} if tokens else {}
-    hp = hparams_for(method, lm.model.config.model_type, n_layers(lm.model), **over)
-    for layer, st in layer_stats(lm.model, lm.tok, hp.layers, default_corpus(), hp.stats_tokens).items():
+    hp = hparams_for(method, lm.model.config, **over)
+    corpus = UserCorpus(stats_corpus) if stats_corpus else default_corpus()
+    for layer, st in layer_stats(lm.model, lm.tok, hp.layers, corpus, hp.stats_tokens).items():
         ev = torch.linalg.eigvalsh(st.mom2)
         click.echo(f"layer {layer}: {st.count} tokens, dim {st.mom2.shape[0]}, trace {st.mom2.trace():.4g}, "
                    f"eigenvalues {ev[0]:.3g}..{ev[-1]:.3g}, below 1e-2: {(ev < 1e-2).sum().item()}")

@@ -28,13 +28,15 @@ from agent.session import initialise, open_ledger, open_session
 from agent.workspace import Workspace, WorkspaceError, default_root
 from editors.arch import UnknownArchitecture
 from editors.entity_memory import EntityMemory
-from editors.models import DEFAULT_MODEL, fingerprint, load_model
-from editors.registry import METHODS
+from editors.models import DEFAULT_MODEL, DTYPE_CHOICES, DeviceUnavailable, dtype_name, fingerprint, load_model
+from editors.registry import METHODS, resolve_hparams
+from editors.user_corpus import CorpusError
 from memory.export import export as export_model
 from memory.hygiene import shown
 from memory.ledger import LedgerError, LedgerMismatch
 
-USER_ERRORS = (WorkspaceError, ConfigError, ScheduleError, LedgerError, UnknownArchitecture, FileNotFoundError,
+USER_ERRORS = (WorkspaceError, ConfigError, ScheduleError, LedgerError, UnknownArchitecture, DeviceUnavailable, CorpusError,
+               FileNotFoundError,
                FileExistsError, OSError, sqlite3.OperationalError)  # the last: database or disk full, I/O error
 
 
@@ -51,6 +53,22 @@ class KagentGroup(click.Group):
 def workspace_option(fn):
     return click.option("--workspace", "-w", type=click.Path(path_type=Path), envvar="KAGENT_WORKSPACE",
                         help="Workspace directory [default: $KAGENT_HOME/workspace]")(fn)
+
+
+def dtype_option(fn):
+    return click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
+                        help="Model dtype (auto: bfloat16 on CUDA, float32 on CPU)")(fn)
+
+
+def device_map_option(fn):
+    return click.option("--device-map", type=click.Choice(["auto"]), default=None,
+                        help="Spread the model over the visible GPUs with accelerate (ignores --device)")(fn)
+
+
+def stats_corpus_option(fn):
+    return click.option("--stats-corpus", type=click.Path(exists=True, path_type=Path), default=None,
+                        help="Text or JSONL file, or a directory of them, for the covariance statistics "
+                        "[default: the shipped WikiText-2 part]")(fn)
 
 
 def json_option(fn):
@@ -84,15 +102,25 @@ def cli(verbose: int) -> None:
 @click.option("--stats-tokens", type=click.IntRange(0), default=0, help="Corpus tokens for covariance statistics "
               "[default: the method's]")
 @click.option("--device", default="auto", show_default=True, help="torch device")
+@dtype_option
+@device_map_option
+@click.option("--hparams", "hparams_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TOML or JSON file of editor hyperparameters [default: the per-model defaults]")
+@stats_corpus_option
 @workspace_option
-def init(model: str, method: str, layers: list[int], stats_tokens: int, device: str, workspace: Path | None) -> None:
+def init(model: str, method: str, layers: list[int], stats_tokens: int, device: str, dtype: str, device_map: str,
+         hparams_file: str, stats_corpus: Path | None, workspace: Path | None) -> None:
     """Create a workspace (config, ledger, index, caches) and measure the probe baselines."""
-    cfg = checked_config(dict(model=model, method=method, layers=layers, stats_tokens=stats_tokens, device=device),
-                         "kagent init")
+    cfg = checked_config(dict(model=model, method=method, layers=layers, stats_tokens=stats_tokens, device=device,
+                              dtype=dtype, device_map=device_map or "",
+                              hparams_file=str(Path(hparams_file).resolve()) if hparams_file else "",
+                              stats_corpus=str(stats_corpus.resolve()) if stats_corpus else ""), "kagent init")
     root = ws_root(workspace)
     if Workspace(root).exists():
         raise WorkspaceError(f"a workspace already exists at {root}")
-    loaded = load_checked(model, cfg.resolved_device())
+    loaded = load_checked(model, cfg.load_options())
+    cfg = cfg.model_copy(update={"dtype": dtype_name(next(loaded.model.parameters()).dtype)})  # auto, resolved
+    chosen = chosen_hparams(cfg, loaded.model.config)
     ws = Workspace.create(root, cfg)
     try:
         with ws.writer():
@@ -103,8 +131,18 @@ def init(model: str, method: str, layers: list[int], stats_tokens: int, device: 
         shutil.rmtree(ws.root, ignore_errors=True)
         raise
     acc = "n/a" if baseline.known_acc is None else f"{baseline.known_acc:.3f}"
-    click.echo(f"initialised {ws.root}: {model} ({method}); baseline known-fact accuracy {acc}, "
+    click.echo(f"initialised {ws.root}: {model} ({method}, {cfg.dtype}); baseline known-fact accuracy {acc}, "
                f"perplexity {baseline.perplexity:.2f}")
+    click.echo(f"{method} settings: {chosen.summary()}")
+
+
+def chosen_hparams(cfg, config):
+    """The editor settings `kagent init` will use and why; a bad --hparams file is a one-line error."""
+    try:
+        return resolve_hparams(cfg.method, config, cfg.hparams_file or None, **cfg.hparam_overrides())
+    except ValueError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise click.ClickException(f"--hparams {cfg.hparams_file}: {first}") from None
 
 
 def parse_layers(text: str | None) -> list[int]:
@@ -115,10 +153,10 @@ def parse_layers(text: str | None) -> list[int]:
         raise click.BadParameter(f"{text!r}: give layer numbers separated by commas, e.g. 3,4,5") from None
 
 
-def load_checked(model: str, device: str | None):
-    """load_model with loading failures (not a model, missing files) as one-line user errors."""
+def load_checked(model: str, options: dict):
+    """load_model(model, **options) with loading failures (not a model, missing files) as one-line user errors."""
     try:
-        return load_model(model, device)
+        return load_model(model, **options)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise click.ClickException(f"cannot load model {model!r}: {first}") from None
@@ -260,7 +298,7 @@ def ask(prompt: str, base: bool, tokens: int, workspace: Path | None) -> None:
 
     ws = Workspace.open(ws_root(workspace))
     cfg = ws.config()
-    loaded = load_checked(cfg.model, cfg.resolved_device())
+    loaded = load_checked(cfg.model, cfg.load_options())
     before = greedy_answers(loaded.model, loaded.tok, [prompt], tokens)[0] if base else None
     with open_ledger(ws) as ledger:
         memory = load_edits(ledger, loaded)
@@ -302,7 +340,7 @@ def check(as_json: bool, workspace: Path | None) -> None:
     """Ask the edited model every applied fact; exit 1 when one does not answer its target."""
     ws = Workspace.open(ws_root(workspace))
     cfg = ws.config()
-    loaded = load_checked(cfg.model, cfg.resolved_device())
+    loaded = load_checked(cfg.model, cfg.load_options())
     with open_ledger(ws) as ledger:
         memory = load_edits(ledger, loaded)
         applied = ledger.facts(status="applied")
@@ -411,7 +449,7 @@ def export_cmd(out_dir: Path, workspace: Path | None) -> None:
     """Write the edited model as a Hugging Face checkpoint plus a manifest of its facts."""
     ws = Workspace.open(ws_root(workspace))
     cfg = ws.config()
-    loaded = load_checked(cfg.model, cfg.resolved_device())
+    loaded = load_checked(cfg.model, cfg.load_options())
     with open_ledger(ws) as ledger:
         load_edits(ledger, loaded)
         path = export_model(loaded.model, loaded.tok, ledger, out_dir)

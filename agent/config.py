@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from editors.models import DEFAULT_MODEL
+from editors.models import DEFAULT_MODEL, DTYPE_CHOICES
 from editors.registry import METHODS
 
 
@@ -24,6 +24,14 @@ class AgentConfig(BaseModel):
 
     model: str = Field(DEFAULT_MODEL, description="model to edit: the embedded alias, a local HF directory or a hub name")
     device: str = Field("auto", description="torch device for the model; 'auto' = CUDA when available, else CPU")
+    dtype: str = Field("float32", description=f"model dtype: {', '.join(DTYPE_CHOICES)} (auto: bfloat16 on CUDA, float32 "
+                       "elsewhere; `kagent init` writes the one it chose, workspaces made before it were float32)")
+    device_map: str = Field("", description="'auto': spread the model over the visible GPUs with accelerate "
+                            "(device is then ignored); empty = the whole model on `device`")
+    stats_corpus: str = Field("", description="file or directory of text / JSONL the covariance statistics are "
+                              "computed on; empty = the shipped WikiText-2 part")
+    hparams_file: str = Field("", description="TOML or JSON file of editor hyperparameters for this model "
+                              "(over the per-model defaults, under `editor`); empty = the defaults")
     method: str = Field("encore", description=f"editing method: {', '.join(METHODS.names())}")
     layers: list[int] = Field(default_factory=list,
                               description="edited layers; empty = the method's default for the model family")
@@ -111,8 +119,26 @@ class AgentConfig(BaseModel):
                 raise ValueError("not a torch device: use auto, cpu, cuda, cuda:N or mps") from None
         return device
 
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, dtype: str) -> str:
+        if dtype not in DTYPE_CHOICES:
+            raise ValueError(f"not a model dtype: use {', '.join(DTYPE_CHOICES)}")
+        return dtype
+
+    @field_validator("device_map")
+    @classmethod
+    def _device_map(cls, device_map: str) -> str:
+        if device_map not in ("", "auto"):
+            raise ValueError("device_map: use 'auto' or leave it empty")
+        return device_map
+
     def resolved_device(self) -> str | None:
         return None if self.device == "auto" else self.device
+
+    def load_options(self) -> dict[str, str | None]:
+        """Keyword arguments of editors.models.load_model for this workspace's model (device, dtype, device_map)."""
+        return {"device": self.resolved_device(), "dtype": self.dtype, "device_map": self.device_map or None}
 
     def hparam_overrides(self) -> dict[str, Any]:
         """Editor hyperparameters this config overrides (the rest are the family's defaults)."""

@@ -10,7 +10,7 @@ All functions return flat `dict[str, float]` metric rows (names below) that the 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -93,10 +93,12 @@ def predicted_interference(model: nn.Module, delta: EditDelta, keys: dict[int, t
 
 
 def superposition_metrics(keys: dict[int, torch.Tensor], prior: dict[int, torch.Tensor],
-                          c0: dict[int, torch.Tensor]) -> dict[str, float]:
-    """Superposition statistics at the last edited layer that has a covariance (where target values live)."""
+                          c0: dict[int, torch.Tensor], whiteners: Callable[[int], torch.Tensor] | None = None
+                          ) -> dict[str, float]:
+    """Superposition statistics at the last edited layer that has a covariance (where target values live);
+    `whiteners(layer)` gives C0^-1/2 when it is cached (agent.session), else it is computed here."""
     layers = [l for l in sorted(keys) if l in c0]
     if not layers:
         return {}
     layer = layers[-1]
-    return superposition(keys[layer], prior.get(layer), c0[layer])
+    return superposition(keys[layer], prior.get(layer), c0[layer], whiteners(layer) if whiteners else None)

@@ -12,6 +12,7 @@ import json
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,6 +27,8 @@ from editors.core import Editor
 from editors.models import LoadedModel, fingerprint, load_model
 from editors.registry import make_editor
 from editors.state import EditorState
+from editors.user_corpus import UserCorpus
+from evaluators.superposition import whitener
 from memory.index import Embedder, FactMemory, MiniLMEmbedder
 from memory.ledger import Ledger
 
@@ -70,7 +73,7 @@ class Session:
         if baseline is None or baseline.probes != self.probe_settings():
             log.warning("probe settings changed since the baseline (or none was taken); measuring it again "
                         "on the unedited model")
-            base = load_model(self.cfg.model, self.cfg.resolved_device())
+            base = load_model(self.cfg.model, **self.cfg.load_options())
             baseline = measure_baseline(self.ws, self.probes, base, self.probe_settings())
         return baseline
 
@@ -95,6 +98,10 @@ class Session:
 
     def covariances(self) -> dict[int, torch.Tensor]:
         return {layer: st.mom2 for layer, st in self.editor.stats.items()}
+
+    def whitener(self, layer: int) -> torch.Tensor:
+        """C0^-1/2 of `layer`, computed once with the statistics (not every batch)."""
+        return self.editor.stats[layer].cached("whitener", whitener)
 
     def probe_keys(self) -> dict[int, torch.Tensor]:
         """Keys of the known-fact probes at every edited layer (what a batch must not move); computed once per
@@ -134,7 +141,9 @@ def build_editor(ws: Workspace, cfg: AgentConfig, loaded: LoadedModel) -> Editor
     if any(not 0 <= layer < depth for layer in cfg.layers):
         raise ConfigError(f"{ws.config_path}: layers = {cfg.layers}: the model has {depth} layers (0-{depth - 1})")
     state = EditorState.load(ws.state_path) if ws.state_path.exists() else None
-    editor = make_editor(cfg.method, loaded.model, loaded.tok, state=state, **cfg.hparam_overrides())
+    corpus = UserCorpus(Path(cfg.stats_corpus)) if cfg.stats_corpus else None
+    editor = make_editor(cfg.method, loaded.model, loaded.tok, state=state, hparams_file=cfg.hparams_file or None,
+                         corpus=corpus, **cfg.hparam_overrides())
     if state is None:
         editor.state.save(ws.state_path)
     return editor
@@ -156,7 +165,7 @@ def open_memory(ws: Workspace, ledger: Ledger) -> FactMemory:
 def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
     """Load the model, build the editor on its base weights, then bring it to base + committed deltas."""
     cfg = ws.config()
-    loaded = loaded or load_model(cfg.model, cfg.resolved_device())
+    loaded = loaded or load_model(cfg.model, **cfg.load_options())
     editor = build_editor(ws, cfg, loaded)
     w0 = base_weights(loaded.model, editor.hp.layers)
     ledger = open_ledger(ws)

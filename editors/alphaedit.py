@@ -8,18 +8,17 @@ from __future__ import annotations
 import torch
 
 from editors.core import Editor
-from editors.hparams import SMOLLM2
 
 
 class AlphaEdit(Editor):
     name = "alphaedit"
-    families = {"llama": SMOLLM2}
 
     def projection(self, layer: int) -> torch.Tensor:
+        """The null-space projector of C0, computed once with the statistics (on their device) for a threshold."""
         if layer not in self.state.projections:
-            evals, evecs = torch.linalg.eigh(self.stats[layer].mom2)
-            small = evecs[:, evals < self.hp.nullspace_threshold]
-            self.state.projections[layer] = small @ small.T
+            threshold = self.hp.nullspace_threshold
+            self.state.projections[layer] = self.stats[layer].cached(
+                ("nullspace", threshold), lambda c0: nullspace_projection(c0, threshold))
         return self.state.projections[layer]
 
     def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -27,3 +26,10 @@ class AlphaEdit(Editor):
         A = P @ (self.state.prev_kkt(layer, K.shape[0]) + K @ K.T)
         A.diagonal().add_(self.hp.alphaedit_l2)
         return torch.linalg.solve(A, P @ K)
+
+
+def nullspace_projection(c0: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U U^T over the eigenvectors U of C0 whose eigenvalues are below `threshold`."""
+    evals, evecs = torch.linalg.eigh(c0)
+    small = evecs[:, evals < threshold]
+    return small @ small.T

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from editors.arch import weight_view
 from editors.delta import EditDelta, LayerDelta
+from editors.devices import cuda_devices, input_device, layer_device, synchronize
 from editors.entity_memory import EntityMemory, MemoryWrite
 from editors.keys import key_source
 from editors.hparams import EditHParams
@@ -50,9 +51,9 @@ class EditResult:
 @torch.no_grad()
 def generate_context_templates(model: nn.Module, tok, n: int, length: int, seed: int = 0) -> list[str]:
     """Short prefixes sampled once from the unedited model, as "{prefix}. {}" templates."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = []
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=cuda_devices(model)):  # CPU and every CUDA device in use
         torch.manual_seed(seed)
         for s in CONTEXT_SEEDS[:n]:
             ids = tok(s, return_tensors="pt").to(device)
@@ -66,19 +67,21 @@ def generate_context_templates(model: nn.Module, tok, n: int, length: int, seed:
 class Editor:
     """Locate-then-edit on `hparams.layers`; subclasses set the stopping rule and `solve`.
 
-    A subclass declares its method: `name`, `defaults` (hyperparameters over EditHParams' own, for any model
-    family) and `families` (model_type -> the hyperparameters measured for that family, layers included);
-    `editors.registry.METHODS.register(Subclass)` makes it a method.
+    A subclass declares its method: `name` and `defaults` (hyperparameters over EditHParams' own, for any model;
+    what differs per model is the table in editors/defaults.py); `editors.registry.METHODS.register(Subclass)`
+    makes it a method.
     """
 
     name = "base"
     defaults: dict = {}
-    families: dict[str, dict] = {}
 
     def __init__(self, model: nn.Module, tok, hparams: EditHParams, stats: dict[int, LayerStats],
                  state: EditorState | None = None):
-        self.model, self.tok, self.hp, self.stats = model, tok, hparams, stats
+        self.model, self.tok, self.hp = model, tok, hparams
+        devices = {layer: layer_device(model, layer) for layer in hparams.layers}
+        self.stats = {layer: st.to(devices.get(layer, st.mom2.device)) for layer, st in stats.items()}
         self.state = state or EditorState(list(hparams.layers))
+        self.state.place(devices)  # key sums and projections live beside their layer's weight
         if not self.state.context_templates:
             self.state.context_templates = generate_context_templates(
                 model, tok, hparams.n_context, hparams.context_tokens)
@@ -196,19 +199,22 @@ class Editor:
         try:
             for i, layer in enumerate(self.hp.layers):
                 tk = time.perf_counter()
-                K = self._layer_keys(source, layer, len(requests)).double()
-                H = self._current_outputs(source, len(requests)).double()
+                dev = layer_device(self.model, layer)  # keys, residuals and the solve stay on the layer's device
+                K = self._layer_keys(source, layer, len(requests)).to(dev, torch.float64)
+                H = self._current_outputs(source, len(requests)).to(dev, torch.float64)
+                synchronize(self.model)
                 t_keys += time.perf_counter() - tk
-                R = (values.z.T.double() - H) / (len(self.hp.layers) - i)
-                V = self.solve(layer, K.cpu(), R.cpu())
+                R = (values.z.T.to(dev, torch.float64) - H) / (len(self.hp.layers) - i)
+                V = self.solve(layer, K, R)
                 w = weight_view(self.model, layer)
-                w.add_((R @ V.T.to(R.device)).to(w.dtype))
+                w.add_((R @ V.T).to(w.dtype))
                 deltas.append(LayerDelta(layer, R.float().cpu(), V.float().cpu()))
                 keys[layer] = K.float().cpu()
         finally:
             with torch.no_grad():
                 for layer, w0 in originals.items():
                     weight_view(self.model, layer).copy_(w0)
+        synchronize(self.model)
         total = time.perf_counter() - t0
         secs = {"keys": t_keys, "solve": total - t_keys, "total": total}
         return EditResult(EditDelta(deltas), keys, values.steps, secs, values.flops)

@@ -3,7 +3,8 @@
 A batch's update to one layer is Delta = U @ V.T in the weight's (out, in) orientation.
 Applying is a stack: deltas are merged in order and unmerged in reverse. `apply` checks
 `isfinite` before writing (peft's safe_merge); the ledger restores weights exactly from
-base weights plus the committed stack, so subtraction round-off never accumulates.
+base weights plus the committed stack, so subtraction round-off never accumulates. Factors are kept in
+fp32 whatever the model's dtype; `add_low_rank` forms U V^T in fp32 and casts the sum once.
 """
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ from torch import nn
 
 from editors.arch import weight_view
 from editors.entity_memory import MemoryWrite, merge_writes
+
+
+def add_low_rank(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sign: float = 1.0) -> None:
+    """w += sign * U V^T, the product and the sum computed in fp32 (or w's dtype when wider) and cast to w's dtype
+    once: a bf16 or fp16 weight is rounded a single time per delta; an fp32 weight gets exactly `w.add_(U V^T)`."""
+    wide = torch.promote_types(w.dtype, torch.float32)
+    update = (sign * u.to(w.device, wide)) @ v.to(w.device, wide).T
+    if wide == w.dtype:
+        w.add_(update)
+    else:
+        w.copy_(w.to(wide).add_(update))
 
 
 class NonFiniteDelta(ValueError):
@@ -64,8 +76,7 @@ class EditDelta:
         """Add (sign=+1) or subtract (sign=-1) U V^T to each edited weight (memory slots are the memory's)."""
         self.check_finite()
         for d in self.layers:
-            w = weight_view(model, d.layer)
-            w.add_((sign * d.u.to(w.device, w.dtype)) @ d.v.to(w.device, w.dtype).T)
+            add_low_rank(weight_view(model, d.layer), d.u, d.v, sign)
 
     def revert(self, model: nn.Module) -> None:
         self.apply(model, sign=-1.0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from editors.core import Editor, cholesky_solve
-from editors.hparams import SMOLLM2
 
 
 class Encore(Editor):
@@ -21,7 +20,6 @@ class Encore(Editor):
     # 3 context prefixes, not 5: 1.1 instead of 1.4 s per fact of value optimisation on SmolLM2, every held-out fact
     # still answering (BENCHMARKS.md, "Verified application")
     defaults = {"alpha": 10.0, "stop": "mpes", "write": "memory", "n_context": 3}
-    families = {"llama": {**SMOLLM2, "lr": 2.0}}  # lr 2.0 halves MPES steps on SmolLM2 (BENCHMARKS.md)
 
     def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         A = self.normal_matrix(layer, K)

@@ -28,7 +28,7 @@ class PrefixKV:
     def update(self, k, v, layer_idx, *args, **kwargs):
         if layer_idx in self.kv:
             pk, pv = self.kv[layer_idx]
-            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+            k, v = torch.cat([pk.to(k.device), k], 2), torch.cat([pv.to(v.device), v], 2)
         if self.record_upto:
             self.recorded[layer_idx] = (k[:, :, : self.record_upto].detach(), v[:, :, : self.record_upto].detach())
         return k, v

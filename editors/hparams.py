@@ -1,9 +1,9 @@
 """Typed editing hyperparameters, and the measured settings the methods' defaults build on.
 
-Each method declares its own defaults on its Editor class (`defaults`, and `families` per
-`config.model_type`); `editors.registry.hparams_for` merges them over a depth-scaled layer
-choice for families nobody has tuned yet. The SmolLM2 sweep that chose the llama values is
-recorded in BENCHMARKS.md.
+Each method declares its own defaults on its Editor class (`defaults`); the per-model settings
+(family and size: SmolLM2, Llama-3-8B, Qwen2.5-7B, Mistral-7B, GPT-J, GPT2-XL) are the table of
+editors/defaults.py, which `editors.registry.hparams_for` resolves. The SmolLM2 sweep that chose the
+SmolLM2 values is recorded in BENCHMARKS.md.
 """
 from __future__ import annotations
 

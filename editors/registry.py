@@ -1,19 +1,21 @@
 """The method registry, and the one call that builds an editor for a model.
 
-A method is declared once, by its Editor subclass (`name`, `defaults`, `families`, `solve`), and
+A method is declared once, by its Editor subclass (`name`, `defaults`, `solve`), and
 `METHODS.register(Cls)` is the one line that makes it a method: the CLI's choices, the config's
 validation, the benchmark and the tests read the names from here. A second method of the same
-name is an error.
+name is an error. Per-model settings (which layers, lambda, learning rate on Llama-3-8B, GPT-J, ...) live in
+the table of editors/defaults.py, resolved from the model's config alone.
 """
 from __future__ import annotations
 
 from torch import nn
 
 from editors.alphaedit import AlphaEdit
-from editors.arch import arch_of, n_layers
+from editors.arch import arch_of
 from editors.core import Editor
+from editors.defaults import Resolved, resolve
 from editors.encore import Encore
-from editors.hparams import EditHParams, scaled_layers
+from editors.hparams import EditHParams
 from editors.memit import Memit
 from editors.state import EditorState
 from editors.stats import default_corpus, layer_stats
@@ -51,18 +53,22 @@ METHODS.register(Memit)
 METHODS.register(AlphaEdit)
 
 
-def hparams_for(method: str, model_type: str, n_layers: int, **overrides) -> EditHParams:
-    """The method's defaults, then its measured values for `model_type` (else scaled layers), then `overrides`."""
-    editor = METHODS.get(method)
-    values = {"layers": scaled_layers(n_layers), **editor.defaults, **editor.families.get(model_type, {})}
-    return EditHParams(**{**values, **overrides})
+def resolve_hparams(method: str, config, hparams_file=None, **overrides) -> Resolved:
+    """The method's settings for the model `config` describes (editors.defaults), with the reason they were chosen."""
+    return resolve(method, METHODS.get(method).defaults, config, hparams_file, **overrides)
+
+
+def hparams_for(method: str, config, hparams_file=None, **overrides) -> EditHParams:
+    """The method's defaults, then the per-model table's settings for `config`, then the file, then `overrides`."""
+    return resolve_hparams(method, config, hparams_file, **overrides).hparams
 
 
 def make_editor(method: str, model: nn.Module, tok, hparams: EditHParams | None = None,
-                state: EditorState | None = None, corpus: str | None = None, **overrides) -> Editor:
-    """An editor of `method` for `model`: typed defaults for its family, cached covariance stats."""
+                state: EditorState | None = None, corpus=None, hparams_file=None,
+                **overrides) -> Editor:
+    """An editor of `method` for `model`: typed defaults for its family and size, cached covariance stats."""
     editor = METHODS.get(method)
-    hp = hparams or hparams_for(method, model.config.model_type, n_layers(model), **overrides)
+    hp = hparams or hparams_for(method, model.config, hparams_file, **overrides)
     arch_of(model)
     stats = layer_stats(model, tok, hp.layers, corpus if corpus is not None else default_corpus(), hp.stats_tokens)
     return editor(model, tok, hp, stats, state)

@@ -21,24 +21,35 @@ class EditorState:
     kkt: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> sum_p K_p K_p^T (float64)
     projections: dict[int, torch.Tensor] = field(default_factory=dict)  # AlphaEdit null-space projector per layer
     n_edits: int = 0  # edits accumulated in kkt
+    devices: dict[int, torch.device] = field(default_factory=dict)  # layer -> where its tensors live (default CPU)
+
+    def place(self, devices: dict[int, torch.device]) -> None:
+        """Keep each layer's key sum and projection on `devices[layer]` (its weight's device) from now on."""
+        self.devices = dict(devices)
+        for store in (self.kkt, self.projections):
+            for layer, t in store.items():
+                store[layer] = t.to(self.device(layer))
+
+    def device(self, layer: int) -> torch.device:
+        return self.devices.get(layer, torch.device("cpu"))
 
     def prev_kkt(self, layer: int, dim: int) -> torch.Tensor:
         if layer not in self.kkt:
-            self.kkt[layer] = torch.zeros(dim, dim, dtype=torch.float64)
+            self.kkt[layer] = torch.zeros(dim, dim, dtype=torch.float64, device=self.device(layer))
         return self.kkt[layer]
 
     def add_keys(self, keys: dict[int, torch.Tensor], sign: float = 1.0) -> None:
         """Add (sign=+1) or remove (sign=-1) a batch's keys K (d_in, n): kkt += sign * K K^T."""
         n = 0
         for layer, k in keys.items():
-            k64 = k.detach().double().cpu()
+            k64 = k.detach().to(self.device(layer), torch.float64)
             self.prev_kkt(layer, k64.shape[0]).add_(sign * (k64 @ k64.T))
             n = k64.shape[1]
         self.n_edits += int(sign) * n
 
     def save(self, path: Path) -> None:
-        tensors = {f"kkt.{l}": t.contiguous() for l, t in self.kkt.items()}
-        tensors |= {f"proj.{l}": t.contiguous() for l, t in self.projections.items()}
+        tensors = {f"kkt.{l}": t.cpu().contiguous() for l, t in self.kkt.items()}
+        tensors |= {f"proj.{l}": t.cpu().contiguous() for l, t in self.projections.items()}
         meta = {"layers": self.layers, "context_templates": self.context_templates, "n_edits": self.n_edits}
         tmp = Path(path).with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})

@@ -150,19 +150,19 @@ class SuffixRunner:
         """Keep only `rows` (edits still optimising)."""
         self.batch = self.batch.select(rows)
         if self.fast:
-            self._hL, self._mask = self._hL[rows], self._mask[rows]
-            self.kv = {l: (k[rows], v[rows]) for l, (k, v) in self.kv.items()}
+            self._hL, self._mask = self._hL[rows.to(self._hL.device)], self._mask[rows]
+            self.kv = {l: (k[rows.to(k.device)], v[rows.to(v.device)]) for l, (k, v) in self.kv.items()}
 
     def h_layer(self) -> torch.Tensor:
-        """Layer output at the subject's last token for every row (B, d)."""
-        return self._hL[:, 0] if self.fast else self._hLsub
+        """Layer output at the subject's last token for every row (B, d), on the batch's device."""
+        return (self._hL[:, 0] if self.fast else self._hLsub).to(self.batch.ids.device)
 
     def run(self, delta_rows: torch.Tensor) -> torch.Tensor:
         b = self.batch
         if not self.fast:
             return self._generic(b, delta_rows)[1]
         h = self._hL.clone()
-        h[:, 0] = h[:, 0] + delta_rows
+        h[:, 0] = h[:, 0] + delta_rows.to(h.device)  # the fp32 delta, cast once to the hidden state's dtype
         qmask = additive_mask(self._mask, self._mask.shape[1] - h.shape[1], h.dtype)
         h = run_blocks(self.model, h, b.pos[:, self.P :], qmask, PrefixKV(self.kv),
                        range(self.layer + 1, len(self.blocks)))
@@ -171,6 +171,8 @@ class SuffixRunner:
         return self._gather(get_module(self.model, self.arch.final_norm)(h), b)
 
     def _gather(self, h: torch.Tensor, b: Batch) -> torch.Tensor:
+        """Hidden states at the loss positions, on the batch's device (the last block's may differ: device_map)."""
+        h = h.to(b.tcol.device)
         rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(b.tcol)
         return h[rows, b.tcol]
 
@@ -184,7 +186,7 @@ class SuffixRunner:
             if delta_rows is None:
                 return out
             h = h.clone()
-            h[:, P] = h[:, P] + delta_rows
+            h[:, P] = h[:, P] + delta_rows.to(h.device)
             return (h, *out[1:]) if isinstance(out, tuple) else h
 
         with forward_hook(self.blocks[self.layer], hook):

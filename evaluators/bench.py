@@ -2,7 +2,8 @@
 
 Every method starts from the unedited model and applies the same first N records in the
 same order, in batches of B; the final model is evaluated on all N records together with
-perplexity, known-fact accuracy and weight-norm growth.
+perplexity, known-fact accuracy and weight-norm growth. Each row records the device and dtype it ran on and,
+on CUDA, the peak GPU memory of the method's batches; edit timings synchronise CUDA before reading the clock.
 """
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from editors.arch import weight_view
+from editors.devices import model_devices, peak_gpu_mb, reset_gpu_peak, synchronize
 from editors.footprint import Dims, edit_tokens, estimate, peak_mb, reset_peak, resident_mb
-from editors.models import DEFAULT_MODEL, load_model
+from editors.models import DEFAULT_MODEL, dtype_name, load_model
 from editors.prompts import EditRequest
 from editors.registry import METHODS, make_editor
+from editors.user_corpus import UserCorpus
 from evaluators import counterfact, norms, probes, zsre
 from evaluators.counterfact import harmonic_mean
 from evaluators.scoring import greedy_matches
@@ -39,6 +42,9 @@ class BenchConfig(BaseModel):
     methods: list[str] = Field(default_factory=METHODS.names)  # each from the unedited model
     model: str = DEFAULT_MODEL  # alias, local dir or hub name
     device: str | None = None  # None = CUDA when available
+    dtype: str = "auto"  # model dtype: auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
+    device_map: str | None = None  # "auto": spread the model over the visible GPUs (accelerate)
+    stats_corpus: Path | None = None  # text/JSONL file or directory for the covariance statistics (None: shipped)
     order: Literal["arrival", "random", "cluster"] = "arrival"  # batch order (cluster = FAISS k-means)
     ppl_tokens: int = 4096  # held-out tokens for perplexity
     overrides: dict = {}  # hyperparameter overrides for every method
@@ -71,6 +77,9 @@ class MethodResult(BaseModel):
     peak_rss_mb: float  # process peak resident memory so far
     mem_estimate_mb: float = 0.0  # largest estimated peak of a batch: resident before it + editors.footprint estimate
     edit_peak_rss_mb: float = 0.0  # measured peak RSS while this method's batches ran (VmHWM reset before them)
+    device: str = "cpu"  # where the model ran ("cuda:0", "cpu"; several joined by "," under a device map)
+    dtype: str = "float32"  # the model's dtype
+    peak_gpu_mb: float | None = None  # peak allocated CUDA memory of the method's batches (None without CUDA)
     hparams: dict = {}  # the editor's hyperparameters
 
 
@@ -151,33 +160,48 @@ def batch_estimate_mb(lm, editor, batch: list[EditRequest]) -> float:
     return resident_mb() + estimate(Dims.of(lm.model), edits, editor.hp).working_mb
 
 
+def load(cfg: BenchConfig):
+    return load_model(cfg.model, cfg.device, cfg.dtype, cfg.device_map)
+
+
+def placement(model) -> dict:
+    """The device(s) and dtype fields of a result row."""
+    return {"device": ",".join(str(d) for d in model_devices(model)),
+            "dtype": dtype_name(next(model.parameters()).dtype)}
+
+
 def run_method(cfg: BenchConfig, method: str, base: dict) -> MethodResult:
-    lm = load_model(cfg.model, cfg.device)
+    lm = load(cfg)
     task = _Task(cfg, lm.model, lm.tok)
-    editor = make_editor(method, lm.model, lm.tok, **cfg.overrides)
+    corpus = UserCorpus(cfg.stats_corpus) if cfg.stats_corpus else None
+    editor = make_editor(method, lm.model, lm.tok, corpus=corpus, **cfg.overrides)
     w0 = norms.snapshot(lm.model, editor.hp.layers)
     secs = {"total": 0.0, "values": 0.0}
     flops, steps, done, z, consolidations, mem_estimate = 0.0, [], [], [], 0, 0.0
     reset_peak()
+    reset_gpu_peak(lm.model)
     with editor.memory.attached(lm.model):
         for i, batch in enumerate(tqdm(batches(task.requests, cfg.batch_size, cfg.order), desc=f"{method} batches",
                                        unit="batch")):
             mem_estimate = max(mem_estimate, batch_estimate_mb(lm, editor, batch))
+            synchronize(lm.model)
             t = time.perf_counter()
             result = editor.edit(batch, progress=True)
             done, z = done + batch, z + [result.z]
             if cfg.consolidate_every and (i + 1) % cfg.consolidate_every == 0 and editor.hp.write == "weights":
                 consolidate(editor, done, torch.cat(z), w0)
                 consolidations += 1
+            synchronize(lm.model)
             secs["total"] += time.perf_counter() - t
             secs["values"] += result.seconds["values"]
             flops += result.flops
             steps += result.steps
-        edit_peak = peak_mb()
+        edit_peak, gpu_peak = peak_mb(), peak_gpu_mb(lm.model)
         quality = task.evaluate(lm.model, lm.tok)
         after = _probes(lm.model, lm.tok, cfg)
     return _row(cfg, method, quality, base, after, norm_growth=norms.norm_growth(lm.model, w0),
-                mem_estimate_mb=mem_estimate, edit_peak_rss_mb=edit_peak,
+                mem_estimate_mb=mem_estimate, edit_peak_rss_mb=edit_peak, **placement(lm.model),
+                peak_gpu_mb=gpu_peak if torch.cuda.is_available() else None,
                 edit_seconds=secs["total"], edits_per_second=len(task.requests) / max(secs["total"], 1e-9),
                 value_seconds=secs["values"], value_gflops=flops / max(secs["values"], 1e-9) / 1e9,
                 mean_steps=sum(steps) / max(len(steps), 1), consolidations=consolidations,
@@ -197,12 +221,12 @@ def consolidate(editor, requests: list[EditRequest], z: torch.Tensor, w0: dict[i
 def run_bench(cfg: BenchConfig) -> list[MethodResult]:
     """The unedited baseline row, then one row per method."""
     torch.manual_seed(0)
-    lm = load_model(cfg.model, cfg.device)
+    lm = load(cfg)
     task = _Task(cfg, lm.model, lm.tok)
     base = _probes(lm.model, lm.tok, cfg)
     rows = [_row(cfg, "unedited", task.evaluate(lm.model, lm.tok), base, base, norm_growth=1.0, edit_seconds=0.0,
                  edits_per_second=0.0,
-                 value_seconds=0.0, value_gflops=0.0, mean_steps=0.0)]
+                 value_seconds=0.0, value_gflops=0.0, mean_steps=0.0, **placement(lm.model))]
     del lm
     for method in cfg.methods:
         rows.append(run_method(cfg, method, base))

@@ -15,6 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from editors.devices import input_device
+
 DEFAULT_BATCH = 64  # pairs per forward pass
 
 
@@ -42,7 +44,8 @@ def encode_pairs(tok: PreTrainedTokenizerBase, prompts: Sequence[str], answers: 
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where input ids go (the embedding's device; the first block's under a device map)."""
+    return input_device(model)
 
 
 def _pad(seqs: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,9 +65,11 @@ def within_overlaps(z: torch.Tensor) -> torch.Tensor:
     return gram[i, j]
 
 
-def superposition(keys: torch.Tensor, prior: torch.Tensor | None, c0: torch.Tensor) -> dict[str, float]:
-    """Overlap statistics of a batch's keys (d, n) with each other (`within_*`) and with earlier keys (`prior_*`)."""
-    w = whitener(c0)
+def superposition(keys: torch.Tensor, prior: torch.Tensor | None, c0: torch.Tensor,
+                  w: torch.Tensor | None = None) -> dict[str, float]:
+    """Overlap statistics of a batch's keys (d, n) with each other (`within_*`) and with earlier keys (`prior_*`);
+    `w` is C0's whitener when the caller cached it (else computed from c0)."""
+    w = whitener(c0) if w is None else w
     z = whiten(keys, w)
     out = overlap_stats(within_overlaps(z)).as_dict("within_")
     if prior is not None and prior.numel():

@@ -7,7 +7,8 @@
 A file is written to a temp name, fsynced and renamed into place, so it is either whole or absent;
 writing one that is already there is a no-op. Files no database row refers to (a crash between the
 write and the commit) are orphans, listed and removed here. Layer fingerprints (a norm and seeded
-projections of a weight) let the ledger check rebuilt weights without storing them again.
+projections of a weight) let the ledger check rebuilt weights without storing them again; they carry their
+format version, so a ledger written with format 1 still verifies, and tolerances follow the weight's dtype.
 """
 from __future__ import annotations
 
@@ -25,7 +26,13 @@ from editors.delta import EditDelta
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_RTOL = 2e-5  # tolerated relative difference of layer fingerprints (device round-off)
+FINGERPRINT_RTOL = 2e-5  # tolerated relative difference of fp32 layers and fingerprints (device round-off)
+# per weight dtype: about one unit of the format's last place (bf16 2^-7, fp16 2^-10), so a CUDA-computed weight
+# whose fp32 delta rounded differently from the CPU rebuild in a few elements still matches
+WEIGHT_RTOL = {torch.float64: FINGERPRINT_RTOL, torch.float32: FINGERPRINT_RTOL, torch.float16: 1e-3,
+               torch.bfloat16: 8e-3}
+FINGERPRINT_VERSION = 2  # 1: 4 projections of the flattened weight (older ledgers); 2: 4 bilinear forms
+Fingerprint = list[float] | dict  # format 1: [norm, p1..p4]; format 2: {"v": 2, "fp": [norm, p1..p4]}
 KINDS = ("deltas", "keys", "base")
 
 
@@ -55,17 +62,53 @@ def keys_from_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[int, torch.Te
     return {int(name.split(".")[1]): t for name, t in tensors.items()}
 
 
-def layer_fingerprint(w: torch.Tensor, layer: int) -> list[float]:
-    """Frobenius norm and 4 seeded Gaussian projections of a weight: robust to device round-off only."""
+def weight_rtol(dtype: torch.dtype) -> float:
+    """Tolerated relative difference of a weight (and its fingerprint) rebuilt elsewhere, for the weight's dtype."""
+    return WEIGHT_RTOL.get(dtype, FINGERPRINT_RTOL)
+
+
+def layer_fingerprint(w: torch.Tensor, layer: int, version: int = FINGERPRINT_VERSION) -> Fingerprint:
+    """The weight's fingerprint in format `version`: 2 (written now) is {"v": 2, "fp": [...]}, 1 a bare list."""
+    if version == 1:
+        return _fingerprint_v1(w, layer)
+    return {"v": 2, "fp": _fingerprint_v2(w, layer)}
+
+
+def _fingerprint_v1(w: torch.Tensor, layer: int) -> list[float]:
+    """Frobenius norm and 4 seeded Gaussian projections of the flattened weight (a (4, numel) fp64 draw: ~1.9 GB
+    per layer of an 8B model). Still computed to check fingerprints older ledgers stored."""
     w64 = w.detach().double().cpu().flatten()
     gen = torch.Generator().manual_seed(7919 + layer)
     proj = torch.randn(4, w64.numel(), generator=gen, dtype=torch.float64) @ w64
     return [float(w64.norm())] + proj.tolist()
 
 
-def fingerprints_match(a: Sequence[float], b: Sequence[float]) -> bool:
+def _fingerprint_v2(w: torch.Tensor, layer: int) -> list[float]:
+    """Frobenius norm and 4 seeded bilinear forms a_i^T W b_i (a_i, b_i Gaussian over the rows and columns): 4 (out + in)
+    random numbers and one (out, in) x (in, 4) product on the weight's device, instead of 4 x numel."""
+    gen = torch.Generator().manual_seed(7919 + layer)
+    a = torch.randn(4, w.shape[0], generator=gen, dtype=torch.float64)
+    b = torch.randn(4, w.shape[1], generator=gen, dtype=torch.float64)
+    wb = (w.detach().float() @ b.T.to(w.device, torch.float32)).double().cpu()  # (out, 4)
+    norm = torch.linalg.vector_norm(w.detach(), dtype=torch.float64)
+    return [float(norm)] + (a * wb.T).sum(1).tolist()
+
+
+def fingerprint_values(fp: Fingerprint) -> tuple[int, list[float]]:
+    """(format version, values) of a stored fingerprint."""
+    return (int(fp["v"]), list(fp["fp"])) if isinstance(fp, dict) else (1, list(fp))
+
+
+def weight_matches(w: torch.Tensor, layer: int, stored: Fingerprint) -> bool:
+    """Whether `w` has the fingerprint `stored`, in the format it was stored in, within the tolerance of w's dtype."""
+    version, values = fingerprint_values(stored)
+    _, fresh = fingerprint_values(layer_fingerprint(w, layer, version))
+    return fingerprints_match(fresh, values, weight_rtol(w.dtype))
+
+
+def fingerprints_match(a: Sequence[float], b: Sequence[float], rtol: float = FINGERPRINT_RTOL) -> bool:
     scale = max(abs(a[0]), abs(b[0]), 1e-12)
-    return len(a) == len(b) and all(abs(x - y) <= FINGERPRINT_RTOL * scale for x, y in zip(a, b))
+    return len(a) == len(b) and all(abs(x - y) <= rtol * scale for x, y in zip(a, b))
 
 
 class BlobStore:

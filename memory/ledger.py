@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from editors.arch import weight_view
-from editors.delta import EditDelta
+from editors.delta import EditDelta, add_low_rank
 from editors.entity_memory import MemoryWrite, merge_writes
 from editors.models import fingerprint
-from memory.blobs import (FINGERPRINT_RTOL, BlobStore, LedgerError, LedgerMismatch, fingerprints_match, hash_tensors,
-                          keys_from_tensors, keys_tensors, layer_fingerprint)
+from memory.blobs import (BlobStore, Fingerprint, LedgerError, LedgerMismatch, hash_tensors, keys_from_tensors,
+                          keys_tensors, layer_fingerprint, weight_matches, weight_rtol)
 from memory.migrations import MIGRATIONS, Migration, applied_names, run_pending
 from memory.record import FactRecord, StoredFact
 
@@ -104,7 +104,7 @@ class RollbackReport:
 
 def _add_delta(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
     """The same arithmetic as EditDelta.apply (sign=+1), so rebuilds reproduce live weights bit for bit."""
-    w.add_((1.0 * u.to(w.device, w.dtype)) @ v.to(w.device, w.dtype).T)
+    add_low_rank(w, u, v, 1.0)
 
 
 # ----------------------------------------------------------------------------- the ledger
@@ -426,7 +426,7 @@ class Ledger:
             self._expected = self._build(self._committed_ids())
         return self._expected
 
-    def _stored_fingerprints(self) -> dict[int, list[float]]:
+    def _stored_fingerprints(self) -> dict[int, Fingerprint]:
         raw = self._meta("layers_fingerprint")
         return {int(k): v for k, v in json.loads(raw).items()} if raw else {}
 
@@ -463,7 +463,7 @@ class Ledger:
         weights = self.expected_weights()
         stored = self._stored_fingerprints()
         for layer, w in weights.items():
-            if layer in stored and not fingerprints_match(layer_fingerprint(w, layer), stored[layer]):
+            if layer in stored and not weight_matches(w, layer, stored[layer]):
                 self._expected = None
                 raise LedgerMismatch(f"layer {layer} rebuilt from base + committed deltas does not match the "
                                      f"fingerprint recorded at the last commit; the ledger at {self.root} is "
@@ -483,7 +483,7 @@ class Ledger:
         for layer, w in weights.items():
             got = weight_view(model, layer).detach().to("cpu", torch.float64)
             err = float((got - w.double()).norm() / w.double().norm().clamp_min(1e-12))
-            if err > FINGERPRINT_RTOL:
+            if err > weight_rtol(w.dtype):
                 raise LedgerMismatch(f"layer {layer} of the model differs from base + committed deltas "
                                      f"(relative error {err:.2e}); apply exactly the committed delta before commit")
 
@@ -805,7 +805,7 @@ class Ledger:
         weights = self._build(self._committed_ids())
         return [f"layer {layer}: base + committed deltas do not match the recorded fingerprint"
                 for layer, w in weights.items()
-                if layer in stored and not fingerprints_match(layer_fingerprint(w, layer), stored[layer])]
+                if layer in stored and not weight_matches(w, layer, stored[layer])]
 
     def _referenced(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT delta_hash FROM batches UNION SELECT keys_hash FROM batches"
