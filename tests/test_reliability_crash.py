@@ -339,8 +339,9 @@ def ws(shared, tmp_path):
 
 
 def report(tally: Tally, request) -> None:
-    request.node.user_properties.append(("tally", {k: v if not isinstance(v, set) else len(v)
-                                                   for k, v in vars(tally).items()}))
+    # plain dicts and ints only: pytest-xdist ships user properties between processes and cannot send a Counter
+    request.node.user_properties.append(("tally", {k: len(v) if isinstance(v, set) else dict(v) if isinstance(v, dict)
+                                                   else v for k, v in vars(tally).items()}))
     log.warning("kills %d, survived %d, finished before the kill %d, runs %s, distinct orphan files %d",
                 tally.killed, tally.survived, tally.finished, dict(tally.by_command), len(tally.orphans))
     if tally.phase_kills:
