@@ -554,7 +554,7 @@ class Ledger:
         batch, which lists the facts applied now. Their old deltas stay on disk: rolling the consolidation back
         rebuilds the chain bit for bit."""
         delta.check_finite()
-        weights = {layer: w.clone() for layer, w in self._base().items()}
+        weights = self._build([])
         for d in delta.layers:
             _add_delta(weights[d.layer], d.u, d.v)
         if model is not None:
@@ -664,9 +664,7 @@ class Ledger:
             for bid in reversed([batch_id] + later):
                 state.add_keys(keys[bid], sign=-1.0)
         if row["kind"] == "consolidated":
-            covered = self._record_unconsolidate(batch_id, later, reason)
-            weights = self._build(self._committed_ids())
-            self._store_fingerprints_now(weights)
+            covered, weights = self._record_unconsolidate(batch_id, later, reason)
             if state is not None:
                 for bid in covered:
                     state.add_keys(self.load_keys(bid))
@@ -699,35 +697,33 @@ class Ledger:
             self.db.execute(f"UPDATE facts SET status = 'applied', superseded_by = NULL, reason = NULL, "
                             f"updated_at = ? WHERE superseded_by IN ({marks}) AND status IN ('applied', 'superseded')",
                             (now, *fact_ids))
-            for bid in later:
-                why = f"replayed after rollback of batch {batch_id}"
-                self.db.execute("UPDATE batches SET status = 'replaced', reason = ? WHERE id = ?", (why, bid))
-                self.db.execute("UPDATE facts SET status = 'pending', reason = ?, updated_at = ? WHERE id IN "
-                                "(SELECT fact_id FROM batch_facts WHERE batch_id = ?) AND status IN "
-                                "('applied', 'superseded')", (why, now, bid))
+            self._replace_later(batch_id, later, now)
             self._store_fingerprints(weights)
 
-    def _record_unconsolidate(self, batch_id: int, later: Sequence[int], reason: str) -> list[int]:
-        """Rolling back consolidation `batch_id`: the chain it covered is committed again (its facts never left
-        it), later batches are replaced as in any rollback. Returns the batches committed again."""
+    def _replace_later(self, batch_id: int, later: Sequence[int], now: float) -> None:
+        """Batches after rolled-back `batch_id` are `replaced`; their facts go back to pending for the replay."""
+        for bid in later:
+            why = f"replayed after rollback of batch {batch_id}"
+            self.db.execute("UPDATE batches SET status = 'replaced', reason = ? WHERE id = ?", (why, bid))
+            self.db.execute("UPDATE facts SET status = 'pending', reason = ?, updated_at = ? WHERE id IN "
+                            "(SELECT fact_id FROM batch_facts WHERE batch_id = ?) AND status IN "
+                            "('applied', 'superseded')", (why, now, bid))
+
+    def _record_unconsolidate(self, batch_id: int, later: Sequence[int],
+                              reason: str) -> tuple[list[int], dict[int, torch.Tensor]]:
+        """Rolling back consolidation `batch_id`, in one transaction: the chain it covered is committed again (its
+        facts never left it), later batches are replaced as in any rollback, and the fingerprints follow. Returns
+        the batches committed again and the weights they rebuild."""
         covered = [r["id"] for r in self.db.execute("SELECT id FROM batches WHERE covered_by = ? ORDER BY id",
                                                     (batch_id,))]
-        now = time.time()
         with self.transaction():
             self.db.execute("UPDATE batches SET status = 'rolled_back', reason = ? WHERE id = ?", (reason, batch_id))
             self.db.execute("UPDATE batches SET status = 'committed', covered_by = NULL WHERE covered_by = ?",
                             (batch_id,))
-            for bid in later:
-                why = f"replayed after rollback of batch {batch_id}"
-                self.db.execute("UPDATE batches SET status = 'replaced', reason = ? WHERE id = ?", (why, bid))
-                self.db.execute("UPDATE facts SET status = 'pending', reason = ?, updated_at = ? WHERE id IN "
-                                "(SELECT fact_id FROM batch_facts WHERE batch_id = ?) AND status IN "
-                                "('applied', 'superseded')", (why, now, bid))
-        return covered
-
-    def _store_fingerprints_now(self, weights: Mapping[int, torch.Tensor]) -> None:
-        with self.transaction():
+            self._replace_later(batch_id, later, time.time())
+            weights = self._build(self._committed_ids())
             self._store_fingerprints(weights)
+        return covered, weights
 
     def _replay(self, later: Sequence[int], model: nn.Module, state: KeyState | None,
                 recompute: Recompute) -> list[tuple[int, int]]:
