@@ -24,7 +24,7 @@ from agent import guard
 from agent.guard import Verdict
 from agent.report import TOOK_PROBE
 from agent.monitors import norm_metrics, predicted_interference, superposition_metrics, trend_metrics
-from agent.probes import Reading
+from agent.probes import Reading, asked_again
 from agent.session import Session
 from editors.core import EditResult
 from editors.delta import NonFiniteDelta
@@ -128,12 +128,13 @@ def answered(session: Session, facts: list[StoredFact], before: list[bool] | Non
     answers `before` a slot-only batch and its `unchanged` predicate `same`, a fact that answered before and names
     no edited subject in its prompt or target is not asked again (the model reproduces it token for token)."""
     if before is not None and same is not None:
-        redo = [i for i, (f, was) in enumerate(zip(facts, before))
-                if not was or not same(f"{f.record.text} {f.record.target}")]
-        out = list(before)
-        for i, hit in zip(redo, answered(session, [facts[i] for i in redo])):
-            out[i] = hit
-        return out
+        import torch
+
+        def ask(redo: list[int]) -> torch.Tensor:
+            return torch.tensor(answered(session, [facts[i] for i in redo]), dtype=torch.bool)
+
+        texts = [f"{f.record.text} {f.record.target}" for f in facts]
+        return asked_again(torch.tensor(before, dtype=torch.bool), texts, same, ask).tolist()
     if not facts:
         return []
     return greedy_matches(session.model, session.tok, [f.record.text for f in facts],

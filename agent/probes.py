@@ -43,6 +43,18 @@ class Reading:
     known: torch.Tensor | None = None  # (k,) bool: which known facts the model answers (None: not asked yet)
 
 
+def asked_again(before: torch.Tensor, texts: list[str], unchanged: Callable[[str], bool],
+                ask: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+    """Per fact, does the model answer it after a change that left `unchanged` texts bit for bit alone: `before`'s
+    answer where the fact answered and its text (prompt and answer) is unchanged - greedy decoding reproduces it
+    token for token - else `ask(indices)` of the others."""
+    hits = before.clone()
+    redo = [i for i, (hit, text) in enumerate(zip(before.tolist(), texts)) if not hit or not unchanged(text)]
+    if redo:
+        hits[redo] = ask(redo)
+    return hits
+
+
 def delta_rank(delta: EditDelta) -> int:
     return max((d.u.shape[1] for d in delta.layers), default=0)
 
@@ -128,10 +140,8 @@ class ProbeSuite:
         if before is None or before.known is None or unchanged is None:
             hits = probes.known_fact_hits(model, tok, self.known)
         else:
-            hits = before.known.clone()
-            redo = [i for i, k in enumerate(self.known) if not hits[i] or not unchanged(f"{k.prompt} {k.target}")]
-            if redo:
-                hits[redo] = probes.known_fact_hits(model, tok, [self.known[i] for i in redo])
+            hits = asked_again(before.known, [f"{k.prompt} {k.target}" for k in self.known], unchanged,
+                               lambda redo: probes.known_fact_hits(model, tok, [self.known[i] for i in redo]))
         if into is not None:
             into.known = hits
         return {"known_acc": float(hits.float().mean())}
