@@ -50,23 +50,20 @@ class Consolidation:
         return self.kept_chain
 
 
-def memory_only(session: Session, live: list[StoredFact], chain: list[int]) -> EditResult:
-    """The chain's slots as one write (subjects of applied facts only) and its keys, concatenated."""
+def memory_only(session: Session, live: list[StoredFact]) -> EditResult:
+    """The chain's slots as one write (subjects of applied facts only) and its keys, concatenated (the session's
+    prior keys: the committed batches' keys in order)."""
     write = session.ledger.memory_write()
     subjects = {f.record.subject for f in live}
     keep = [i for i, s in enumerate(write.subjects) if s in subjects] if write is not None else []
     memory = MemoryWrite(write.layer, [write.subjects[i] for i in keep], write.deltas[keep]) if keep else None
-    keys: dict[int, list[torch.Tensor]] = {}
-    for b in chain:
-        for layer, k in session.ledger.load_keys(b).items():
-            keys.setdefault(layer, []).append(k)
-    return EditResult(EditDelta([], memory), {l: dense(torch.cat(ks, 1)) for l, ks in keys.items()}, [])
+    return EditResult(EditDelta([], memory), {l: dense(k) for l, k in session.prior_keys.items()}, [])
 
 
-def solved(session: Session, live: list[StoredFact], chain: list[int]) -> EditResult:
+def solved(session: Session, live: list[StoredFact]) -> EditResult:
     """The consolidated delta, relative to the base weights (see the module docstring)."""
     if session.editor.hp.write == "memory":
-        return memory_only(session, live, chain)
+        return memory_only(session, live)
     result = session.editor.rebase([f.record.to_request() for f in live], session.w0,
                                     progress=sys.stderr.isatty())
     result.keys = {l: dense(k) for l, k in result.keys.items()}
@@ -109,7 +106,7 @@ def consolidate(session: Session) -> Consolidation:
         return Consolidation(None, chain, len(live), "nothing to consolidate: "
                              + ("no committed batch" if not chain else f"batch {chain[0]} is already one"))
     metrics = reading(session, live, "before")
-    result = solved(session, live, chain)
+    result = solved(session, live)
     result.delta.check_finite()
     at_base_plus(session, result.delta)
     metrics |= reading(session, live, "after")
