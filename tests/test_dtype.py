@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import agent.session
-from agent.cli import cli
-from conftest import ToyEmbedder, make_tiny_gpt2, make_tiny_llama, one_thread, pretrain, toy_tokenizer
+from conftest import ToyEmbedder, make_tiny_gpt2, make_tiny_llama, one_thread
 from editors.arch import weight_view
 from editors.delta import add_low_rank
 from editors.models import DeviceUnavailable, pick_device, pick_dtype
@@ -21,6 +19,7 @@ from editors.prompts import EditRequest
 from editors.registry import make_editor
 from memory.blobs import _fingerprint_v1, layer_fingerprint, weight_rtol
 from memory.ledger import Ledger, LedgerMismatch
+from test_cli import model_dir, run  # noqa: F401  (the CLI tests' tiny model on disk, and their runner)
 from test_ledger import LAYERS, Session
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
@@ -59,7 +58,7 @@ def test_cuda_without_cuda_is_a_one_line_error(tmp_path):
         pick_device("cuda")
     for args in (["init", "--device", "cuda", "--workspace", tmp_path / "ws"],
                  ["bench", "--facts", __file__, "--device", "cuda:0", "--n", "1"]):
-        res = CliRunner().invoke(cli, [str(a) for a in args])
+        res = run(*args)
         assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
         assert res.output.startswith("Error: --device cuda") and "CUDA is not available" in res.output
     assert not (tmp_path / "ws").exists()
@@ -168,18 +167,6 @@ def test_format_2_fingerprint_costs_out_plus_in_random_numbers_and_tracks_the_we
     assert layer_fingerprint(moved, 3)["fp"] != fp["fp"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    tok = toy_tokenizer()
-    path = tmp_path_factory.mktemp("tiny-llama-bf16")
-    with one_thread():
-        pretrain(make_tiny_llama(len(tok)), tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
