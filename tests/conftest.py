@@ -9,6 +9,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+
+# One torch thread per test process. xdist runs a worker per core, and each worker's default intra-op threads on top
+# oversubscribe the cores: small ops then wait on each other's threads (measured with another process busy:
+# test_entity_memory.py's calls took 1.3 s on one thread against 45 s on two). Set before torch is imported so that
+# subprocesses the tests start inherit it; the slow and smoke tiers (the embedded model) get every core back
+# (`all_cores_for_the_real_model`).
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import re
 import string
 from contextlib import contextmanager
@@ -158,6 +166,32 @@ def real_answers_when_marked(request, facts_take, monkeypatch):
         import agent.batch
 
         monkeypatch.setattr(agent.batch, "answered", facts_take)
+
+
+# xdist hands out whole files (pyproject: --dist loadfile), so a module-scoped workspace is built once, on one worker.
+# These files go first, longest first: a long file handed out last would finish last while the other worker idles.
+LONG_FILES = ["test_reliability_crash.py", "test_cli.py", "test_reliability_input.py", "test_index_kill.py",
+              "test_consolidate.py", "test_editors.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
+
+
+@pytest.fixture(autouse=True)
+def all_cores_for_the_real_model(request, monkeypatch):
+    if any(request.node.get_closest_marker(m) for m in ("slow", "smoke")):
+        before = torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", str(CORES))
+        torch.set_num_threads(CORES)
+        yield
+        torch.set_num_threads(before)
+    else:
+        yield
 
 
 @pytest.fixture(autouse=True)
