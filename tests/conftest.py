@@ -19,6 +19,7 @@ CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (o
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import re
 import string
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -86,6 +87,7 @@ def load_script(name: str) -> ModuleType:
     """A script of scripts/ (not an installed package) imported from its file, as `python scripts/NAME.py` runs it."""
     spec = importlib.util.spec_from_file_location(f"scripts_{name}", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -319,6 +319,38 @@ def test_solve_sweep_rejects_bad_overrides_before_loading_a_model(args, message,
     assert message in result.output
 
 
+def test_frontier_plot_draws_every_bench_row_and_the_history_into_one_png(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from conftest import load_script
+
+    frontier = load_script("frontier_plot")
+    row = {"method": "encore", "n": 10, "batch_size": 5, "es": 0.9, "greedy_es": 0.8, "known_acc_after": 0.95,
+           "ppl_before": 20.0, "ppl_after": 21.0, "hparams": {"write": "memory"}}
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps([row | {"method": "unedited"}, row, row | {"method": "memit", "greedy_es": None,
+                                                                           "hparams": {"write": "weights"}}]))
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps([{"variant": "old", "records": "0-999", "es": 0.93, "known_acc_after": 0.57,
+                                    "ppl_ratio": 1.23}]))
+    points = frontier.from_bench("hold-out 5000-5999", bench)
+    assert [(p.variant, p.records, p.ppl_ratio) for p in points] == [
+        ("encore (memory), 10 in batches of 5", "5000-5999", pytest.approx(1.05)),
+        ("memit, 10 in batches of 5", "5000-5999", pytest.approx(1.05))]
+    out = tmp_path / "frontier.png"
+    result = CliRunner().invoke(frontier.main, ["--history", str(history), "--run", f"hold-out 5000-5999={bench}",
+                                                "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "3 variants" in result.output
+    with Image.open(out) as img:
+        img.load()
+        assert img.size[0] > 800 and len(set(img.convert("L").getdata())) > 10  # drawn, not blank
+    assert CliRunner().invoke(frontier.main, ["--out", str(out)]).exit_code == 2  # nothing to plot: a usage error
+
+
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """The embedded model, cached in a temp KAGENT_HOME for this module."""
