@@ -1,10 +1,10 @@
 """The efficacy/damage frontier: ES and greedy ES against known-fact accuracy and perplexity, one point per variant.
 
     python scripts/frontier_plot.py --history docs/frontier_history.json \
-        --run "hold-out 5000-5999=runs/bench-5000-encore.json" ... --out docs/frontier.png
+        --run "ENCORE default 5000-5999=docs/runs/bench-5000-encore-ctx2.json" ... --out docs/frontier.png
 
 Each `--run LABEL=FILE` is a `kagent bench --json` file (a list of result rows); every row but `unedited` becomes a
-point named after its method (its `--set` overrides, if any, are in the row's hparams; the label says which run).
+point named after the label and its method. The label's last word is the record range (e.g. "2 prefixes 5000-5999").
 `--history` is a JSON list of rows transcribed from earlier BENCHMARKS.md tables (runs whose files were not kept),
 each with at least variant, records, es, known_acc_after, ppl_ratio and optionally greedy_es. The left panel plots
 ES (filled) and greedy ES (hollow) against known-fact accuracy, the right one against perplexity relative to the
@@ -37,14 +37,15 @@ class Point:
 def from_bench(label: str, path: Path) -> list[Point]:
     """Points of one `kagent bench --json` file; `label` names the run (e.g. its record range)."""
     rows = json.loads(path.read_text())
-    records = label.split(" ")[-1] if label else ""
+    name, _, records = label.rpartition(" ")  # "ENCORE, 2 prefixes, 5000-5999": the run's name, then its records
     out = []
     for r in rows:
         if r["method"] == "unedited":
             continue
         extra = "" if r.get("hparams", {}).get("write", "weights") == "weights" else f" ({r['hparams']['write']})"
-        out.append(Point(f"{r['method']}{extra}, {r['n']} in batches of {r['batch_size']}", records, r["es"],
-                         r.get("greedy_es"), r["known_acc_after"], r["ppl_after"] / r["ppl_before"]))
+        what = f"{r['method']}{extra}, {r['n']} in batches of {r['batch_size']}"
+        out.append(Point(f"{name.rstrip(', ')}: {what}" if name else what, records, r["es"], r.get("greedy_es"),
+                         r["known_acc_after"], r["ppl_after"] / r["ppl_before"]))
     return out
 
 

@@ -338,8 +338,8 @@ def test_frontier_plot_draws_every_bench_row_and_the_history_into_one_png(tmp_pa
                                     "ppl_ratio": 1.23}]))
     points = frontier.from_bench("hold-out 5000-5999", bench)
     assert [(p.variant, p.records, p.ppl_ratio) for p in points] == [
-        ("encore (memory), 10 in batches of 5", "5000-5999", pytest.approx(1.05)),
-        ("memit, 10 in batches of 5", "5000-5999", pytest.approx(1.05))]
+        ("hold-out: encore (memory), 10 in batches of 5", "5000-5999", pytest.approx(1.05)),
+        ("hold-out: memit, 10 in batches of 5", "5000-5999", pytest.approx(1.05))]
     out = tmp_path / "frontier.png"
     result = CliRunner().invoke(frontier.main, ["--history", str(history), "--run", f"hold-out 5000-5999={bench}",
                                                 "--out", str(out)])
