@@ -32,7 +32,7 @@ def test_an_8b_llama_on_the_meta_device_gets_the_reference_settings():
 def test_smollm2_keeps_its_measured_settings():
     hp = hparams_for("encore", llama(576, 30, intermediate_size=1536))
     assert (hp.layers, hp.mom2_weight, hp.lr, hp.alpha, hp.write, hp.n_context) == \
-        ([3, 4, 5, 6, 7], 3000.0, 2.0, 10.0, "memory", 3)
+        ([3, 4, 5, 6, 7], 3000.0, 2.0, 10.0, "memory", 2)
     assert hparams_for("memit", llama(576, 30)).lr == 0.5
 
 
