@@ -41,9 +41,22 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
 def _methods(_ctx, _param, text: str) -> list[str]:
     """--methods as a list of registered method names; an unknown one is a usage error before anything loads."""
     try:
-        return [METHODS.get(name).name for name in text.split(",")]
+        return [METHODS.get(name).name for name in text.split(",") if name]
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def _variants(_ctx, _param, texts: tuple[str, ...]) -> list:
+    """--variant rows, checked before anything loads."""
+    from evaluators.bench import Variant
+
+    try:
+        out = [Variant.parse(t) for t in texts]
+        for v in out:
+            METHODS.get(v.method)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise click.BadParameter(str(exc).splitlines()[0]) from None
+    return out
 
 
 @click.command()
@@ -60,13 +73,17 @@ def _methods(_ctx, _param, text: str) -> list[str]:
 @dtype_option
 @device_map_option
 @stats_corpus_option
-@click.option("--order", type=click.Choice(["arrival", "random", "cluster"]), default="arrival", show_default=True)
+@click.option("--order", type=click.Choice(["arrival", "random", "cluster", "spread"]), default="arrival",
+              show_default=True)
 @click.option("--set", "sets", multiple=True, help="Hyperparameter override KEY=VALUE (JSON values), repeatable.")
 @click.option("--consolidate-every", type=click.IntRange(0), default=0, show_default=True,
               help="Re-solve all edits jointly from the base weights every K batches (weights mode; 0 = never).")
+@click.option("--variant", "variants", multiple=True, callback=_variants,
+              help="A further row 'NAME: KEY=VALUE ...' (method=, order=, consolidate_every= or hyperparameters), "
+                   "repeatable; rows with values_on=base share their target values.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
 def bench(facts, fmt, start, n, batch_size, methods, model, device, dtype, device_map, stats_corpus, order, sets,
-          consolidate_every, json_out) -> None:
+          consolidate_every, variants, json_out) -> None:
     """Benchmark editors on sequential edits: quality, side effects and speed."""
     from editors.models import pick_device
     from evaluators.bench import BenchConfig, run_bench, table
@@ -76,11 +93,14 @@ def bench(facts, fmt, start, n, batch_size, methods, model, device, dtype, devic
                       model=model, device=device, dtype=dtype, device_map=device_map, stats_corpus=stats_corpus,
                       order=order,
                       overrides=_overrides(sets),
-                      consolidate_every=consolidate_every)
-    rows = run_bench(cfg)
+                      consolidate_every=consolidate_every, variants=variants)
+    def save(rows) -> None:  # after every row: a run of hours that dies keeps what it finished
+        if json_out:
+            json_out.write_text(json.dumps([r.model_dump() for r in rows], indent=2))
+
+    rows = run_bench(cfg, on_row=save)
     click.echo(table(rows))
     if json_out:
-        json_out.write_text(json.dumps([r.model_dump() for r in rows], indent=2))
         click.echo(f"wrote {json_out}")
 
 

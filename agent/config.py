@@ -41,8 +41,9 @@ class AgentConfig(BaseModel):
     batch_size: int = Field(32, ge=1, description="facts applied together in one batch (two value chunks of 16; "
                             "the probes' and checks' seconds per batch are shared by more facts)")
     max_wait: float = Field(30.0, ge=0, description="seconds to wait before applying a partial batch")
-    order: Literal["cluster", "arrival", "random"] = Field(
-        "arrival", description="order in which pending facts are batched: arrival (measured best at 1,000 edits, BENCHMARKS.md), cluster or random")
+    order: Literal["cluster", "arrival", "random", "spread"] = Field(
+        "arrival", description="order in which pending facts are batched: arrival (measured best at 1,000 edits, "
+        "BENCHMARKS.md), cluster (similar facts together), spread (similar facts apart) or random")
     feeds: list[str] = Field(default_factory=list, description="feed files that `kagent refresh` processes")
     known_acc_drop: float = Field(
         1.0, ge=0, description="max drop of known-fact accuracy below the baseline (absolute, 0-1); 1 = off: the "

@@ -75,7 +75,7 @@ class Watcher:
     def plan(self, skip: set[int]) -> list[list[StoredFact]]:
         facts = [f for f in self.session.memory.pending() if f.id not in skip]
         cfg = self.session.cfg
-        vecs = self.session.memory.vectors([f.id for f in facts]) if cfg.order == "cluster" and facts else None
+        vecs = self.session.memory.vectors([f.id for f in facts]) if cfg.order in ("cluster", "spread") and facts else None
         by_id = {f.id: f for f in facts}
         groups = planner.plan([f.id for f in facts], vecs, self.opts.batch_size, cfg.order, cfg.seed)
         return [[by_id[i] for i in g] for g in groups]

@@ -168,6 +168,7 @@ def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
     loaded = loaded or load_model(cfg.model, **cfg.load_options())
     editor = build_editor(ws, cfg, loaded)
     w0 = base_weights(loaded.model, editor.hp.layers)
+    editor.base = w0  # values_on = "base" and SPHERE's projector read the unedited weights
     ledger = open_ledger(ws)
     ledger.attach(loaded.model, editor.hp.layers)
     probes = ProbeSuite.shipped(cfg.probe_facts, cfg.probe_tokens, cfg.probe_file, cfg.damage_file, cfg.damage_facts)

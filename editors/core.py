@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +27,7 @@ from editors.delta import EditDelta, LayerDelta
 from editors.devices import cuda_devices, input_device, layer_device, synchronize
 from editors.entity_memory import EntityMemory, MemoryWrite
 from editors.keys import key_source
+from editors.movers import anchored, principal_complement
 from editors.hparams import EditHParams
 from editors.optimise import ValueResult, optimise_values
 from editors.prompts import EditRequest, context_ids, key_rows
@@ -89,6 +90,8 @@ class Editor:
         self.memory = EntityMemory(tok, hparams.layers[-1])  # slots written by write="memory" results
         self.slot_requests: dict[str, list[EditRequest]] = {}  # subject -> requests its slot answers (edit())
         self.value_cache: dict = {}  # "stamp" -> (weights, hparams); group key -> ValueResult (see values_for)
+        self.base: dict[int, torch.Tensor] | None = None  # unedited weights of the edited layers (values_on="base")
+        self._protect: dict[int, torch.Tensor] = {}  # layer -> SPHERE projector of its base weight (protect_energy)
 
     # --- the two places methods differ -------------------------------------------------
     def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -123,8 +126,10 @@ class Editor:
         memory = self.hp.write == "memory"
         every = requests + (list(companions or []) if memory else [])
         groups = subject_groups(every) if memory else list(range(len(every)))
-        with self.memory.suspended():
+        with self.memory.suspended(), self._value_site():
             values = self.values_for(every, groups, progress)
+            if self.hp.nas_factor and not memory:
+                values = self._anchor(every, values)
         result = self.memory_result(every, values) if memory else self.solve_values(requests, values)
         result.steps, result.z = values.steps[: len(requests)], values.z[: len(requests)].detach().float().cpu()
         result.seconds["values"] = time.perf_counter() - t0 - result.seconds["total"]
@@ -137,9 +142,10 @@ class Editor:
         members: dict[int, list[int]] = {}
         for i, g in enumerate(groups):
             members.setdefault(g, []).append(i)
-        stamp = (self.weights_stamp(), self.hp.model_dump_json())
+        stamp = self.value_stamp()
         if self.value_cache.get("stamp") != stamp:
-            self.value_cache = {"stamp": stamp}
+            self.value_cache.clear()  # in place: a bench may share this dict between editors (values_on="base")
+            self.value_cache["stamp"] = stamp
         keys = {g: tuple((requests[i].prompt, requests[i].subject, requests[i].target) for i in m)
                 for g, m in members.items()}
         todo = [g for g in members if keys[g] not in self.value_cache]
@@ -165,6 +171,48 @@ class Editor:
             for i, s in zip(m, parts[g].steps):
                 steps[i] = s
         return ValueResult(z, steps, flops, delta)
+
+    def value_stamp(self) -> tuple:
+        """What target values depend on: the weights (always the base ones with values_on="base") and the settings
+        of the value optimisation, not those of the solve (so variants of the solve can share values)."""
+        settings = self.hp.model_dump_json(include={"lr", "max_steps", "clamp_factor", "kl_factor", "weight_decay",
+                                                    "stop", "nll_stop", "mpes_patience", "n_context",
+                                                    "context_tokens", "value_chunk"})
+        weights = ("base",) if self.hp.values_on == "base" else self.weights_stamp()
+        return weights, settings, self.hp.layers[-1], tuple(self.state.context_templates)
+
+    def _value_site(self):
+        """Where target values are optimised: the current weights, or the base ones (NSE's rewinding)."""
+        if self.hp.values_on == "current":
+            return nullcontext()
+        if self.base is None:
+            raise ValueError("values_on = base needs the editor's base weights (Editor.base)")
+        return self._at_base(self.base)
+
+    @torch.no_grad()
+    def _anchor(self, requests: list[EditRequest], values: ValueResult) -> ValueResult:
+        """NAS (editors.movers): values rescaled to the pilot edits' mean ||v*||, outliers left unedited."""
+        layer = self.hp.layers[-1]
+        source = self._key_source(requests)
+        plain = torch.arange(len(requests)) * (1 + len(self.state.context_templates))
+        w = weight_view(self.model, layer)
+        v0 = (source.keys(layer)[plain.to(w.device)].to(w.dtype) @ w.T).float()
+        z, delta = values.z.detach().float().to(v0.device), values.delta.detach().float().to(v0.device)
+        h0 = z - delta
+        if not self.state.value_anchor:
+            self.state.value_anchor = float((v0 + delta).norm(dim=1).mean())
+        z, skip = anchored(z, h0, v0, self.state.value_anchor, self.hp.nas_factor)
+        if skip.any():
+            log.info("NAS: %d of %d value(s) above %.1fx the anchor norm left unedited", int(skip.sum()),
+                     len(requests), self.hp.nas_factor)
+        return ValueResult(z.to(values.z.dtype), values.steps, values.flops, (z - h0).to(values.z.dtype))
+
+    def protection(self, layer: int) -> torch.Tensor:
+        """SPHERE's projector for `layer`, from its base weight (the current one when no base is set)."""
+        if layer not in self._protect:
+            w = self.base[layer] if self.base is not None else weight_view(self.model, layer)
+            self._protect[layer] = principal_complement(w, self.hp.protect_energy)
+        return self._protect[layer]
 
     @torch.no_grad()
     def weights_stamp(self) -> tuple[float, ...]:
@@ -206,6 +254,8 @@ class Editor:
                 t_keys += time.perf_counter() - tk
                 R = (values.z.T.to(dev, torch.float64) - H) / (len(self.hp.layers) - i)
                 V = self.solve(layer, K, R)
+                if self.hp.protect_energy:
+                    V = self.protection(layer).to(V.device) @ V
                 w = weight_view(self.model, layer)
                 w.add_((R @ V.T).to(w.dtype))
                 deltas.append(LayerDelta(layer, R.float().cpu(), V.float().cpu()))

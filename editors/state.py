@@ -22,6 +22,7 @@ class EditorState:
     projections: dict[int, torch.Tensor] = field(default_factory=dict)  # AlphaEdit null-space projector per layer
     n_edits: int = 0  # edits accumulated in kkt
     devices: dict[int, torch.device] = field(default_factory=dict)  # layer -> where its tensors live (default CPU)
+    value_anchor: float = 0.0  # NAS: mean ||v*|| of the first (pilot) edits on the base model; 0 = not yet measured
 
     def place(self, devices: dict[int, torch.device]) -> None:
         """Keep each layer's key sum and projection on `devices[layer]` (its weight's device) from now on."""
@@ -50,7 +51,8 @@ class EditorState:
     def save(self, path: Path) -> None:
         tensors = {f"kkt.{l}": t.cpu().contiguous() for l, t in self.kkt.items()}
         tensors |= {f"proj.{l}": t.cpu().contiguous() for l, t in self.projections.items()}
-        meta = {"layers": self.layers, "context_templates": self.context_templates, "n_edits": self.n_edits}
+        meta = {"layers": self.layers, "context_templates": self.context_templates, "n_edits": self.n_edits,
+                "value_anchor": self.value_anchor}
         tmp = Path(path).with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
         tmp.rename(path)
@@ -63,4 +65,5 @@ class EditorState:
             meta = json.loads(f.metadata()["state"])
         tensors = load_file(str(path))
         pick = lambda prefix: {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith(prefix)}
-        return cls(meta["layers"], meta["context_templates"], pick("kkt."), pick("proj."), meta["n_edits"])
+        return cls(meta["layers"], meta["context_templates"], pick("kkt."), pick("proj."), meta["n_edits"],
+                   value_anchor=meta.get("value_anchor", 0.0))

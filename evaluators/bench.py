@@ -7,8 +7,10 @@ on CUDA, the peak GPU memory of the method's batches; edit timings synchronise C
 """
 from __future__ import annotations
 
+import json
 import logging
 import resource
+import shlex
 import time
 from pathlib import Path
 from typing import Literal
@@ -31,6 +33,39 @@ from evaluators.scoring import greedy_matches
 log = logging.getLogger(__name__)
 
 
+Order = Literal["arrival", "random", "cluster", "spread"]
+
+
+class Variant(BaseModel):
+    """One row of the bench: a method under its own settings, e.g. a frontier mover of the weight write."""
+    model_config = ConfigDict(extra="forbid")
+
+    name: str  # the row's label
+    method: str = "encore"  # registered editor
+    overrides: dict = {}  # hyperparameters over the bench's --set ones
+    order: Order | None = None  # batch order (None: the bench's)
+    consolidate_every: int | None = None  # joint re-solve every K batches (None: the bench's)
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        """`NAME: KEY=VALUE ...` (JSON values; `method`, `order` and `consolidate_every` set the row's own)."""
+        name, sep, rest = text.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"{text!r}: a variant is 'NAME: KEY=VALUE ...'")
+        fields: dict = {"name": name.strip(), "overrides": {}}
+        for pair in shlex.split(rest):
+            key, eq, value = pair.partition("=")
+            if not eq:
+                raise ValueError(f"{text!r}: {pair!r} is not KEY=VALUE")
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+            target = fields if key in ("method", "order", "consolidate_every") else fields["overrides"]
+            target[key] = value
+        return cls(**fields)
+
+
 class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -45,10 +80,11 @@ class BenchConfig(BaseModel):
     dtype: str = "auto"  # model dtype: auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
     device_map: str | None = None  # "auto": spread the model over the visible GPUs (accelerate)
     stats_corpus: Path | None = None  # text/JSONL file or directory for the covariance statistics (None: shipped)
-    order: Literal["arrival", "random", "cluster"] = "arrival"  # batch order (cluster = FAISS k-means)
+    order: Order = "arrival"  # batch order (cluster/spread: FAISS k-means clusters together/apart)
     ppl_tokens: int = 4096  # held-out tokens for perplexity
     overrides: dict = {}  # hyperparameter overrides for every method
     consolidate_every: int = 0  # re-solve all edits jointly from the base weights every K batches (0 = never)
+    variants: list[Variant] = []  # further rows after `methods`; values_on="base" rows share their target values
 
 
 class MethodResult(BaseModel):
@@ -75,6 +111,7 @@ class MethodResult(BaseModel):
     mean_steps: float  # mean optimisation checks per edit
     consolidations: int = 0  # joint re-solves from the base weights (their time is in edit_seconds)
     peak_rss_mb: float  # process peak resident memory so far
+    shared_values: bool = False  # target values reused from an earlier row of this run (not in edit_seconds)
     mem_estimate_mb: float = 0.0  # largest estimated peak of a batch: resident before it + editors.footprint estimate
     edit_peak_rss_mb: float = 0.0  # measured peak RSS while this method's batches ran (VmHWM reset before them)
     device: str = "cpu"  # where the model ran ("cuda:0", "cpu"; several joined by "," under a device map)
@@ -135,15 +172,15 @@ def batches(requests: list[EditRequest], size: int, order: str) -> list[list[Edi
     from memory.planner import plan
 
     vectors = None
-    if order == "cluster":
+    if order in ("cluster", "spread"):
         from memory.index import MiniLMEmbedder
 
         vectors = MiniLMEmbedder().embed([r.text() for r in requests])
     return [[requests[i] for i in b] for b in plan(range(len(requests)), vectors, size, order)]
 
 
-def _row(cfg, method, quality: dict, base: dict, after: dict, **extra) -> MethodResult:
-    return MethodResult(method=method, model=cfg.model, n=cfg.n, batch_size=cfg.batch_size, order=cfg.order,
+def _row(cfg, method, quality: dict, base: dict, after: dict, order: str | None = None, **extra) -> MethodResult:
+    return MethodResult(method=method, model=cfg.model, n=cfg.n, batch_size=cfg.batch_size, order=order or cfg.order,
                         **quality, score=harmonic_mean([quality["es"], quality["ps"], quality["ns"]]),
                         ppl_before=base["ppl"],
                         ppl_after=after["ppl"], known_acc_before=base["known"], known_acc_after=after["known"],
@@ -170,25 +207,35 @@ def placement(model) -> dict:
             "dtype": dtype_name(next(model.parameters()).dtype)}
 
 
-def run_method(cfg: BenchConfig, method: str, base: dict) -> MethodResult:
+def run_method(cfg: BenchConfig, variant: Variant, base: dict, shared: dict | None = None) -> MethodResult:
+    """One row: `variant` applied from the unedited model. `shared` (stamp -> value cache) carries target values
+    optimised on the base weights from row to row."""
     lm = load(cfg)
     task = _Task(cfg, lm.model, lm.tok)
     corpus = UserCorpus(cfg.stats_corpus) if cfg.stats_corpus else None
-    editor = make_editor(method, lm.model, lm.tok, corpus=corpus, **cfg.overrides)
+    editor = make_editor(variant.method, lm.model, lm.tok, corpus=corpus, **(cfg.overrides | variant.overrides))
     w0 = norms.snapshot(lm.model, editor.hp.layers)
+    editor.base = w0
+    reused = False
+    if shared is not None and editor.hp.values_on == "base":
+        reused = editor.value_stamp() in shared
+        editor.value_cache = shared.setdefault(editor.value_stamp(), {})
+    order = variant.order or cfg.order
+    every = cfg.consolidate_every if variant.consolidate_every is None else variant.consolidate_every
+    method = variant.name
     secs = {"total": 0.0, "values": 0.0}
     flops, steps, done, z, consolidations, mem_estimate = 0.0, [], [], [], 0, 0.0
     reset_peak()
     reset_gpu_peak(lm.model)
     with editor.memory.attached(lm.model):
-        for i, batch in enumerate(tqdm(batches(task.requests, cfg.batch_size, cfg.order), desc=f"{method} batches",
+        for i, batch in enumerate(tqdm(batches(task.requests, cfg.batch_size, order), desc=f"{method} batches",
                                        unit="batch")):
             mem_estimate = max(mem_estimate, batch_estimate_mb(lm, editor, batch))
             synchronize(lm.model)
             t = time.perf_counter()
             result = editor.edit(batch, progress=True)
             done, z = done + batch, z + [result.z]
-            if cfg.consolidate_every and (i + 1) % cfg.consolidate_every == 0 and editor.hp.write == "weights":
+            if every and (i + 1) % every == 0 and editor.hp.write == "weights":
                 consolidate(editor, done, torch.cat(z), w0)
                 consolidations += 1
             synchronize(lm.model)
@@ -204,8 +251,8 @@ def run_method(cfg: BenchConfig, method: str, base: dict) -> MethodResult:
                 peak_gpu_mb=gpu_peak if torch.cuda.is_available() else None,
                 edit_seconds=secs["total"], edits_per_second=len(task.requests) / max(secs["total"], 1e-9),
                 value_seconds=secs["values"], value_gflops=flops / max(secs["values"], 1e-9) / 1e9,
-                mean_steps=sum(steps) / max(len(steps), 1), consolidations=consolidations,
-                hparams=editor.hp.model_dump())
+                mean_steps=sum(steps) / max(len(steps), 1), consolidations=consolidations, order=order,
+                shared_values=reused, hparams=editor.hp.model_dump())
 
 
 def consolidate(editor, requests: list[EditRequest], z: torch.Tensor, w0: dict[int, torch.Tensor]) -> None:
@@ -218,8 +265,9 @@ def consolidate(editor, requests: list[EditRequest], z: torch.Tensor, w0: dict[i
     editor.apply(result)
 
 
-def run_bench(cfg: BenchConfig) -> list[MethodResult]:
-    """The unedited baseline row, then one row per method."""
+def run_bench(cfg: BenchConfig, on_row=None) -> list[MethodResult]:
+    """The unedited baseline row, then one row per method and variant; `on_row(rows)` after each (so a long run
+    that dies keeps the rows it finished)."""
     torch.manual_seed(0)
     lm = load(cfg)
     task = _Task(cfg, lm.model, lm.tok)
@@ -227,10 +275,15 @@ def run_bench(cfg: BenchConfig) -> list[MethodResult]:
     rows = [_row(cfg, "unedited", task.evaluate(lm.model, lm.tok), base, base, norm_growth=1.0, edit_seconds=0.0,
                  edits_per_second=0.0,
                  value_seconds=0.0, value_gflops=0.0, mean_steps=0.0, **placement(lm.model))]
+    if on_row:
+        on_row(rows)
     del lm
-    for method in cfg.methods:
-        rows.append(run_method(cfg, method, base))
-        log.info("%s: %s", method, rows[-1].model_dump(exclude={"hparams"}))
+    shared: dict = {}
+    for variant in [Variant(name=m, method=m) for m in cfg.methods] + cfg.variants:
+        rows.append(run_method(cfg, variant, base, shared))
+        log.info("%s: %s", variant.name, rows[-1].model_dump(exclude={"hparams"}))
+        if on_row:
+            on_row(rows)
     return rows
 
 

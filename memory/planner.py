@@ -2,7 +2,9 @@
 
 `arrival` keeps feed order, `random` shuffles with a seed, `cluster` groups facts whose
 relation embeddings are close (FAISS spherical k-means) so similar facts are solved in the
-same batch, visiting clusters along a nearest-centroid chain.
+same batch, visiting clusters along a nearest-centroid chain; `spread` uses the clusters the other way round: each
+batch takes every m-th fact of that chain (m = the number of batches), so near-identical facts land in different
+batches instead of being solved against each other.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-Order = Literal["arrival", "random", "cluster"]
-ORDERS: tuple[str, ...] = ("arrival", "random", "cluster")
+Order = Literal["arrival", "random", "cluster", "spread"]
+ORDERS: tuple[str, ...] = ("arrival", "random", "cluster", "spread")
 
 
 def chunk(items: Sequence[int], size: int) -> list[list[int]]:
@@ -72,5 +74,9 @@ def plan(ids: Sequence[int], vectors: np.ndarray | None, batch_size: int, order:
         perm = np.random.default_rng(seed).permutation(len(ids))
         return chunk([ids[i] for i in perm], batch_size)
     if vectors is None or len(vectors) != len(ids):
-        raise ValueError("cluster order needs one embedding per fact")
-    return chunk([ids[i] for i in cluster_order(vectors, batch_size, seed)], batch_size)
+        raise ValueError(f"{order} order needs one embedding per fact")
+    chain = [ids[i] for i in cluster_order(vectors, batch_size, seed)]
+    if order == "cluster":
+        return chunk(chain, batch_size)
+    m = math.ceil(len(ids) / batch_size)
+    return [chain[b::m] for b in range(m)]

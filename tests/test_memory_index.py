@@ -180,6 +180,17 @@ def test_cluster_order_puts_near_identical_facts_together(memory):
     assert sorted(x.id for b in shuffled for x in b) == list(range(1, 13))
 
 
+def test_spread_order_puts_near_identical_facts_in_different_batches(memory):
+    facts = [f(f"Country{i}", GROUPS[i // 4], f"T{i}") for i in range(12)]  # arrival: one relation per batch
+    memory.add(facts)
+    assert all(len({x.record.prompt for x in b}) == 1 for b in planned(memory, "arrival"))
+    spread = planned(memory, "spread")
+    assert sorted(len(b) for b in spread) == [4, 4, 4]
+    assert sorted(x.id for b in spread for x in b) == list(range(1, 13))
+    for batch in spread:
+        assert len({x.record.prompt for x in batch}) == 3, "a relation's facts were solved against each other"
+
+
 def test_planner_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown order"):
         planner.plan([1, 2], None, 1, order="best")
@@ -187,6 +198,8 @@ def test_planner_rejects_bad_arguments():
         planner.plan([1, 2], None, 0)
     with pytest.raises(ValueError, match="one embedding per fact"):
         planner.plan([1, 2], None, 1, order="cluster")
+    with pytest.raises(ValueError, match="spread order needs one embedding per fact"):
+        planner.plan([1, 2], None, 1, order="spread")
 
 
 def test_live_memory_catches_facts_added_behind_its_back(ledger):
