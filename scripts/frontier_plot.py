@@ -56,10 +56,10 @@ def from_history(path: Path) -> list[Point]:
 
 def draw(points: list[Point], out: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
-    colours = plt.get_cmap("tab10")
+    colours = plt.get_cmap("tab10" if len(points) <= 10 else "tab20")  # one colour per point
     shapes = {rec: "osD^v"[i % 5] for i, rec in enumerate(dict.fromkeys(p.records for p in points))}
     for i, p in enumerate(points):
-        c, m = colours(i % 10), shapes[p.records]
+        c, m = colours(i % colours.N), shapes[p.records]
         for ax, x in ((left, p.known), (right, p.ppl_ratio)):
             ax.scatter([x], [p.es], color=c, marker=m, s=60, label=f"{p.variant} [{p.records}]" if ax is left else None)
             if p.greedy_es is not None:
