@@ -101,3 +101,15 @@ def test_refresh_consolidates_after_its_feeds_unless_configured_off(ws, tmp_path
     res = run("refresh", "--workspace", ws)
     assert res.exit_code == 0, res.output
     assert ("consolidated batches [1, 2] into batch 3" in res.output) == enabled
+
+
+def test_the_weight_write_with_every_mover_on_runs_through_the_agent(ws, tmp_path, monkeypatch):
+    """values_on=base needs the session to hand the editor its base weights; spread order needs the fact vectors."""
+    set_config(ws, interference_threshold=1e9, order="spread",
+               editor={"write": "weights", "values_on": "base", "nas_factor": 2.0, "protect_energy": 0.5})
+    monkeypatch.setattr(agent.consolidate, "PPL_TOLERANCE", 1e9)
+    watch(ws, tmp_path, FOUR, "2")
+    assert [k for _, _, k in statuses(ws)] == ["edit", "edit"]
+    res = run("consolidate", "--json", "--workspace", ws)
+    assert res.exit_code == 0 and json.loads(res.output)["covers"] == [1, 2], res.output
+    assert run("verify", "--workspace", ws).exit_code == 0
