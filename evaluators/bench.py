@@ -29,11 +29,9 @@ from editors.user_corpus import UserCorpus
 from evaluators import counterfact, norms, probes, zsre
 from evaluators.counterfact import harmonic_mean
 from evaluators.scoring import greedy_matches
+from memory.planner import Order, plan
 
 log = logging.getLogger(__name__)
-
-
-Order = Literal["arrival", "random", "cluster", "spread"]
 
 
 class Variant(BaseModel):
@@ -169,8 +167,6 @@ class _Task:
 
 
 def batches(requests: list[EditRequest], size: int, order: str) -> list[list[EditRequest]]:
-    from memory.planner import plan
-
     vectors = None
     if order in ("cluster", "spread"):
         from memory.index import MiniLMEmbedder
