@@ -25,17 +25,14 @@ def device_map_option(fn):
                         help="Spread the model over the visible GPUs with accelerate (ignores --device).")(fn)
 
 
-def _overrides(pairs: tuple[str, ...]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if not _:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--set")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+def _overrides(_ctx, _param, pairs: tuple[str, ...]) -> dict:
+    """--set KEY=VALUE pairs (JSON values) as a dict; a pair without '=' is a usage error."""
+    from evaluators.bench import assignments
+
+    try:
+        return assignments(pairs)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _methods(_ctx, _param, text: str) -> list[str]:
@@ -75,7 +72,7 @@ def _variants(_ctx, _param, texts: tuple[str, ...]) -> list:
 @stats_corpus_option
 @click.option("--order", type=click.Choice(["arrival", "random", "cluster", "spread"]), default="arrival",
               show_default=True)
-@click.option("--set", "sets", multiple=True, help="Hyperparameter override KEY=VALUE (JSON values), repeatable.")
+@click.option("--set", "sets", multiple=True, callback=_overrides, help="Hyperparameter override KEY=VALUE (JSON values), repeatable.")
 @click.option("--consolidate-every", type=click.IntRange(0), default=0, show_default=True,
               help="Re-solve all edits jointly from the base weights every K batches (weights mode; 0 = never).")
 @click.option("--variant", "variants", multiple=True, callback=_variants,
@@ -91,9 +88,8 @@ def bench(facts, fmt, start, n, batch_size, methods, model, device, dtype, devic
     pick_device(device)  # a device this machine lacks is a one-line error before anything loads
     cfg = BenchConfig(facts=facts, format=fmt, start=start, n=n, batch_size=batch_size, methods=methods,
                       model=model, device=device, dtype=dtype, device_map=device_map, stats_corpus=stats_corpus,
-                      order=order,
-                      overrides=_overrides(sets),
-                      consolidate_every=consolidate_every, variants=variants)
+                      order=order, overrides=sets, consolidate_every=consolidate_every, variants=variants)
+
     def save(rows) -> None:  # after every row: a run of hours that dies keeps what it finished
         if json_out:
             json_out.write_text(json.dumps([r.model_dump() for r in rows], indent=2))

@@ -50,18 +50,26 @@ class Variant(BaseModel):
         name, sep, rest = text.partition(":")
         if not sep or not name.strip():
             raise ValueError(f"{text!r}: a variant is 'NAME: KEY=VALUE ...'")
-        fields: dict = {"name": name.strip(), "overrides": {}}
-        for pair in shlex.split(rest):
-            key, eq, value = pair.partition("=")
-            if not eq:
-                raise ValueError(f"{text!r}: {pair!r} is not KEY=VALUE")
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
-            target = fields if key in ("method", "order", "consolidate_every") else fields["overrides"]
-            target[key] = value
-        return cls(**fields)
+        try:
+            pairs = assignments(shlex.split(rest))
+        except ValueError as exc:
+            raise ValueError(f"{text!r}: {exc}") from None
+        own = {k: pairs.pop(k) for k in ("method", "order", "consolidate_every") if k in pairs}
+        return cls(name=name.strip(), overrides=pairs, **own)
+
+
+def assignments(pairs) -> dict:
+    """`KEY=VALUE` strings as a dict; a value that parses as JSON is taken as JSON, else as the string."""
+    out: dict = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"{pair!r} is not KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 class BenchConfig(BaseModel):

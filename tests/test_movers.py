@@ -99,3 +99,5 @@ def test_bench_variants_parse_and_a_bad_one_is_a_usage_error():
     for bad in ["no colon", "x: method=nosuch", "x: order=sideways", "x: lr"]:
         res = CliRunner().invoke(cli, ["bench", "--facts", __file__, "--variant", bad])
         assert res.exit_code == 2 and "--variant" in res.output, (bad, res.output)
+    res = CliRunner().invoke(cli, ["bench", "--facts", __file__, "--set", "lr"])
+    assert res.exit_code == 2 and "'lr' is not KEY=VALUE" in res.output, res.output
