@@ -24,6 +24,7 @@ from agent.probes import ProbeSuite
 from agent.workspace import Baseline, Workspace
 from editors.arch import n_layers
 from editors.core import Editor
+from editors.entity_memory import EntityMemory, MemoryWrite
 from editors.models import LoadedModel, fingerprint, load_model
 from editors.registry import make_editor
 from editors.state import EditorState
@@ -144,9 +145,22 @@ def build_editor(ws: Workspace, cfg: AgentConfig, loaded: LoadedModel) -> Editor
     corpus = UserCorpus(Path(cfg.stats_corpus)) if cfg.stats_corpus else None
     editor = make_editor(cfg.method, loaded.model, loaded.tok, state=state, hparams_file=cfg.hparams_file or None,
                          corpus=corpus, **cfg.hparam_overrides())
+    if not 0 <= editor.hp.value_layer < depth:
+        raise ConfigError(f"{ws.config_path}: memory_layer = {editor.hp.value_layer}: the model has {depth} layers "
+                          f"(0-{depth - 1})")
     if state is None:
         editor.state.save(ws.state_path)
     return editor
+
+
+def keep_memory_layer(editor: Editor, stored: MemoryWrite | None) -> None:
+    """A workspace whose slots were written at another layer (an older default) keeps that layer."""
+    if stored is None or stored.layer == editor.memory.layer:
+        return
+    log.info("entity memory stays at layer %d, where this workspace's slots were written (configured: %d)",
+             stored.layer, editor.memory.layer)
+    editor.hp = editor.hp.model_copy(update={"memory_layer": stored.layer})
+    editor.memory = EntityMemory(editor.tok, stored.layer)
 
 
 def default_embedder() -> Embedder:
@@ -171,6 +185,7 @@ def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
     editor.base = w0  # values_on = "base" and SPHERE's projector read the unedited weights
     ledger = open_ledger(ws)
     ledger.attach(loaded.model, editor.hp.layers)
+    keep_memory_layer(editor, ledger.memory_write())
     probes = ProbeSuite.shipped(cfg.probe_facts, cfg.probe_tokens, cfg.probe_file, cfg.damage_file, cfg.damage_facts)
     session = Session(ws, cfg, loaded, ledger, editor, open_memory(ws, ledger), probes, w0,
                       limits=checker_for(cfg, loaded.tok, loaded.model.config))

@@ -87,7 +87,7 @@ class Editor:
             self.state.context_templates = generate_context_templates(
                 model, tok, hparams.n_context, hparams.context_tokens)
         self.pad = tok.pad_token_id or 0
-        self.memory = EntityMemory(tok, hparams.layers[-1])  # slots written by write="memory" results
+        self.memory = EntityMemory(tok, hparams.value_layer)  # slots written by write="memory" results
         self.slot_requests: dict[str, list[EditRequest]] = {}  # subject -> requests its slot answers (edit())
         self.value_cache: dict = {}  # "stamp" -> (weights, hparams); group key -> ValueResult (see values_for)
         self.base: dict[int, torch.Tensor] | None = None  # unedited weights of the edited layers (values_on="base")
@@ -179,7 +179,7 @@ class Editor:
                                                     "stop", "nll_stop", "mpes_patience", "n_context",
                                                     "context_tokens", "value_chunk"})
         weights = ("base",) if self.hp.values_on == "base" else self.weights_stamp()
-        return weights, settings, self.hp.layers[-1], tuple(self.state.context_templates)
+        return weights, settings, self.hp.value_layer, tuple(self.state.context_templates)
 
     def _value_site(self):
         """Where target values are optimised: the current weights, or the base ones (NSE's rewinding)."""
@@ -235,7 +235,7 @@ class Editor:
         first = {r.subject: i for i, r in reversed(list(enumerate(requests)))}
         subjects = list(first)
         deltas = values.delta[[first[s] for s in subjects]].detach().float().cpu()
-        write = MemoryWrite(self.hp.layers[-1], subjects, deltas)
+        write = MemoryWrite(self.hp.value_layer, subjects, deltas)
         return EditResult(EditDelta([], write), {}, values.steps, {"total": 0.0}, values.flops)
 
     def solve_values(self, requests: list[EditRequest], values: ValueResult) -> EditResult:

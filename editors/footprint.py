@@ -158,7 +158,7 @@ def estimate(d: Dims, edits: list[EditTokens], hp: EditHParams) -> Footprint:
     """The working memory of editing `edits` as one batch (values chunked as the optimiser chunks them)."""
     ordered = sorted(edits, key=lambda e: e.order)
     chunks = [ordered[i: i + hp.value_chunk] for i in range(0, len(ordered), hp.value_chunk)]
-    values = max(_value_chunk(d, c, hp.layers[-1]) for c in chunks)
+    values = max(_value_chunk(d, c, hp.value_layer) for c in chunks)
     return Footprint(mib(d, values), mib(d, _keys(d, edits, hp.n_context)), mib(d, _probes(d, edits)))
 
 

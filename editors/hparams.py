@@ -31,10 +31,18 @@ class EditHParams(BaseModel):
     alphaedit_l2: float = 10.0  # AlphaEdit: ridge term of its normal matrix
     value_chunk: int = 16  # edits optimised in one padded batch (32: same speed, +1.2 GB peak RSS; BENCHMARKS.md)
     write: str = Field("weights", pattern="^(weights|memory)$")  # where values go: a weight solve, or the entity memory
+    memory_layer: int | None = Field(None, ge=0)  # write="memory": block whose output the memory adds to and where its values are optimised (None: the last edited layer)
     # --- frontier movers of the weight write (issue 15; BENCHMARKS.md, "frontier movers"); all off by default ---
     values_on: str = Field("current", pattern="^(current|base)$")  # target values optimised on the current or the base weights (NSE)
     nas_factor: float = 0.0  # NAS: v* rescaled to the pilot edits' mean norm, v* above this many times it skipped (0 = off)
     protect_energy: float = 0.0  # SPHERE: updates kept off W0's principal directions holding this share of its energy (0 = off)
+
+    @property
+    def value_layer(self) -> int:
+        """Where target values are optimised: the entity memory's layer with write="memory", else the last edited."""
+        if self.write == "memory" and self.memory_layer is not None:
+            return self.memory_layer
+        return self.layers[-1]
 
 
 # llama values measured on SmolLM2-135M (BENCHMARKS.md, "sweep"): lambda 15000 realised only a third

@@ -140,7 +140,7 @@ def _chunks(tok, requests: list[EditRequest], groups: list[int], size: int) -> l
 
 def optimise_values(model: nn.Module, tok, requests: list[EditRequest], templates: list[str],
                     hp: EditHParams, progress=None, groups: list[int] | None = None) -> ValueResult:
-    """Target values z (n, d) at layer hp.layers[-1] for all requests, in chunks of about hp.value_chunk.
+    """Target values z (n, d) at layer hp.value_layer for all requests, in chunks of about hp.value_chunk.
 
     Requests with equal `groups` entries share one delta (the entity memory's one slot per subject); by
     default every request is its own group. Chunks hold whole groups, shorter suffixes first, so that padded
@@ -150,7 +150,7 @@ def optimise_values(model: nn.Module, tok, requests: list[EditRequest], template
     zs, deltas, steps, flops, order = [], [], [], 0.0, []
     for chunk in _chunks(tok, requests, groups, hp.value_chunk):
         local = {g: k for k, g in enumerate(dict.fromkeys(groups[i] for i in chunk))}
-        r = optimise_chunk(model, tok, [requests[i] for i in chunk], templates, hp, hp.layers[-1],
+        r = optimise_chunk(model, tok, [requests[i] for i in chunk], templates, hp, hp.value_layer,
                            [local[groups[i]] for i in chunk])
         zs.append(r.z)
         deltas.append(r.delta)

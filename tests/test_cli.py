@@ -398,3 +398,19 @@ def test_check_asks_every_applied_fact_and_exits_1_when_one_does_not_answer(ws, 
     assert res.exit_code == 1
     assert "MISSED" in res.output and "Paris is the capital of -> Spain  (model: '" in res.output
     assert res.stdout.strip().splitlines()[-1] == "1 of 2 applied fact(s) answer their target"
+
+
+def test_a_workspace_keeps_the_memory_layer_its_slots_were_written_at(ws, tmp_path):
+    from memory.ledger import Ledger
+
+    feed = tmp_path / "feed.jsonl"
+    write_facts(feed, FOUR[:2])
+    assert run("watch", feed, "--once", "--workspace", ws).exit_code == 0
+    set_config(ws, editor={"memory_layer": 1})  # e.g. a newer default: the stored slots live at layer 2
+    write_facts(feed, FOUR[2:], mode="a")
+    res = run("watch", feed, "--once", "--workspace", ws)
+    assert res.exit_code == 0, res.output
+    with Ledger(ws / "ledger") as ledger:
+        mem = ledger.memory_write()  # merging writes of two layers would raise
+    assert mem.layer == 2 and sorted(mem.subjects) == sorted(s for s, _ in FOUR)
+    assert len(applied(ws)) == 4 and run("verify", "--workspace", ws).exit_code == 0

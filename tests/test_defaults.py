@@ -33,6 +33,11 @@ def test_smollm2_keeps_its_measured_settings():
     hp = hparams_for("encore", llama(576, 30, intermediate_size=1536))
     assert (hp.layers, hp.mom2_weight, hp.lr, hp.alpha, hp.write, hp.n_context) == \
         ([3, 4, 5, 6, 7], 3000.0, 2.0, 10.0, "memory", 2)
+    assert (hp.memory_layer, hp.value_layer) == (17, 17)  # the entity memory sits above the weight-edit layers
+    weights = hparams_for("encore", llama(576, 30, intermediate_size=1536), write="weights")
+    assert weights.value_layer == 7  # the weight solve keeps its values at the last edited layer
+    scaled = hparams_for("encore", llama(576, 12, intermediate_size=1536))
+    assert scaled.memory_layer is None and scaled.value_layer == scaled.layers[-1]  # measured on 30 layers only
     assert hparams_for("memit", llama(576, 30)).lr == 0.5
 
 

@@ -73,6 +73,18 @@ def test_memory_edit_answers_and_leaves_weights_and_other_prompts_alone(tiny_lla
     assert not any(getattr(h, "__self__", None) is ed.memory for h in hooks)
 
 
+def test_memory_layer_above_the_edited_layers_holds_the_value_there(tiny_llama, tok):
+    ed = memory_editor(tiny_llama, tok, layers=[1], memory_layer=2)
+    req = EditRequest("{} is located in", "Eiffel Tower", "Rome")
+    last = len(ids(tok, req.subject)) - 1
+    with ed.memory.attached(tiny_llama):
+        result = ed.edit([req])
+        hs = tiny_llama(input_ids=torch.tensor([ids(tok, req.text())]), output_hidden_states=True).hidden_states
+    assert ed.memory.layer == 2 and result.delta.memory.layer == 2
+    assert torch.allclose(hs[3][0, last], result.z[0], atol=1e-4)  # the value is the output of block 2
+    assert not torch.allclose(hs[2][0, last], result.z[0], atol=1e-2)
+
+
 def test_requests_about_one_subject_share_one_slot_and_keep_earlier_facts(tiny_llama, tok):
     from evaluators.scoring import target_nll
 
