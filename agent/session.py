@@ -185,13 +185,14 @@ def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
     editor.base = w0  # values_on = "base" and SPHERE's projector read the unedited weights
     ledger = open_ledger(ws)
     ledger.attach(loaded.model, editor.hp.layers)
-    keep_memory_layer(editor, ledger.memory_write())
     probes = ProbeSuite.shipped(cfg.probe_facts, cfg.probe_tokens, cfg.probe_file, cfg.damage_file, cfg.damage_facts)
     session = Session(ws, cfg, loaded, ledger, editor, open_memory(ws, ledger), probes, w0,
                       limits=checker_for(cfg, loaded.tok, loaded.model.config))
-    session.hooks.enter_context(editor.memory.attached(loaded.model))
     try:
-        session.sync_memory()
+        stored = ledger.memory_write()  # read once: it decides the memory's layer, then fills it (= sync_memory())
+        keep_memory_layer(editor, stored)
+        session.hooks.enter_context(editor.memory.attached(loaded.model))
+        editor.memory.load(stored)
         session.rebuild_state()
     except BaseException:
         session.close()
