@@ -146,8 +146,7 @@ class Editor:
         if self.value_cache.get("stamp") != stamp:
             self.value_cache.clear()  # in place: a bench may share this dict between editors (values_on="base")
             self.value_cache["stamp"] = stamp
-        keys = {g: tuple((requests[i].prompt, requests[i].subject, requests[i].target) for i in m)
-                for g, m in members.items()}
+        keys = {g: tuple(requests[i].key for i in m) for g, m in members.items()}
         todo = [g for g in members if keys[g] not in self.value_cache]
         idx = [i for g in todo for i in members[g]]
         flops = 0.0
@@ -175,7 +174,8 @@ class Editor:
     def value_stamp(self) -> tuple:
         """What target values depend on: the weights (always the base ones with values_on="base") and the settings
         of the value optimisation, not those of the solve (so variants of the solve can share values)."""
-        settings = self.hp.model_dump_json(include={"lr", "max_steps", "clamp_factor", "kl_factor", "weight_decay",
+        settings = self.hp.model_dump_json(include={"lr", "max_steps", "clamp_factor", "kl_factor", "keep_factor",
+                                                    "weight_decay",
                                                     "stop", "nll_stop", "mpes_patience", "n_context",
                                                     "context_tokens", "value_chunk"})
         weights = ("base",) if self.hp.values_on == "base" else self.weights_stamp()

@@ -7,11 +7,14 @@ layer L's output at the subject's last token, makes the model answer the target;
 that vector at exactly that place, whenever the subject's tokens occur in the input, and nothing anywhere
 else. Prompts about other subjects see the unedited model bit for bit.
 
-A slot is keyed by the subject text and matched on token ids: the subject tokenised with and without a
-leading space (the two forms a BPE tokenizer gives a word after a space and at the start of a text or after
-punctuation). Where several subjects match at one position the longest wins. Matching needs the input ids,
-which a pre-hook on the input embeddings records; with a KV cache a subject is matched within one forward
-call (the prompt's prefill), so a subject the model generates itself does not trigger its slot.
+A slot is keyed by the subject text and matched on token ids: the subject, its aliases and their other casings
+(lower case, each word capitalised, upper case), each tokenised with and without a leading space (the two forms
+a BPE tokenizer gives a word after a space and at the start of a text or after punctuation; a possessive "X's"
+keeps X's tokens). Where several subjects match at one position the longest wins. Matching needs the input ids,
+which a pre-hook on the model's decoder stack records; only the prompt is matched, never what the model
+generates: a forward call that continues a KV cache (a decoding step) matches nothing, and a call that scores a
+prompt with its answer in one pass (teacher forcing, evaluators/scoring.py) says where each prompt ends with
+`prompts_end_at`. So `generate` with a KV cache, greedy decoding without one and teacher-forced scoring agree.
 
 Hooks are installed only by `attached()`, a context manager that always removes them; `suspended()`
 turns the memory off inside it (the value optimisation runs on the model without the memory).
@@ -22,6 +25,7 @@ import json
 from collections.abc import Iterator, Sequence
 import contextlib
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -38,16 +42,20 @@ class MemoryWrite:
     layer: int  # decoder block whose output the deltas are added to
     subjects: list[str]  # subject texts, one per row of `deltas`
     deltas: torch.Tensor  # (k, d) float32
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # subject -> other names that fire its slot
 
     def __post_init__(self) -> None:
         if len(self.subjects) != self.deltas.shape[0]:
             raise ValueError(f"{len(self.subjects)} subjects but {self.deltas.shape[0]} memory deltas")
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The write as named tensors (subjects as UTF-8 JSON bytes), for safetensors files."""
-        return {"memory.layer": torch.tensor([self.layer], dtype=torch.int64),
-                "memory.subjects": torch.frombuffer(bytearray(json.dumps(self.subjects).encode()), dtype=torch.uint8),
-                "memory.deltas": self.deltas.detach().float().cpu().contiguous()}
+        """The write as named tensors (subjects and aliases as UTF-8 JSON bytes), for safetensors files."""
+        out = {"memory.layer": torch.tensor([self.layer], dtype=torch.int64),
+               "memory.subjects": _json_bytes(self.subjects),
+               "memory.deltas": self.deltas.detach().float().cpu().contiguous()}
+        if self.aliases:
+            out["memory.aliases"] = _json_bytes(self.aliases)
+        return out
 
     @staticmethod
     def from_tensors(tensors: dict[str, torch.Tensor]) -> "MemoryWrite | None":
@@ -55,14 +63,49 @@ class MemoryWrite:
         if "memory.deltas" not in tensors:
             return None
         subjects = json.loads(bytes(tensors["memory.subjects"].tolist()).decode())
-        return MemoryWrite(int(tensors["memory.layer"][0]), subjects, tensors["memory.deltas"])
+        aliases = json.loads(bytes(tensors["memory.aliases"].tolist()).decode()) if "memory.aliases" in tensors else {}
+        return MemoryWrite(int(tensors["memory.layer"][0]), subjects, tensors["memory.deltas"], aliases)
 
 
-def subject_variants(tok, subject: str) -> list[tuple[int, ...]]:
-    """Token ids of `subject` after a space and at the start of a text (distinct, non-empty)."""
-    forms = {tuple(tok(" " + subject, add_special_tokens=False)["input_ids"]),
-             tuple(tok(subject, add_special_tokens=False)["input_ids"])}
+def _json_bytes(value) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+
+
+_PROMPT_ENDS: ContextVar[list[int] | None] = ContextVar("kagent_prompt_ends", default=None)
+
+
+@contextmanager
+def prompts_end_at(ends: Sequence[int]) -> Iterator[None]:
+    """For forward calls in the block that hold each prompt followed by its answer (row b's prompt: the first
+    `ends[b]` tokens), subjects are matched in the prompts only, as `generate` would."""
+    token = _PROMPT_ENDS.set(list(ends))
+    try:
+        yield
+    finally:
+        _PROMPT_ENDS.reset(token)
+
+
+def casings(name: str) -> list[str]:
+    """`name` as written, in lower case, with each word capitalised, and in upper case (distinct)."""
+    words = " ".join(w[:1].upper() + w[1:] for w in name.split(" "))
+    return list(dict.fromkeys([name, name.lower(), words, name.upper()]))
+
+
+def subject_variants(tok, subject: str, aliases: Sequence[str] = ()) -> list[tuple[int, ...]]:
+    """Token ids of `subject` and its aliases, in each of their `casings`, after a space and at the start of a
+    text (distinct, non-empty)."""
+    forms = {tuple(tok(lead + name, add_special_tokens=False)["input_ids"])
+             for written in [subject, *aliases] for name in casings(written) for lead in (" ", "")}
     return sorted(f for f in forms if f)
+
+
+def _past_length(cache) -> int:
+    """Tokens a KV cache already holds (0 for none)."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple of (key, value) per layer
 
 
 @dataclass
@@ -72,9 +115,10 @@ class EntityMemory:
     tok: object  # the model's tokenizer (subjects are matched on its token ids)
     layer: int  # decoder block whose output the slots are added to
     slots: dict[str, torch.Tensor] = field(default_factory=dict)  # subject -> (d,) delta
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # subject -> other names that fire its slot
     enabled: bool = True  # False inside suspended()
     _index: dict[int, list[tuple[tuple[int, ...], str]]] = field(default_factory=dict)  # last token -> forms
-    _ids: torch.Tensor | None = None  # input ids of the forward call in progress
+    _ids: torch.Tensor | None = None  # input ids of the forward call in progress (None: a decoding step)
 
     def write(self, w: MemoryWrite) -> None:
         """Set the slots of `w` (replacing earlier slots of the same subjects)."""
@@ -84,10 +128,13 @@ class EntityMemory:
             if not torch.isfinite(delta).all():
                 raise ValueError(f"memory delta for subject {subject!r} contains NaN or Inf")
             self.slots[subject] = delta.detach().float().cpu().clone()
+            self.aliases.pop(subject, None)
+        self.aliases.update({s: list(a) for s, a in w.aliases.items() if s in self.slots and a})
         self._reindex()
 
     def clear(self) -> None:
         self.slots.clear()
+        self.aliases.clear()
         self._reindex()
 
     @classmethod
@@ -109,20 +156,20 @@ class EntityMemory:
         """The slots as one write (None when empty): `load(snapshot())` restores them."""
         if not self.slots:
             return None
-        return MemoryWrite(self.layer, list(self.slots), torch.stack(list(self.slots.values())))
+        return MemoryWrite(self.layer, list(self.slots), torch.stack(list(self.slots.values())), dict(self.aliases))
 
     def _reindex(self) -> None:
         self._index = {}
         for subject in self.slots:
-            for form in subject_variants(self.tok, subject):
+            for form in subject_variants(self.tok, subject, self.aliases.get(subject, ())):
                 self._index.setdefault(form[-1], []).append((form, subject))
         for forms in self._index.values():
             forms.sort(key=lambda f: -len(f[0]))
 
-    def matches(self, ids: Sequence[int]) -> list[tuple[int, str]]:
-        """(position, subject) of every subject occurrence in `ids`, at the subject's last token."""
+    def matches(self, ids: Sequence[int], end: int | None = None) -> list[tuple[int, str]]:
+        """(position, subject) of every subject occurrence in `ids[:end]`, at the subject's last token."""
         out = []
-        for t, x in enumerate(ids):
+        for t, x in enumerate(ids[:end]):
             for form, subject in self._index.get(x, ()):
                 n = len(form)
                 if t + 1 >= n and tuple(ids[t + 1 - n : t + 1]) == form:
@@ -130,17 +177,20 @@ class EntityMemory:
                     break
         return out
 
-    def _grab_ids(self, _module, args, kwargs=None):
-        ids = args[0] if args else (kwargs or {}).get("input", None)
-        self._ids = ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() else None
+    def _grab_ids(self, _module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prompt = isinstance(ids, torch.Tensor) and not ids.is_floating_point() and _past_length(cache) == 0
+        self._ids = ids if prompt else None
 
     def _add(self, _module, _args, out):
         if not (self.enabled and self.slots) or self._ids is None:
             return out
         h = output_tensor(out)
         rows, cols, subjects = [], [], []
+        ends = _PROMPT_ENDS.get()
         for b, seq in enumerate(self._ids.tolist()):
-            for t, subject in self.matches(seq):
+            for t, subject in self.matches(seq, ends[b] if ends is not None and b < len(ends) else None):
                 rows.append(b)
                 cols.append(t)
                 subjects.append(subject)
@@ -154,7 +204,7 @@ class EntityMemory:
     @contextmanager
     def attached(self, model: nn.Module) -> Iterator["EntityMemory"]:
         """The memory active in `model`'s forward passes for the duration of the block."""
-        grab = model.get_input_embeddings().register_forward_pre_hook(self._grab_ids)
+        grab = model.base_model.register_forward_pre_hook(self._grab_ids, with_kwargs=True)
         add = layers_of(model)[self.layer].register_forward_hook(self._add)
         try:
             yield self
@@ -177,6 +227,7 @@ class EntityMemory:
 def merge_writes(writes: Sequence[MemoryWrite | None]) -> MemoryWrite | None:
     """The writes applied in order as one write: a later slot of a subject replaces an earlier one."""
     slots: dict[str, torch.Tensor] = {}
+    aliases: dict[str, list[str]] = {}
     layer = None
     for w in writes:
         if w is None:
@@ -185,7 +236,13 @@ def merge_writes(writes: Sequence[MemoryWrite | None]) -> MemoryWrite | None:
             raise ValueError(f"memory writes at layers {layer} and {w.layer} cannot be merged")
         layer = w.layer
         slots.update(zip(w.subjects, w.deltas))
-    return None if layer is None else MemoryWrite(layer, list(slots), torch.stack(list(slots.values())))
+        for subject in w.subjects:
+            aliases.pop(subject, None)
+        aliases.update(w.aliases)
+    if layer is None:
+        return None
+    return MemoryWrite(layer, list(slots), torch.stack(list(slots.values())),
+                       {s: a for s, a in aliases.items() if s in slots})
 
 
 EXPORT_FILE = "entity_memory.safetensors"

@@ -20,6 +20,8 @@ class EditHParams(BaseModel):
     max_steps: int = 25  # most optimisation steps per target value
     clamp_factor: float = 0.75  # ||delta|| <= clamp_factor * ||h0||
     kl_factor: float = 0.0625  # weight of KL(new || old) on "{subject} is a"
+    keep_factor: float = 0.0  # weight of the mean KL(new || old) on a request's `keep` prompts (its subject's other
+    #   relations and description): what holds the subject's other facts in place
     weight_decay: float = 0.5  # weight of ||delta||^2 / ||h0||^2
     stop: str = Field("nll", pattern="^(nll|mpes)$")  # stopping rule: NLL threshold (MEMIT) or MPES (ENCORE)
     nll_stop: float = 0.05  # "nll" rule: stop an edit once its mean target NLL falls below this

@@ -1,7 +1,8 @@
 """The target-value loop: Adam on one delta per edit, with a pluggable stopping rule.
 
-Loss per edit = mean target NLL over its prompts + kl_factor * KL on "{subject} is a"
-+ weight_decay * ||delta|| / ||h0||^2 (the reference formula), with ||delta|| clamped to
+Loss per edit = mean target NLL over its prompts (the edit prompt in every context, its other forms)
++ kl_factor * KL on "{subject} is a" + keep_factor * mean KL on its `keep` prompts (the subject's other
+relations, held where the unedited model has them) + weight_decay * ||delta|| / ||h0||^2 (the reference formula), with ||delta|| clamped to
 clamp_factor * ||h0||. Stopping rules: "nll" (MEMIT: NLL below a threshold) and "mpes"
 (ENCORE's Most-Probable Early Stopping: every target token is the argmax in every prompt,
 for `mpes_patience` consecutive checks). A stopped edit leaves the batch.
@@ -16,7 +17,7 @@ from torch import nn
 
 from editors.hparams import EditHParams
 from editors.devices import input_device
-from editors.prompts import EditRequest, context_ids, split_at_subject, value_rows
+from editors.prompts import EditRequest, context_ids, n_target_rows, split_at_subject, value_rows
 from editors.values import SuffixRunner, make_batch
 
 
@@ -48,11 +49,11 @@ def _per_request(values: torch.Tensor, req: torch.Tensor, n: int) -> torch.Tenso
 
 @dataclass
 class _Reference:
-    kl: torch.Tensor | None = None  # (n, V) log-probs on the KL prompt, read at the first step (delta == 0)
+    kl: torch.Tensor | None = None  # (n_kl_rows, V) log-probs on the KL prompts, read at the first step (delta == 0)
 
 
-def _losses(runner: SuffixRunner, lm_head: nn.Module, delta, h0, ref: _Reference, n: int, n_prompts: int,
-            hp: EditHParams):
+def _losses(runner: SuffixRunner, lm_head: nn.Module, delta, h0, ref: _Reference, n: int,
+            n_prompts: torch.Tensor, hp: EditHParams):
     b = runner.batch
     hs = runner.run(delta[b.req])  # (B, T, d)
     logp = F.log_softmax(lm_head(hs[b.tmask]).float(), -1).to(b.ttok.device)  # (Npos, V)
@@ -67,10 +68,10 @@ def _losses(runner: SuffixRunner, lm_head: nn.Module, delta, h0, ref: _Reference
     kl_req = b.req[b.is_kl]
     if ref.kl is None:  # delta is still zero: this is the unedited distribution (KL and its gradient are 0)
         ref.kl = kl_logp.detach()
-    kl_rows = (kl_logp.exp() * (kl_logp - ref.kl[kl_req])).sum(-1)
-    kl = _per_request(kl_rows, kl_req, n)
+    kl_rows = (kl_logp.exp() * (kl_logp - ref.kl[b.kid[b.is_kl]])).sum(-1)
+    kl = _per_request(b.kw[b.is_kl] * kl_rows, kl_req, n)
     wd = delta.norm(dim=1) / h0.norm(dim=1) ** 2
-    loss = nll + hp.kl_factor * kl + hp.weight_decay * wd
+    loss = nll + kl + hp.weight_decay * wd
     runner.flops += 4 * (len(tok) + len(kl_req)) * lm_head.weight.numel()
     return loss, nll.detach(), wrong == 0
 
@@ -79,15 +80,16 @@ def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates
                    hp: EditHParams, layer: int, groups: list[int] | None = None) -> ValueResult:
     """Target values of one chunk; requests with the same `groups` entry (0..G-1) share one delta."""
     device = input_device(model)
-    rows = value_rows(tok, requests, templates)
+    rows = value_rows(tok, requests, templates, hp.kl_factor, hp.keep_factor)
     batch, P = make_batch(rows, tok.pad_token_id or 0, device)
     runner = SuffixRunner(model, layer)
     runner.precompute(batch, P, context_ids(tok, templates))
     lm_head = model.get_output_embeddings()
-    n, n_prompts = len(requests), 1 + len(templates)
+    n = len(requests)
+    n_prompts = torch.tensor(n_target_rows(requests, templates), dtype=torch.float32, device=device)
     group = torch.tensor(groups if groups is not None else range(n), device=device)
     G = int(group.max()) + 1
-    plain = torch.tensor([i * (n_prompts + 1) for i in range(n)], device=device)
+    plain = torch.tensor([next(k for k, r in enumerate(rows) if r.request == i) for i in range(n)], device=device)
     h0 = runner.h_layer()[plain].detach().to(device, torch.float32)  # values, their Adam state and deltas: fp32
     ref = _Reference()
     delta = torch.zeros(G, h0.shape[1], device=device, requires_grad=True)

@@ -14,9 +14,18 @@ class EditRequest:
     prompt: str  # template with "{}" where the subject goes
     subject: str  # the entity whose fact changes
     target: str  # new object, without a leading space
+    forms: tuple[tuple[str, str], ...] = ()  # other (template, subject text) pairs that must answer the target:
+    #   paraphrases, a question, the chat template, the subject in lower case or an alias
+    keep: tuple[str, ...] = ()  # templates about the same subject whose next-token distribution must not move
+    #   (its other relations and its description): the KL rows that hold the subject's other facts in place
 
     def text(self) -> str:
         return self.prompt.replace("{}", self.subject, 1)
+
+    @property
+    def key(self) -> tuple:
+        """Everything the request's target value depends on (values are cached by it)."""
+        return self.prompt, self.subject, self.target, self.forms, self.keep
 
 
 @dataclass
@@ -26,8 +35,9 @@ class PromptRow:
     suffix: list[int]  # the subject's last token onwards (and the target minus its last token)
     target_cols: list[int] = field(default_factory=list)  # suffix indices whose logits predict target_ids
     target_ids: list[int] = field(default_factory=list)  # the target tokens
-    is_kl: bool = False  # the "{subject} is a" row of the KL term
+    is_kl: bool = False  # a KL row: "{subject} is a" or one of the request's `keep` templates
     context: int = -1  # index of the shared context whose ids begin `prefix` (-1: none)
+    kl_weight: float = 0.0  # the KL row's weight in its request's loss
 
 
 def split_at_subject(tok, template: str, subject: str) -> tuple[list[int], list[int]]:
@@ -50,8 +60,21 @@ def context_ids(tok, templates: list[str]) -> list[list[int]]:
     return [tok(t[: t.index("{}")].rstrip())["input_ids"] for t in templates]
 
 
-def value_rows(tok, requests: list[EditRequest], templates: list[str]) -> list[PromptRow]:
-    """Rows of the value optimisation: each edit's prompt in every template, then its KL row.
+def _target_row(tok, i: int, template: str, subject: str, target: list[int], context: int = -1) -> PromptRow:
+    head, tail = split_at_subject(tok, template, subject)
+    cols = [len(tail) + k for k in range(len(target))]
+    return PromptRow(i, head[:-1], [head[-1], *tail, *target[:-1]], cols, target, context=context)
+
+
+def _kl_row(tok, i: int, template: str, subject: str, weight: float) -> PromptRow:
+    head, tail = split_at_subject(tok, template, subject)
+    return PromptRow(i, head[:-1], [head[-1], *tail], is_kl=True, kl_weight=weight)
+
+
+def value_rows(tok, requests: list[EditRequest], templates: list[str], kl_factor: float = 1.0,
+               keep_factor: float = 1.0) -> list[PromptRow]:
+    """Rows of the value optimisation: each edit's prompt in every template, its other forms, then its KL rows
+    ("{subject} is a" weighted `kl_factor`, the `keep` templates sharing `keep_factor`).
 
     A row in template j whose prefix begins with `context_ids(tok, templates)[j]` is marked
     `context=j`, so that the context's keys/values can be computed once for the whole chunk.
@@ -61,14 +84,18 @@ def value_rows(tok, requests: list[EditRequest], templates: list[str]) -> list[P
     for i, req in enumerate(requests):
         target = tok(" " + req.target, add_special_tokens=False)["input_ids"]
         for j, ctx in enumerate(["{}", *templates], start=-1):
-            head, tail = split_at_subject(tok, in_context(ctx, req.prompt), req.subject)
-            suffix = [head[-1], *tail, *target[:-1]]
-            cols = [len(tail) + k for k in range(len(target))]
+            head = split_at_subject(tok, in_context(ctx, req.prompt), req.subject)[0]
             ctx_j = j if j >= 0 and 0 < len(shared[j]) < len(head) and head[: len(shared[j])] == shared[j] else -1
-            rows.append(PromptRow(i, head[:-1], suffix, cols, target, context=ctx_j))
-        head, tail = split_at_subject(tok, "{} is a", req.subject)
-        rows.append(PromptRow(i, head[:-1], [head[-1], *tail], is_kl=True))
+            rows.append(_target_row(tok, i, in_context(ctx, req.prompt), req.subject, target, ctx_j))
+        rows += [_target_row(tok, i, template, subject, target) for template, subject in req.forms]
+        rows.append(_kl_row(tok, i, "{} is a", req.subject, kl_factor))
+        rows += [_kl_row(tok, i, t, req.subject, keep_factor / len(req.keep)) for t in req.keep]
     return rows
+
+
+def n_target_rows(requests: list[EditRequest], templates: list[str]) -> list[int]:
+    """Per request, its rows that must answer the target (its NLL is their mean)."""
+    return [1 + len(templates) + len(r.forms) for r in requests]
 
 
 def key_rows(tok, requests: list[EditRequest], templates: list[str]) -> list[list[int]]:

@@ -31,6 +31,8 @@ class Batch:
     pos: torch.Tensor  # (B, P+S) position ids
     req: torch.Tensor  # (B,) edit index of each row
     is_kl: torch.Tensor  # (B,) bool
+    kid: torch.Tensor  # (B,) running index of the KL rows (-1: not a KL row); stable when rows are dropped
+    kw: torch.Tensor  # (B,) float: a KL row's weight in its request's loss
     ctx: torch.Tensor  # (B,) index of the shared context the prefix begins with (-1: none)
     tcol: torch.Tensor  # (B, T) suffix columns read by the loss (col 0 for KL rows)
     ttok: torch.Tensor  # (B, T) target token ids
@@ -62,8 +64,10 @@ def make_batch(rows: list[PromptRow], pad_id: int, device) -> tuple[Batch, int]:
     pos = (mask.long().cumsum(1) - 1).clamp(min=0)
     req = torch.tensor([r.request for r in rows])
     is_kl = torch.tensor([r.is_kl for r in rows])
+    kid = torch.where(is_kl, is_kl.long().cumsum(0) - 1, -1)
+    kw = torch.tensor([r.kl_weight for r in rows], dtype=torch.float32)
     ctx = torch.tensor([r.context for r in rows])
-    batch = Batch(ids, mask, pos, req, is_kl, ctx, tcol, ttok, tmask)
+    batch = Batch(ids, mask, pos, req, is_kl, kid, kw, ctx, tcol, ttok, tmask)
     return Batch(*(getattr(batch, f.name).to(device) for f in fields(batch))), P
 
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from editors.devices import input_device
+from editors.entity_memory import prompts_end_at
 
 DEFAULT_BATCH = 64  # pairs per forward pass
 
@@ -100,7 +101,8 @@ def _score_chunk(model: nn.Module, pairs: Sequence[Pair], pad_id: int) -> tuple[
     device = model_device(model)
     ids, mask = _pad([p.ids for p in pairs], pad_id, device)
     rows, cols, labels, lengths = _answer_positions(pairs)
-    logits = logits_at(model, hidden_states(model, ids, mask), rows.to(device), cols.to(device))
+    with prompts_end_at([len(p.prompt_ids) for p in pairs]):  # an answer naming a subject fires no slot
+        logits = logits_at(model, hidden_states(model, ids, mask), rows.to(device), cols.to(device))
     nll = torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="none").cpu()
     top = logits.argmax(-1).cpu()
     return list(nll.split(lengths)), list(top.split(lengths))
@@ -135,7 +137,8 @@ def _margin_chunk(model: nn.Module, pairs: Sequence[Pair], pad_id: int) -> tuple
     device = model_device(model)
     ids, mask = _pad([p.ids for p in pairs], pad_id, device)
     rows, cols, labels, lengths = _answer_positions(pairs)
-    logits = logits_at(model, hidden_states(model, ids, mask), rows.to(device), cols.to(device))
+    with prompts_end_at([len(p.prompt_ids) for p in pairs]):  # an answer naming a subject fires no slot
+        logits = logits_at(model, hidden_states(model, ids, mask), rows.to(device), cols.to(device))
     labels = labels.to(device)
     gold = logits.gather(1, labels[:, None])[:, 0]
     top2 = logits.topk(2, dim=-1)
@@ -213,7 +216,8 @@ def greedy_next_tokens(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: 
             ids, mask = _pad([seqs[i] + out[i] for i in idx], pad_id, device)
             last = mask.sum(1) - 1
             rows = torch.arange(len(idx), device=device)
-            nxt = logits_at(model, hidden_states(model, ids, mask), rows, last).argmax(-1).tolist()
+            with prompts_end_at([len(seqs[i]) for i in idx]):  # generated text fires no slot, as with a KV cache
+                nxt = logits_at(model, hidden_states(model, ids, mask), rows, last).argmax(-1).tolist()
             for i, t in zip(idx, nxt):
                 out[i].append(int(t))
     return out
