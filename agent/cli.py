@@ -24,6 +24,7 @@ from agent.config import ConfigError, checked_config
 from agent.loop import WatchOptions, watch as watch_feed
 from agent.report import render_report
 from agent.schedule import ScheduleError
+from agent.tiers import export_tiers
 from agent.session import initialise, open_ledger, open_session
 from agent.workspace import Workspace, WorkspaceError, default_root
 from editors.arch import UnknownArchitecture
@@ -31,13 +32,12 @@ from editors.entity_memory import EntityMemory
 from editors.models import DEFAULT_MODEL, DTYPE_CHOICES, DeviceUnavailable, dtype_name, fingerprint, load_model
 from editors.registry import METHODS, resolve_hparams
 from editors.user_corpus import CorpusError
-from memory.export import export as export_model
+from memory.gguf_export import SourceMissing
 from memory.hygiene import shown
 from memory.ledger import LedgerError, LedgerMismatch
 
 USER_ERRORS = (WorkspaceError, ConfigError, ScheduleError, LedgerError, UnknownArchitecture, DeviceUnavailable, CorpusError,
-               FileNotFoundError,
-               FileExistsError, OSError, sqlite3.OperationalError)  # the last: database or disk full, I/O error
+               FileNotFoundError, FileExistsError, OSError, SourceMissing, sqlite3.OperationalError)  # last: disk full
 
 
 class KagentGroup(click.Group):
@@ -444,16 +444,17 @@ def gc(dry_run: bool, as_json: bool, workspace: Path | None) -> None:
 
 @cli.command(name="export")
 @click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", help="Weights tier: HF checkpoint or GGUF")
 @workspace_option
-def export_cmd(out_dir: Path, workspace: Path | None) -> None:
-    """Write the edited model as a Hugging Face checkpoint plus a manifest of its facts."""
+def export_cmd(out_dir: Path, fmt: str, workspace: Path | None) -> None:
+    """Write the weights tier (HF checkpoint or GGUF), the memory tier and a manifest of which fact lives where."""
     ws = Workspace.open(ws_root(workspace))
     cfg = ws.config()
     loaded = load_checked(cfg.model, cfg.load_options())
     with open_ledger(ws) as ledger:
         load_edits(ledger, loaded)
-        path = export_model(loaded.model, loaded.tok, ledger, out_dir)
-    click.echo(f"exported to {path}")
+        path, answers = export_tiers(loaded, ledger, out_dir, fmt, cfg.model)
+    click.echo(f"exported to {path}: the weights alone answer {sum(answers.values())} of {len(answers)} applied fact(s)")
 
 
 @cli.command()

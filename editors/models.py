@@ -112,6 +112,14 @@ def _materialise_smollm2() -> Path:
     return target
 
 
+def source_gguf(name: str) -> Path | None:
+    """The GGUF file the model `name` is dequantised from (the embedded SmolLM2's), or None for a plain checkpoint
+    (`kagent export --format gguf` copies its metadata, tokenizer and unedited tensors)."""
+    if name in (DEFAULT_MODEL, "SmolLM2-135M-Instruct"):
+        return _smollm2_dir() / _GGUF_NAME
+    return None
+
+
 def resolve_model_path(name: str) -> Path | str:
     if name in (DEFAULT_MODEL, "SmolLM2-135M-Instruct"):
         return _materialise_smollm2()
