@@ -211,12 +211,22 @@ class Ledger:
 
     @staticmethod
     def _stored(row: sqlite3.Row) -> StoredFact:
+        tier = row["tier"] if "tier" in row.keys() and row["status"] == "applied" else None
         return StoredFact(row["id"], FactRecord.model_validate_json(row["record"]), row["status"], row["batch_id"],
-                          row["reason"], row["superseded_by"])
+                          row["reason"], row["superseded_by"], tier)
+
+    def _fact_select(self) -> str:
+        """SELECT of facts with each fact's tier: the one its latest committed batch lists (m007_fact_tiers)."""
+        if "m007_fact_tiers" not in self.applied_migrations():
+            return "SELECT * FROM facts WHERE 1=1"
+        return ("SELECT facts.*, (SELECT COALESCE(bf.tier, CASE WHEN EXISTS (SELECT 1 FROM edits e WHERE "
+                "e.batch_id = bf.batch_id) THEN 'weights' ELSE 'memory' END) FROM batch_facts bf JOIN batches b ON "
+                "b.id = bf.batch_id WHERE bf.fact_id = facts.id AND b.status = 'committed' ORDER BY b.id DESC "
+                "LIMIT 1) AS tier FROM facts WHERE 1=1")
 
     def facts(self, status: str | Sequence[str] | None = None, ids: Iterable[int] | None = None) -> list[StoredFact]:
-        """Facts in id order, optionally filtered by status(es) and/or ids."""
-        sql, args = "SELECT * FROM facts WHERE 1=1", []
+        """Facts in id order, optionally filtered by status(es) and/or ids; applied ones with their tier."""
+        sql, args = self._fact_select(), []
         if status is not None:
             statuses = [status] if isinstance(status, str) else list(status)
             sql += f" AND status IN ({','.join('?' * len(statuses))})"
@@ -548,11 +558,13 @@ class Ledger:
         return batch_id
 
     def consolidate(self, delta: EditDelta, keys: Mapping[int, torch.Tensor],
-                    metrics: Mapping[str, Mapping[str, float]], method: str, model: nn.Module | None = None) -> int:
+                    metrics: Mapping[str, Mapping[str, float]], method: str, model: nn.Module | None = None,
+                    tiers: Mapping[int, str] | None = None) -> int:
         """Record a consolidation: `delta` is relative to the base weights (its memory slots replace every earlier
         one) and the model holds base + delta; every committed batch becomes `consolidated`, covered by the new
-        batch, which lists the facts applied now. Their old deltas stay on disk: rolling the consolidation back
-        rebuilds the chain bit for bit."""
+        batch, which lists the facts applied now, each with its tier from `tiers` (fact id -> memory | weights;
+        unlisted: derived from the batch). Their old deltas stay on disk: rolling the consolidation back rebuilds
+        the chain bit for bit, tiers included."""
         delta.check_finite()
         weights = self._build([])
         for d in delta.layers:
@@ -573,7 +585,8 @@ class Ledger:
             for d in delta.layers:
                 self.db.execute("INSERT OR REPLACE INTO edits VALUES (?, ?, ?, ?)",
                                 (bid, d.layer, d.u.shape[1], float(d.dense().norm())))
-            self.db.executemany("INSERT INTO batch_facts VALUES (?, ?)", [(bid, f) for f in live])
+            self.db.executemany("INSERT INTO batch_facts (batch_id, fact_id, tier) VALUES (?, ?, ?)",
+                                [(bid, f, (tiers or {}).get(f)) for f in live])
             marks = ",".join("?" * len(chain))
             self.db.execute(f"UPDATE batches SET status = 'consolidated', covered_by = ? WHERE id IN ({marks})",
                             (bid, *chain))
@@ -630,7 +643,7 @@ class Ledger:
         """Facts of a new batch: applied (superseding what they replace) or failed (superseding nothing)."""
         for fid in fact_ids:
             status, why = ("failed", failed[fid]) if fid in failed else ("applied", None)
-            self.db.execute("INSERT INTO batch_facts VALUES (?, ?)", (bid, fid))
+            self.db.execute("INSERT INTO batch_facts (batch_id, fact_id) VALUES (?, ?)", (bid, fid))
             self.db.execute("UPDATE facts SET status = ?, batch_id = ?, reason = ?, updated_at = ? WHERE id = ?",
                             (status, bid, why, now, fid))
         took = [f for f in fact_ids if f not in failed]

@@ -95,6 +95,17 @@ def _m006_consolidations(db: sqlite3.Connection) -> None:
     """)
 
 
+def _m007_fact_tiers(db: sqlite3.Connection) -> None:
+    """Two tiers (issue 27): a batch lists each fact it holds with the tier that answers it, `memory` (an entity-memory
+    slot) or `weights` (the MLP weights answer it with the memory off). A fact's tier is the one its latest committed
+    batch lists, so rolling a compaction back gives every fact its earlier tier exactly. Rows written before this
+    migration hold NULL: their tier follows from the batch (weight layers in `edits`: weights, else memory)."""
+    _run(db, """
+    ALTER TABLE batch_facts ADD COLUMN tier TEXT;
+    CREATE INDEX batch_facts_fact ON batch_facts (fact_id)
+    """)
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_initial", _m001_initial),
     ("m002_metrics_and_probes", _m002_metrics_and_probes),
@@ -102,6 +113,7 @@ MIGRATIONS: list[Migration] = [
     ("m004_superseded_lookup", _m004_superseded_lookup),
     ("m005_batch_attempts", _m005_batch_attempts),
     ("m006_consolidations", _m006_consolidations),
+    ("m007_fact_tiers", _m007_fact_tiers),
 ]
 
 

@@ -146,6 +146,7 @@ class StoredFact:
     batch_id: int | None  # committed batch holding it (when applied / superseded / rolled back)
     reason: str | None  # why its status is what it is (for dropped / rolled back / quarantined)
     superseded_by: int | None  # id of the newer fact replacing it, if any
+    tier: str | None = None  # applied facts: "memory" (an entity-memory slot answers it) or "weights" (the weights do)
 
 
 def _field_of(err: dict) -> str:
