@@ -67,6 +67,7 @@ def recheck(session: Session, facts: list[StoredFact]) -> tuple[list[StoredFact]
 def merge(out: BatchOutcome, got: BatchOutcome) -> None:
     out.committed += got.committed
     out.applied += got.applied
+    out.failed += got.failed
     out.quarantined += got.quarantined
     out.deferred += got.deferred
     out.metrics = got.metrics if got.committed else out.metrics

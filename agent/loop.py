@@ -47,7 +47,8 @@ class WatchSummary:
     def line(self) -> str:
         return (f"{self.intake.lines} line(s): {self.intake.added} new fact(s), {self.intake.duplicates} duplicate(s), "
                 f"{self.intake.superseding} superseding, {len(self.intake.bad)} bad; {self.count('applied')} applied "
-                f"in {self.count('committed')} batch(es), {self.count('quarantined')} quarantined, "
+                f"in {self.count('committed')} batch(es), {self.count('failed')} failed, "
+                f"{self.count('quarantined')} quarantined, "
                 f"{self.count('deferred')} deferred")
 
 
@@ -57,7 +58,8 @@ def batch_line(out: BatchOutcome) -> str:
     probes = " ".join(f"{k}={m[k]:.3g}" for k in ("damage", "floor", "known_acc", "perplexity", "retention",
                                                    "efficacy", "interference", "delta_ratio") if k in m)
     ids = ",".join(map(str, out.committed)) or "-"
-    extra = f", {len(out.quarantined)} quarantined" if out.quarantined else ""
+    extra = f", {len(out.failed)} failed" if out.failed else ""
+    extra += f", {len(out.quarantined)} quarantined" if out.quarantined else ""
     extra += f", {len(out.deferred)} deferred" if out.deferred else ""
     return f"batch {ids}: {len(out.applied)} applied{extra} in {out.seconds:.1f}s  {probes}".rstrip()
 

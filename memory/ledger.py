@@ -94,7 +94,7 @@ class RollbackReport:
     """What a rollback did."""
 
     batch_id: int  # the batch rolled back
-    fact_ids: list[int]  # its facts, now status rolled_back
+    fact_ids: list[int]  # its facts (bar those a later batch holds now), now status rolled_back
     replayed: list[tuple[int, int]]  # (old batch, new batch) pairs recomputed after it
     message: str  # one-line summary (also logged and stored as an event)
 
@@ -684,7 +684,8 @@ class Ledger:
             fact_ids: list[int] = []
             what = f"consolidation {batch_id} (batches {covered} are committed again)"
         else:
-            fact_ids = [f.id for f in self.batch_facts(batch_id)]
+            # a fact re-queued from this batch and applied again by a later one belongs to the later batch now
+            fact_ids = [f.id for f in self.batch_facts(batch_id) if f.batch_id == batch_id]
             self._record_rollback(batch_id, later, fact_ids, reason, weights)
             what = f"batch {batch_id} ({len(fact_ids)} fact(s))"
         self._expected = weights
