@@ -495,6 +495,6 @@ def schedule(daily: str, systemd: bool, dry_run: bool, workspace: Path | None) -
 
 
 from agent.bench_cmd import bench, stats  # noqa: E402  (editor benchmark and covariance statistics)
-
-cli.add_command(bench)
-cli.add_command(stats)
+from agent.serve_cmd import serve  # noqa: E402  (the OpenAI-compatible server)
+for command in (bench, stats, serve):
+    cli.add_command(command)

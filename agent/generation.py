@@ -1,0 +1,173 @@
+"""One generation on the served model: prompt ids (the model's own chat template, or the prompt text), `model.generate`
+with its KV cache (greedy at temperature 0, sampled above), stop strings, and the text handed out piece by piece.
+
+The entity memory matches subjects in the prompt's prefill (editors/entity_memory.py), so generating with the cache
+answers with the edits like `kagent ask` does. Text is decoded from all ids so far and handed out only up to what
+cannot change any more: an unfinished UTF-8 character and a tail that may still grow into a stop string are held
+back, so a stop string never reaches the client, as OpenAI's API promises.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from editors.devices import input_device
+
+REPLACEMENT = "\ufffd"  # what decode shows for an incomplete UTF-8 sequence
+
+
+class NoChatTemplate(ValueError):
+    """The model's tokenizer has no chat template (only /v1/completions can be served)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to generate: the request's parameters, checked."""
+
+    max_tokens: int  # new tokens at most
+    temperature: float = 0.0  # 0: greedy (reproducible); > 0: sampled at this temperature
+    top_p: float = 1.0  # nucleus mass when sampling
+    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+    seed: int | None = None  # seeds the sampler (with temperature > 0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    text: str  # the whole completion, stop string excluded
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length" (max_tokens reached)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def chat_ids(tok, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` in the model's chat template, ending with the assistant's turn opened."""
+    if not getattr(tok, "chat_template", None):
+        raise NoChatTemplate("this model has no chat template; use /v1/completions")
+    text = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(tok, prompt: str) -> list[int]:
+    """Token ids of a completion prompt, tokenised as `kagent ask` does (the tokenizer's special tokens added)."""
+    return list(tok(prompt)["input_ids"])
+
+
+def eos_ids(model, tok) -> set[int]:
+    """Every token id that ends a turn: the generation config's and the tokenizer's end of sequence."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    return ids | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+
+
+class TextAssembler:
+    """Token ids in, text out: each `add` returns the text that can be shown now; `stopped` once a stop string came."""
+
+    def __init__(self, tok, stop: Sequence[str]):
+        self.tok, self.stop = tok, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # the completion so far, cut before a stop string
+        self.sent = 0  # characters of `text` handed out
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text, self.stopped = text[:min(cuts)], True
+            return self._upto(len(self.text))
+        self.text = text
+        return self._upto(len(text) - self._held(text))
+
+    def _held(self, text: str) -> int:
+        """Characters at the end of `text` that may still change: a partial character or a stop string's start."""
+        held = len(text) - text.rfind(REPLACEMENT) if text.endswith(REPLACEMENT) else 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    held = max(held, k)
+                    break
+        return held
+
+    def _upto(self, end: int) -> str:
+        piece = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+    def finish(self) -> str:
+        """The rest of the text, at the end of generation."""
+        return self._upto(len(self.text))
+
+
+class _Halt(StoppingCriteria):
+    """Ends generation once `event` is set (a stop string came, or the client went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _Tokens(BaseStreamer):
+    """Hands every new token id to `on_token` (generate first puts the prompt, which is skipped)."""
+
+    def __init__(self, on_token: Callable[[int], None]):
+        self.on_token, self.prompt_seen = on_token, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for t in value.reshape(-1).tolist():
+            self.on_token(int(t))
+
+    def end(self) -> None:
+        pass
+
+
+def generation_config(model, tok, sampling: Sampling, eos: set[int]) -> GenerationConfig:
+    sample = sampling.temperature > 0
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos) if eos else 0
+    return GenerationConfig(max_new_tokens=sampling.max_tokens, do_sample=sample, use_cache=True,
+                            temperature=sampling.temperature if sample else None,
+                            top_p=sampling.top_p if sample else None, top_k=0 if sample else None,
+                            eos_token_id=sorted(eos) or None, pad_token_id=pad)
+
+
+@torch.no_grad()
+def generate(model, tok, ids: list[int], sampling: Sampling, on_text: Callable[[str], None],
+             halt: threading.Event | None = None) -> Outcome:
+    """Generate after `ids`, handing each new piece of text to `on_text`; `halt` set from outside ends it early."""
+    halt = halt or threading.Event()
+    eos = eos_ids(model, tok)
+    text = TextAssembler(tok, sampling.stop)
+    seen = {"tokens": 0, "eos": False}
+
+    def on_token(t: int) -> None:
+        if text.stopped or seen["eos"]:
+            return
+        if t in eos:
+            seen["eos"] = True
+            return
+        seen["tokens"] += 1
+        if piece := text.add(t):
+            on_text(piece)
+        if text.stopped:
+            halt.set()
+
+    if sampling.seed is not None and sampling.temperature > 0:
+        torch.manual_seed(sampling.seed)
+    x = torch.tensor([ids], dtype=torch.long, device=input_device(model))
+    model.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=_Tokens(on_token),
+                   generation_config=generation_config(model, tok, sampling, eos),
+                   stopping_criteria=StoppingCriteriaList([_Halt(halt)]))
+    if rest := text.finish():
+        on_text(rest)
+    finish = "stop" if text.stopped or seen["eos"] or seen["tokens"] < sampling.max_tokens else "length"
+    return Outcome(text.text, finish, len(ids), seen["tokens"])

@@ -1,0 +1,346 @@
+"""`kagent serve`: the edited model behind an OpenAI-compatible HTTP API (FastAPI on uvicorn, server-sent events for
+streaming), answering with each fact as soon as `kagent watch` commits it.
+
+Endpoints: `POST /v1/chat/completions` (the model's own chat template), `POST /v1/completions`, `GET /v1/models`,
+`GET /health`. Every generated response names the committed batch it was generated with, in the `X-Kagent-Batch`
+header and in `system_fingerprint` ("kagent-b12"); agent/served.py keeps the model on the ledger's committed edits.
+
+Safe by default: it binds 127.0.0.1; with an API key every request needs `Authorization: Bearer KEY` (401 without);
+a bad request (malformed JSON, unknown fields, wrong types, over-long prompts, bad parameters, a body over
+`max_body_bytes`) is a 4xx in OpenAI's error shape (agent/serve_api.py), and an unexpected failure is a 500 of the
+same shape that leaves the server answering. One generation runs at a time (CPU); at most `max_waiting` requests
+wait for it, each at most `queue_timeout` seconds; beyond either the answer is 503 at once, so a burst cannot pile
+up memory.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from agent.generation import NoChatTemplate, Outcome, Sampling, chat_ids, generate, prompt_ids
+from agent.serve_api import (ApiError, ChatRequest, CompletionRequest, chat_choice, chat_delta, envelope, error_body,
+                             new_id, parse, sse, text_choice, usage)
+from agent.served import ServedModel, State
+from editors.models import context_length
+
+log = logging.getLogger(__name__)
+
+BATCH_HEADER = "X-Kagent-Batch"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"  # address to bind (loopback: only this machine can reach it)
+    port: int = 8000  # TCP port
+    api_key: str | None = None  # bearer token every request must carry (None: no auth)
+    max_tokens: int = 256  # most new tokens a request may ask for (and the chat default)
+    max_prompt_tokens: int = 2048  # most prompt tokens (chat template applied), also capped by the model's positions
+    max_waiting: int = 16  # requests waiting for the generator at most; more get 503 at once
+    queue_timeout: float = 60.0  # seconds a request waits for the generator before 503
+    poll_s: float = 0.5  # seconds between looks at the ledger for new commits
+    max_body_bytes: int = 1 << 20  # request bodies over this get 413
+
+
+class Busy(ApiError):
+    def __init__(self, message: str):
+        super().__init__(503, message, code="server_busy", kind="server_error", headers={"Retry-After": "1"})
+
+
+class Run:
+    """One generation on the worker thread, reporting to the event loop: ("start", State), ("text", str) pieces,
+    then ("done", Outcome) or ("error", message)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.events, self.halt = loop, asyncio.Queue(), threading.Event()
+
+    def emit(self, *event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop has closed (server shutting down): nobody is listening
+            self.halt.set()
+
+    def work(self, served: ServedModel, ids: list[int], sampling: Sampling) -> None:
+        try:
+            with served.reading() as state:
+                self.emit("start", state)
+                out = generate(served.model, served.tok, ids, sampling, lambda t: self.emit("text", t), self.halt)
+            self.emit("done", out)
+        except Exception as exc:  # a failed generation answers this request only; the server goes on
+            log.exception("serve: generation failed")
+            self.emit("error", f"generation failed: {type(exc).__name__}: {exc}")
+
+
+class Engine:
+    """Admission (one generation at a time, a bounded wait) and the worker thread the generations run on."""
+
+    def __init__(self, served: ServedModel, opts: ServeOptions):
+        self.served, self.opts = served, opts
+        self.slot = asyncio.Semaphore(1)
+        self.waiting = 0  # requests waiting for the slot
+        self.running = 0  # generations in progress (0 or 1)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kagent-generate")
+
+    async def start(self, ids: list[int], sampling: Sampling) -> tuple[Run, State]:
+        """Wait for the generator (503 when too many wait or it takes too long), start the generation and return
+        it with the committed state it runs under."""
+        if self.slot.locked() and self.waiting >= self.opts.max_waiting:
+            raise Busy(f"{self.waiting} requests are already waiting (--max-waiting {self.opts.max_waiting}); "
+                       "retry later")
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self.slot.acquire(), self.opts.queue_timeout)
+        except TimeoutError:
+            raise Busy(f"waited {self.opts.queue_timeout:g} s for the generator (--queue-timeout); retry later") from None
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        run = Run(asyncio.get_running_loop())
+        job = asyncio.get_running_loop().run_in_executor(self.pool, run.work, self.served, ids, sampling)
+        job.add_done_callback(lambda _: self._done())
+        kind, value = await run.events.get()
+        if kind == "error":
+            raise ApiError(500, value, kind="server_error", code="generation_failed")
+        return run, value
+
+    def _done(self) -> None:
+        self.running -= 1
+        self.slot.release()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def check_key(opts: ServeOptions):
+    """A dependency: the bearer token must equal `opts.api_key` (compared in constant time)."""
+    async def check(request: Request) -> None:
+        if opts.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), opts.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return check
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is over `limit` bytes (announced or sent)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {int(declared)} bytes is over the limit of {limit}",
+                       code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
+    return bytes(body)
+
+
+class Service:
+    """What the routes do: check a request, turn it into prompt ids and sampling, run it, shape the answer."""
+
+    def __init__(self, served: ServedModel, opts: ServeOptions):
+        self.served, self.opts, self.engine = served, opts, Engine(served, opts)
+        self.model_id = served.loaded.name
+        self.positions = context_length(served.model.config)
+        self.started = time.time()
+
+    def sampling(self, req, default_tokens: int, prompt_tokens: int) -> Sampling:
+        wanted = req.requested_tokens()
+        tokens = min(default_tokens, self.opts.max_tokens) if wanted is None else wanted
+        field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+        if tokens > self.opts.max_tokens:
+            raise ApiError(400, f"{field} = {tokens} is over this server's limit of {self.opts.max_tokens} "
+                           "(kagent serve --max-tokens)", param=field, code="invalid_value")
+        limit = min(self.opts.max_prompt_tokens, self.positions or self.opts.max_prompt_tokens)
+        if prompt_tokens > limit:
+            raise ApiError(400, f"the prompt is {prompt_tokens} tokens, over the limit of {limit} (kagent serve "
+                           "--max-prompt-tokens, and the model's positions)", param="messages"
+                           if isinstance(req, ChatRequest) else "prompt", code="context_length_exceeded")
+        if self.positions and prompt_tokens + tokens > self.positions:
+            if wanted is not None:
+                raise ApiError(400, f"{prompt_tokens} prompt tokens + {field} {tokens} exceed the model's "
+                               f"{self.positions} positions", param=field, code="context_length_exceeded")
+            tokens = self.positions - prompt_tokens
+        return Sampling(tokens, req.temperature or 0.0, 1.0 if req.top_p is None else req.top_p, req.stops(), req.seed)
+
+    def check_model(self, req) -> None:
+        if req.model != self.model_id:
+            raise ApiError(404, f"model '{req.model}' is not served here; this server serves '{self.model_id}' "
+                           "(GET /v1/models)", param="model", code="model_not_found")
+
+    async def chat(self, req: ChatRequest):
+        self.check_model(req)
+        try:
+            ids = chat_ids(self.served.tok, [m.for_template() for m in req.messages])
+        except NoChatTemplate as exc:
+            raise ApiError(400, str(exc), param="messages", code="no_chat_template") from None
+        sampling = self.sampling(req, self.opts.max_tokens, len(ids))
+        return await self.respond(req, ids, sampling, "chat.completion", "chatcmpl")
+
+    async def complete(self, req: CompletionRequest):
+        self.check_model(req)
+        ids = prompt_ids(self.served.tok, req.text())
+        sampling = self.sampling(req, 16, len(ids))  # OpenAI's default max_tokens for completions
+        return await self.respond(req, ids, sampling, "text_completion", "cmpl")
+
+    async def respond(self, req, ids: list[int], sampling: Sampling, kind: str, prefix: str):
+        run, state = await self.engine.start(ids, sampling)
+        headers = {BATCH_HEADER: str(state.batch)}
+        shape = Shape(kind, new_id(prefix), self.model_id, state.batch)
+        if req.stream:
+            return StreamingResponse(shape.stream(run, req.include_usage()), media_type="text/event-stream",
+                                     headers=headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        out = await finished(run)
+        return JSONResponse(shape.whole(out), headers=headers)
+
+    def health(self) -> dict:
+        state = self.served.state
+        return {"status": "ok" if self.served.reload_error is None else "stale", **self.served.describe(),
+                "batch": state.batch, "committed_batches": len(state.committed), "facts": state.facts,
+                "tiers": {"facts": state.tiers, "memory": {"slots": state.slots, "layer": state.memory_layer}},
+                "loaded_at": state.loaded_at, "reload_error": self.served.reload_error,
+                "queue": {"running": self.engine.running, "waiting": self.engine.waiting,
+                          "max_waiting": self.opts.max_waiting},
+                "uptime_s": round(time.time() - self.started, 1)}
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": int(self.started),
+                                            "owned_by": "kagent"}]}
+
+
+async def finished(run: Run) -> Outcome:
+    """Wait for the end of `run` (its text pieces are in the Outcome)."""
+    while True:
+        kind, value = await run.events.get()
+        if kind == "done":
+            return value
+        if kind == "error":
+            raise ApiError(500, value, kind="server_error", code="generation_failed")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """OpenAI's response objects for one generation."""
+
+    kind: str  # "chat.completion" or "text_completion"
+    rid: str
+    model: str
+    batch: int
+
+    def whole(self, out: Outcome) -> dict:
+        choice = chat_choice if self.kind == "chat.completion" else text_choice
+        return envelope(self.kind, self.rid, self.model, self.batch, [choice(out.text, out.finish_reason)]) | \
+            {"usage": usage(out.prompt_tokens, out.completion_tokens)}
+
+    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict:
+        if self.kind == "chat.completion":
+            delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
+            return envelope("chat.completion.chunk", self.rid, self.model, self.batch, [chat_delta(delta, finish)])
+        return envelope("text_completion", self.rid, self.model, self.batch, [text_choice(text or "", finish)])
+
+    async def stream(self, run: Run, include_usage: bool) -> AsyncIterator[bytes]:
+        try:
+            if self.kind == "chat.completion":
+                yield sse(self.chunk(None, None, first=True))
+            while True:
+                kind, value = await run.events.get()
+                if kind == "text":
+                    yield sse(self.chunk(value, None))
+                elif kind == "error":
+                    yield sse(error_body(value, "server_error", code="generation_failed"))
+                    break
+                else:
+                    yield sse(self.chunk(None, value.finish_reason))
+                    if include_usage:
+                        yield sse(envelope(self.kind + ("" if self.kind == "text_completion" else ".chunk"),
+                                           self.rid, self.model, self.batch, []) |
+                                  {"usage": usage(value.prompt_tokens, value.completion_tokens)})
+                    break
+            yield sse("[DONE]")
+        finally:
+            run.halt.set()  # the client went away (or the stream ended): stop generating
+
+
+def create_app(served: ServedModel, opts: ServeOptions, poll: bool = True) -> FastAPI:
+    """The ASGI app over `served`; with `poll`, its lifespan runs the ledger poller."""
+    service = Service(served, opts)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        if poll:
+            served.start()
+        try:
+            yield
+        finally:
+            if poll:
+                served.stop()
+            service.engine.close()
+
+    app = FastAPI(title="kagent serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
+                  dependencies=[Depends(check_key(opts))])
+    app.state.service = service
+    add_error_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await service.chat(parse(ChatRequest, await read_body(request, opts.max_body_bytes)))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await service.complete(parse(CompletionRequest, await read_body(request, opts.max_body_bytes)))
+
+    @app.get("/v1/models")
+    async def models():
+        return service.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != service.model_id:
+            raise ApiError(404, f"model '{model_id}' is not served here", param="model", code="model_not_found")
+        return service.models()["data"][0]
+
+    @app.get("/health")
+    async def health():
+        body = service.health()
+        return JSONResponse(body, headers={BATCH_HEADER: str(body["batch"])})
+
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, exc: HTTPException):  # unknown path (404), wrong method (405)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = {404: "no such endpoint; this server has /v1/chat/completions, /v1/completions, /v1/models and "
+                   "/health", 405: "method not allowed on this endpoint"}.get(exc.status_code, str(exc.detail))
+        return JSONResponse(error_body(message, "invalid_request_error", code=code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request, exc: Exception):
+        log.exception("serve: unexpected error")
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+
+def run_server(served: ServedModel, opts: ServeOptions) -> None:
+    """Serve until interrupted (Ctrl-C or SIGTERM: uvicorn finishes the requests in flight)."""
+    import uvicorn
+
+    uvicorn.run(create_app(served, opts), host=opts.host, port=opts.port, log_level="warning",
+                timeout_graceful_shutdown=10)
