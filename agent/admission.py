@@ -19,6 +19,7 @@ from agent import breaker
 from agent.batch import BatchOutcome, run_batch
 from agent.budget import MemoryBudget, Split
 from agent.session import Session
+from editors.devices import cuda_devices, peak_gpu_mb, reset_gpu_peak
 from editors.footprint import peak_mb, reset_peak
 from memory.hygiene import record_problem, shown
 from memory.record import StoredFact
@@ -76,23 +77,29 @@ def merge(out: BatchOutcome, got: BatchOutcome) -> None:
 
 def apply_group(session: Session, group: list[StoredFact], estimate: float, defers: dict[int, int],
                 max_defers: int, out: AdmittedOutcome) -> None:
-    """`run_batch` on one group inside an attempt record, with its peak memory measured and stored."""
-    reset_peak()
+    """`run_batch` on one group inside an attempt record, with its peak memory measured and stored (on CUDA the
+    model's GPUs' allocator peak, which the estimate is counted against; else the process's peak RSS)."""
+    gpu = bool(cuda_devices(session.model))
+    if gpu:
+        reset_gpu_peak(session.model)
+    else:
+        reset_peak()
     with breaker.attempt(session.ledger, group):
         got = run_batch(session, group, defers, max_defers)
-    peak = peak_mb()
+    peak = peak_gpu_mb(session.model) if gpu else peak_mb()
     for bid in got.committed:
-        session.ledger.add_metrics(bid, "memory", {"estimate_mb": estimate, "peak_rss_mb": peak})
+        session.ledger.add_metrics(bid, "memory", {"estimate_mb": estimate,
+                                                   "peak_gpu_mb" if gpu else "peak_rss_mb": peak})
     merge(out, got)
     out.estimates.append(estimate)
     out.peaks.append(peak)
 
 
-def log_split(session: Session, split: Split, budget: MemoryBudget) -> None:
+def log_split(session: Session, split: Split) -> None:
     if len(split.groups) > 1:
         ids = [[f.id for f in g] for g in split.groups]
         session.ledger.log_event("split", f"memory: {sum(map(len, ids))} facts applied as {len(ids)} batches to "
-                                 f"stay within the budget of {budget.limit_mb:.0f} MiB",
+                                 f"stay within the budget of {split.limit_mb:.0f} MiB",
                                  data={"groups": ids, "estimates_mb": split.estimates})
 
 
@@ -108,7 +115,7 @@ def run_admitted(session: Session, facts: list[StoredFact], defers: dict[int, in
     budget = MemoryBudget(session)
     for split in (budget.split(verdicts.rest), budget.split(verdicts.alone, alone=True)):
         quarantine(session, split.too_big, out, echo)
-        log_split(session, split, budget)
+        log_split(session, split)
         for group, estimate in zip(split.groups, split.estimates):
             apply_group(session, group, estimate, defers, max_defers, out)
     return out

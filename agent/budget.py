@@ -9,7 +9,9 @@ batch runs once applied (held-out perplexity windows, known facts, superposition
 compute leaves behind. Both are calibrated on SmolLM2 in RELIABILITY.md. A batch over the budget is split into
 consecutive groups that fit, each applied (and committed) on its own; a fact that does not fit even alone is
 quarantined with the estimate and the budget in its reason. Intake limits (agent/limits.py) are chosen so that a
-fact at every limit fits alone.
+fact at every limit fits alone. On CUDA the batch's working memory lives on the GPU, so there the estimate is
+counted against GPU memory instead: what this process's tensors hold on the model's GPUs plus the batch, against
+`GPU_SHARE` of what those GPUs can still give (torch.cuda.mem_get_info, memory_allocated and memory_reserved).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from agent.config import AgentConfig
 from agent.probes import WINDOW
 from agent.session import Session
+from editors.devices import gpu_memory_mb
 from editors.footprint import (Dims, EditTokens, edit_tokens, estimate, mib, page_in, resident_mb, scoring,
                                whitening)
 from evaluators.probes import LOGIT_ROWS
@@ -30,6 +33,7 @@ BUDGET_SHARE = 6  # the default budget is total RAM / BUDGET_SHARE
 PPL_BATCH = 4  # perplexity windows per forward (evaluators.probes.perplexity's default batch_size)
 KNOWN_WIDTH = 48  # tokens allowed for a known-fact probe prompt and its answer
 KEPT_SHARE = 0.5  # of the edit's working memory the process may still hold when the probes run (RELIABILITY.md)
+GPU_SHARE = 0.9  # of the GPU memory usable when a batch is planned that the batch may take (allocator fragmentation)
 
 
 def total_ram_mb() -> float:
@@ -63,6 +67,7 @@ class Split:
     groups: list[list[StoredFact]] = field(default_factory=list)  # each fits the budget
     estimates: list[float] = field(default_factory=list)  # estimated process peak of each group (MiB)
     too_big: list[tuple[StoredFact, str]] = field(default_factory=list)  # (fact, reason): over the budget alone
+    limit_mb: float = 0.0  # the most the process (on CUDA: the model's GPUs) may reach while a group runs
 
 
 class MemoryBudget:
@@ -75,27 +80,36 @@ class MemoryBudget:
         self.probes_mb = probes_mb(self.dims, session.cfg)
 
     def tokens(self, fact: StoredFact) -> EditTokens:
-        return edit_tokens(self.session.tok, fact.record.to_request(), self.session.editor.state.context_templates)
+        return edit_tokens(self.session.tok, self.session.request(fact), self.session.editor.state.context_templates)
 
     def working_mb(self, edits: list[EditTokens]) -> float:
         """The batch's largest phase: the edit, or the probes on top of what the edit leaves behind."""
         edit = estimate(self.dims, edits, self.session.editor.hp).working_mb
         return max(edit, self.probes_mb + KEPT_SHARE * edit)
 
+    def held(self) -> tuple[float, float, bool]:
+        """(MiB held now where the batch's working memory will go, the most it may reach there, on a GPU?): the
+        model's GPUs on CUDA (`GPU_SHARE` of what they can still give), else the process's RAM against the budget."""
+        gpu = gpu_memory_mb(self.session.model)
+        if gpu is not None:
+            held, usable = gpu
+            return held, held + GPU_SHARE * usable, True
+        page_in(self.session.model)
+        return resident_mb(), self.limit_mb, False
+
     def split(self, facts: list[StoredFact], alone: bool = False) -> Split:
         """Consecutive groups of `facts` whose estimated peak fits (`alone`: one fact a group)."""
         if not facts:
             return Split()
-        page_in(self.session.model)
-        resident = resident_mb()
-        out, group, sizes = Split(), [], []
+        resident, limit, gpu = self.held()
+        out, group, sizes = Split(limit_mb=limit), [], []
         for fact in facts:
             tokens = self.tokens(fact)
             single = resident + self.working_mb([tokens])
-            if single > self.limit_mb:
-                out.too_big.append((fact, self._reason(single, resident)))
+            if single > limit:
+                out.too_big.append((fact, self._reason(single, resident, limit, gpu)))
                 continue
-            if group and (alone or resident + self.working_mb(sizes + [tokens]) > self.limit_mb):
+            if group and (alone or resident + self.working_mb(sizes + [tokens]) > limit):
                 self._close(out, group, sizes, resident)
                 group, sizes = [], []
             group.append(fact)
@@ -108,7 +122,11 @@ class MemoryBudget:
         out.groups.append(group)
         out.estimates.append(resident + self.working_mb(sizes))
 
-    def _reason(self, peak: float, resident: float) -> str:
+    def _reason(self, peak: float, resident: float, limit: float, gpu: bool) -> str:
+        if gpu:
+            return (f"memory: applying it alone would take the GPU memory to ~{peak:.0f} MiB ({resident:.0f} held + "
+                    f"{peak - resident:.0f} for the batch), over the {limit:.0f} MiB it can reach ({GPU_SHARE:.0%} "
+                    "of what the GPU has free)")
         return (f"memory: applying it alone would take the process to ~{peak:.0f} MiB ({resident:.0f} resident + "
-                f"{peak - resident:.0f} for the batch), over the budget of {self.limit_mb:.0f} MiB "
+                f"{peak - resident:.0f} for the batch), over the budget of {limit:.0f} MiB "
                 "(config key memory_budget_mb)")

@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomlkit
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -151,28 +152,27 @@ class AgentConfig(BaseModel):
         return out
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+def _toml_item(value: Any):
+    """A JSON-typed value as a tomlkit item; tables inline, so every key stays at the top level of the file."""
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+        table = tomlkit.inline_table()
+        table.update({k: _toml_item(v) for k, v in value.items()})
+        return table
+    if isinstance(value, list):
+        return [_toml_item(v) for v in value]
+    return value
 
 
 def to_toml(config: AgentConfig) -> str:
-    """The config as TOML with each field's description as a comment above it."""
-    lines = ["# kagent workspace configuration (edit freely; `kagent status` shows what is in use)", ""]
+    """The config as TOML (tomlkit) with each field's description as a comment above it."""
+    doc = tomlkit.document()
+    doc.add(tomlkit.comment("kagent workspace configuration (edit freely; `kagent status` shows what is in use)"))
+    doc.add(tomlkit.nl())
+    values = config.model_dump(mode="json")
     for name, field in AgentConfig.model_fields.items():
-        lines.append(f"# {field.description}")
-        lines.append(f"{name} = {_toml_value(getattr(config, name))}")
-    return "\n".join(lines) + "\n"
+        doc.add(tomlkit.comment(field.description))
+        doc.add(name, _toml_item(values[name]))
+    return tomlkit.dumps(doc)
 
 
 def save_config(config: AgentConfig, path: Path) -> None:

@@ -3,7 +3,8 @@
 A model sits on one device, or (loaded with `device_map="auto"`) spread over several: every per-layer
 tensor an editor keeps (C0, key sums, solves) is placed on the device of that layer's edited weight
 (`layer_device`). Timings on CUDA are only true after `synchronize` (kernels run asynchronously); peak
-GPU memory is torch's allocator peak summed over the model's CUDA devices, 0 without CUDA.
+GPU memory is torch's allocator peak summed over the model's CUDA devices, 0 without CUDA; `gpu_memory_mb` is what
+the memory budget counts on CUDA (held by this process, and still usable).
 """
 from __future__ import annotations
 
@@ -52,3 +53,19 @@ def reset_gpu_peak(model: nn.Module) -> None:
 def peak_gpu_mb(model: nn.Module) -> float:
     """Peak allocated CUDA memory (MiB) since the last reset, summed over the model's devices; 0 without CUDA."""
     return sum(torch.cuda.max_memory_allocated(i) for i in cuda_devices(model)) / 2**20
+
+
+def gpu_memory_mb(model: nn.Module) -> tuple[float, float] | None:
+    """(MiB this process's tensors hold on the model's CUDA devices, MiB still usable there: what each device has
+    free plus what torch's caching allocator reserved and has not handed out), summed over those devices; None when
+    no part of the model is on CUDA."""
+    indices = cuda_devices(model)
+    if not indices:
+        return None
+    held = usable = 0
+    for i in indices:
+        free, _total = torch.cuda.mem_get_info(i)
+        allocated = torch.cuda.memory_allocated(i)
+        held += allocated
+        usable += free + torch.cuda.memory_reserved(i) - allocated
+    return held / 2**20, usable / 2**20

@@ -23,8 +23,8 @@ to a batch's estimate (agent/budget.py). Counts are elements of the model's dtyp
 
 The process itself: `page_in` reads every weight once (a checkpoint loaded from safetensors is memory-mapped and
 counts in RSS only once used, so an idle process looks ~0.5 GB lighter than it will be), `resident_mb` is RSS with
-freed heap returned to the OS, `reset_peak` / `peak_mb` the kernel's high-water mark (Linux /proc; elsewhere the
-peak since the process started).
+freed heap returned to the OS (psutil), `reset_peak` / `peak_mb` the kernel's high-water mark (Linux /proc, which
+psutil does not read; elsewhere the peak since the process started).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import resource
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 
@@ -172,10 +173,11 @@ def page_in(model: nn.Module) -> None:
         p.sum()
 
 
-def _status_mb(field: str) -> float | None:
+def _hwm_mb() -> float | None:
+    """The kernel's resettable peak-RSS mark (VmHWM), which psutil does not expose; None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -189,7 +191,7 @@ def resident_mb() -> float:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    return _status_mb("VmRSS") or peak_mb()
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def reset_peak() -> bool:
@@ -203,5 +205,5 @@ def reset_peak() -> bool:
 
 def peak_mb() -> float:
     """Peak resident memory since the last `reset_peak` (VmHWM), else since the process started."""
-    hwm = _status_mb("VmHWM")
+    hwm = _hwm_mb()
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -24,11 +24,8 @@ let go.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,6 +35,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import psutil
+
+from editors.footprint import peak_mb, reset_peak, resident_mb
 
 STAGES = ("read", "intake")
 BAD_KINDS = [
@@ -90,29 +90,8 @@ def write_feed(path: Path, lines: int, distinct: int | None = None) -> None:
             fh.write(feed_line(i, distinct) + "\n")
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0); False if it cannot."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_kb() -> int:
-    """Peak RSS since the last reset (VmHWM), else since the process started."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def run_stage(stage: str, feed: Path, work: Path, trace: bool = False) -> dict:
@@ -129,10 +108,8 @@ def run_stage(stage: str, feed: Path, work: Path, trace: bool = False) -> dict:
         ledger = Ledger(work / "ledger")
         memory = FactMemory(ledger, HashEmbedder(), index_path=work / "facts.faiss")
         memory.index()
-    gc.collect()
-    _trim()
-    reset = _reset_peak()
-    rss0 = _rss_kb()
+    rss0 = resident_mb()  # garbage collected and freed heap given back first
+    reset = reset_peak()
     if trace:
         tracemalloc.start()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -154,8 +131,8 @@ def run_stage(stage: str, feed: Path, work: Path, trace: bool = False) -> dict:
     if trace:
         out["tracemalloc_peak_mb"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 2)
         tracemalloc.stop()
-    out |= {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_added_mb": round((_peak_kb() - rss0) / 1024, 1),
-            "rss_added_mb": round((_rss_kb() - rss0) / 1024, 1), "peak_since": "stage" if reset else "process"}
+    out |= {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss_added_mb": round(peak_mb() - rss0, 1),
+            "rss_added_mb": round(_rss_mb() - rss0, 1), "peak_since": "stage" if reset else "process"}
     if stage == "intake":
         import faiss
 
@@ -165,18 +142,8 @@ def run_stage(stage: str, feed: Path, work: Path, trace: bool = False) -> dict:
         memory.release_index()  # what is left once the index is let go
         del index
         ledger.close()
-        gc.collect()
-        _trim()
-        out["rss_kept_without_index_mb"] = round((_rss_kb() - rss0) / 1024, 1)
+        out["rss_kept_without_index_mb"] = round(resident_mb() - rss0, 1)
     return out
-
-
-def _trim() -> None:
-    """Give freed heap back to the OS (glibc), so RSS shows what is still held."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def measure(lines: int, stage: str, tmp: Path, distinct: int | None = None, trace: bool = False) -> dict:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import agent.budget
 from agent.budget import MemoryBudget, budget_mb, total_ram_mb
@@ -127,3 +128,32 @@ def test_every_fact_at_the_intake_limits_fits_the_default_budget_alone_on_smollm
     working = max(edit, agent.budget.probes_mb(dims, cfg) + agent.budget.KEPT_SHARE * edit)
     resident = 1100  # MiB a watch process on SmolLM2 holds before its first batch, weights paged in (RELIABILITY.md)
     assert resident + working < 4096 - 1024  # and 1 GiB to spare
+
+
+def fake_cuda(monkeypatch, free_mb: float, allocated_mb: float, reserved_mb: float) -> None:
+    """The model's parameters 'on' CUDA device 0 with the given allocator figures (no GPU needed): torch.cuda's
+    queries and editors.devices' device lookup are replaced for this test only."""
+    import editors.devices
+
+    mib = 2**20
+    monkeypatch.setattr(editors.devices, "cuda_devices", lambda model: [0])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (int(free_mb * mib), int(80_000 * mib)))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: int(allocated_mb * mib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: int(reserved_mb * mib))
+
+
+def test_on_cuda_the_batch_is_counted_against_the_gpu_memory_not_the_ram(budget, monkeypatch):
+    monkeypatch.setattr(agent.budget, "resident_mb", lambda: pytest.fail("host RAM measured for a GPU batch"))
+    facts = [stored(i) for i in range(4)]
+    one, two, three = (budget.working_mb([budget.tokens(f) for f in facts[:n]]) for n in (1, 2, 3))
+    # 500 MiB held, and room on the GPU (free + reserved-but-unused, x GPU_SHARE) for two facts but not three
+    room = (two + three) / 2
+    fake_cuda(monkeypatch, free_mb=room / agent.budget.GPU_SHARE - 50, allocated_mb=500, reserved_mb=550)
+    split = budget.split(facts)
+    assert split.limit_mb == pytest.approx(500 + room)
+    assert [[f.id for f in g] for g in split.groups] == [[0, 1], [2, 3]]
+    assert all(500 < e <= split.limit_mb for e in split.estimates)
+    fake_cuda(monkeypatch, free_mb=one / 2, allocated_mb=500, reserved_mb=500)  # the GPU is nearly full
+    split = budget.split(facts[:1])
+    [(fact, reason)] = split.too_big
+    assert reason.startswith("memory: applying it alone would take the GPU memory to ~") and "500 held" in reason
