@@ -11,10 +11,11 @@ Split of the data: tuning happens on counterfact-train (the value optimiser's se
 figures are reported on counterfact-val.json, which nobody tunes on.
 
 Prompt forms of one edit (`RelationBank.forms`): "edit" (the record's prompt), "paraphrase" (the record's
-paraphrases: "paraphrase", "paraphrase#2", ...), "question" (`QUESTION_FORMAT`: "Question: What is the capital of
-France?\\nAnswer:"), "chat" (that question through the model's own chat template, with the generation prompt),
-"lower" (the edit prompt with the subject lower-cased, when that differs) and "alias" ("alias", "alias#2", ... for
-the record's aliases). `form_name("paraphrase#2") == "paraphrase"`.
+paraphrases: "paraphrase", "paraphrase#2", ...), "question" (`QUESTION_FORMAT`, e.g. "Q: What is the capital of
+France?\\nA:"; SmolLM2-Instruct answers "Question: ...\\nAnswer:" and "Question: ... Answer:" with end-of-text
+at once for 4 of 6 questions tried, "Q: ...\\nA:" in a sentence), "chat" (that question through the model's own
+chat template, with the generation prompt), "lower" (the edit prompt with the subject lower-cased, when that
+differs) and "alias" ("alias", "alias#2", ... for the record's aliases). `form_name("paraphrase#2") == "paraphrase"`.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pathlib import Path
 BANK_FILE = "relations.json"
 SPLITS = ("train", "test")
 DESCRIPTION = "description"  # Statement.relation of a description prompt ("{} is a")
-QUESTION_FORMAT = "Question: {question}\nAnswer:"  # the "question" form; the answer is generated after "Answer:"
+QUESTION_FORMAT = "Q: {question}\nA:"  # the "question" form; the answer is generated after "A:"
 
 
 def fill(template: str, subject: str) -> str:

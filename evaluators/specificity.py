@@ -19,7 +19,7 @@ with leading articles ("the", "a", "an") and punctuation dropped, its first word
 after it (at most 3: "New York City"), case-folded. " Paris, France" and " paris." are equal; " the Euro" and
 " the Dollar" differ. "Contains" is a case-insensitive match of the whole target between word boundaries.
 
-Forms and the bank: `evaluators.relations` (the "question" form is "Question: <question>\\nAnswer:").
+Forms and the bank: `evaluators.relations` (the "question" form is "Q: <question>\\nA:").
 """
 from __future__ import annotations
 
