@@ -2,13 +2,15 @@
 
 Every method starts from the unedited model and applies the same first N records in the
 same order, in batches of B; the final model is evaluated on all N records together with
-perplexity, known-fact accuracy and weight-norm growth. Each row records the device and dtype it ran on and,
+perplexity, known-fact accuracy and weight-norm growth, and (CounterFact) on a sample of them with the same-subject
+specificity and reach per prompt form of evaluators/specificity.py. Each row records the device and dtype it ran on and,
 on CUDA, the peak GPU memory of the method's batches; edit timings synchronise CUDA before reading the clock.
 """
 from __future__ import annotations
 
 import json
 import logging
+import random
 import resource
 import shlex
 import time
@@ -28,7 +30,9 @@ from editors.registry import METHODS, make_editor
 from editors.user_corpus import UserCorpus
 from evaluators import counterfact, norms, probes, zsre
 from evaluators.counterfact import harmonic_mean
+from evaluators.relations import RelationBank
 from evaluators.scoring import greedy_matches
+from evaluators.specificity import EditCase, SpecificityConfig, ask, build_plan, score
 from memory.planner import Order, plan
 
 log = logging.getLogger(__name__)
@@ -91,6 +95,7 @@ class BenchConfig(BaseModel):
     overrides: dict = {}  # hyperparameter overrides for every method
     consolidate_every: int = 0  # re-solve all edits jointly from the base weights every K batches (0 = never)
     variants: list[Variant] = []  # further rows after `methods`; values_on="base" rows share their target values
+    specificity_n: int = 200  # edited records sampled for specificity and reach (CounterFact; 0 = not measured)
 
 
 class MethodResult(BaseModel):
@@ -123,6 +128,19 @@ class MethodResult(BaseModel):
     device: str = "cpu"  # where the model ran ("cuda:0", "cpu"; several joined by "," under a device map)
     dtype: str = "float32"  # the model's dtype
     peak_gpu_mb: float | None = None  # peak allocated CUDA memory of the method's batches (None without CUDA)
+    specificity_all: float | None = None  # same-subject statements unchanged (evaluators/specificity.py)
+    specificity_sure: float | None = None  # ... of those the unedited model is sure of (first token p >= .3)
+    neighbours_unchanged: float | None = None  # locality prompts whose greedy answer is unchanged
+    reach_edit: float | None = None  # share of edit prompts whose greedy answer contains the new target
+    reach_paraphrase: float | None = None  # ... of paraphrase prompts
+    reach_question: float | None = None  # ... of "Q: <question>\nA:" prompts
+    reach_chat: float | None = None  # ... of the question in the model's chat template
+    reach_lower: float | None = None  # ... of edit prompts with the subject lower-cased
+    native_edit: float | None = None  # share of edit prompts the unedited model answers with the true fact
+    native_paraphrase: float | None = None  # ... paraphrase prompts
+    native_question: float | None = None  # ... question prompts
+    native_chat: float | None = None  # ... chat-template prompts
+    native_lower: float | None = None  # ... lower-cased prompts
     hparams: dict = {}  # the editor's hyperparameters
 
 
@@ -154,7 +172,9 @@ class _Task:
             self.records = edit_set(counterfact.load_counterfact(cfg.facts), end, "counterfact", cfg.facts)[cfg.start:]
             self.requests = counterfact.to_requests(self.records)
             self.prompts = ([r.prompt for r in self.records], [r.rephrase_prompt for r in self.records])
+            self.spec = specificity_plan(self.records, cfg.specificity_n, tok)
         else:
+            self.spec = None
             edits = zsre.to_requests(edit_set(zsre.load_zsre(cfg.facts), end, "zsre", cfg.facts)[cfg.start:])
             self.records, self.requests = edits.records, edits.requests
             self.pre_loc = zsre.locality_predictions(model, tok, self.records)
@@ -172,6 +192,26 @@ class _Task:
         edit, para = self.prompts
         hits = greedy_matches(model, tok, edit + para, targets + targets).float()
         return out | {"greedy_es": float(hits[: len(edit)].mean()), "greedy_ps": float(hits[len(edit):].mean())}
+
+    def ask_specificity(self, model, tok) -> list | None:
+        """The model's answers to the specificity plan's prompts (None without a plan)."""
+        return ask(model, tok, self.spec, SpecificityConfig()) if self.spec else None
+
+    def specificity(self, before: list | None, after: list | None) -> dict:
+        """The specificity and reach fields of a row from unedited and edited answers ({} without a plan)."""
+        if not self.spec or before is None or after is None:
+            return {}
+        summary = score(self.spec, before, after, SpecificityConfig()).summary()
+        return {k: v for k, v in summary.items() if k in MethodResult.model_fields}
+
+
+def specificity_plan(records: list, n: int, tok):
+    """The specificity plan of `n` of the records, sampled with a fixed seed (None when n is 0)."""
+    if n <= 0 or not records:
+        return None
+    picked = sorted(random.Random(0).sample(range(len(records)), min(n, len(records))))
+    cases = [EditCase.from_counterfact(records[i]) for i in picked]
+    return build_plan(RelationBank.load(), cases, tok, SpecificityConfig())
 
 
 def batches(requests: list[EditRequest], size: int, order: str) -> list[list[EditRequest]]:
@@ -250,6 +290,7 @@ def run_method(cfg: BenchConfig, variant: Variant, base: dict, shared: dict | No
         edit_peak, gpu_peak = peak_mb(), peak_gpu_mb(lm.model)
         quality = task.evaluate(lm.model, lm.tok)
         after = _probes(lm.model, lm.tok, cfg)
+        quality |= task.specificity(base.get("spec"), task.ask_specificity(lm.model, lm.tok))
     return _row(cfg, method, quality, base, after, norm_growth=norms.norm_growth(lm.model, w0),
                 mem_estimate_mb=mem_estimate, edit_peak_rss_mb=edit_peak, **placement(lm.model),
                 peak_gpu_mb=gpu_peak if torch.cuda.is_available() else None,
@@ -275,8 +316,9 @@ def run_bench(cfg: BenchConfig, on_row=None) -> list[MethodResult]:
     torch.manual_seed(0)
     lm = load(cfg)
     task = _Task(cfg, lm.model, lm.tok)
-    base = _probes(lm.model, lm.tok, cfg)
-    rows = [_row(cfg, "unedited", task.evaluate(lm.model, lm.tok), base, base, norm_growth=1.0, edit_seconds=0.0,
+    base = _probes(lm.model, lm.tok, cfg) | {"spec": task.ask_specificity(lm.model, lm.tok)}
+    quality = task.evaluate(lm.model, lm.tok) | task.specificity(base["spec"], base["spec"])
+    rows = [_row(cfg, "unedited", quality, base, base, norm_growth=1.0, edit_seconds=0.0,
                  edits_per_second=0.0,
                  value_seconds=0.0, value_gflops=0.0, mean_steps=0.0, **placement(lm.model))]
     if on_row:
@@ -293,11 +335,14 @@ def run_bench(cfg: BenchConfig, on_row=None) -> list[MethodResult]:
 
 COLUMNS = ["method", "es", "greedy_es", "ps", "greedy_ps", "ns", "score", "ppl_after", "known_acc_after", "norm_growth",
            "edits_per_second", "value_gflops", "mean_steps", "peak_rss_mb", "mem_estimate_mb", "edit_peak_rss_mb"]
+SPEC_COLUMNS = ["specificity_all", "specificity_sure", "neighbours_unchanged"] + [
+    f"{kind}_{form}" for form in ("edit", "paraphrase", "question", "chat", "lower") for kind in ("reach", "native")]
 
 
 def table(rows: list[MethodResult]) -> str:
-    """A fixed-width text table of the main columns."""
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-    cells = [COLUMNS] + [[fmt(getattr(r, c)) for c in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    """A fixed-width text table of the main columns (and the specificity ones a row has)."""
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)  # noqa: E731
+    columns = COLUMNS + [c for c in SPEC_COLUMNS if any(getattr(r, c) is not None for r in rows)]
+    cells = [columns] + [[fmt(getattr(r, c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)

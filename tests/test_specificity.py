@@ -194,3 +194,27 @@ def test_measure_on_a_tiny_model_sees_a_perturbation(tok):
                            cfg=SpecificityConfig(short_tokens=4, long_tokens=4))
     assert res_same.specificity_all == 1.0 and res_same.neighbours_unchanged == 1.0
     assert res_diff.specificity_all < 1.0
+
+
+def test_bench_rows_gain_specificity_and_reach_columns(tmp_path, tok):
+    from evaluators.bench import COLUMNS, BenchConfig, MethodResult, _Task, table
+    from tests.conftest import make_tiny_llama
+
+    recs = [{"case_id": 900000 + i, "prompt": f"The mother tongue of Person {c} is", "subject": f"Person {c}",
+             "target_new": "English", "ground_truth": "French", "rephrase_prompt": f"Person {c} spoke",
+             "locality_prompt": "The mother tongue of Someone is", "locality_ground_truth": "French"}
+            for i, c in enumerate("ABC")]
+    (tmp_path / "cf.json").write_text(json.dumps(recs))
+    task = _Task(BenchConfig(facts=tmp_path / "cf.json", n=3, specificity_n=2), None, tok)
+    assert len(task.spec.cases) == 2
+    with one_thread():
+        model = make_tiny_llama(len(tok))
+        before = task.ask_specificity(model, tok)
+    same = task.specificity(before, before)
+    assert same["specificity_all"] == 1.0 and same["neighbours_unchanged"] == 1.0 and "native_edit" in same
+    changed = task.specificity(before, [Answer(" zzz", 1.0)] * len(before))
+    assert changed["specificity_all"] < 1.0 and changed["reach_edit"] == 0.0
+    row = MethodResult.model_construct(**{c: 0.0 for c in COLUMNS} | {"method": "m"} | same)
+    header = table([row]).splitlines()[0].split()
+    assert {"specificity_all", "reach_edit", "native_edit"} <= set(header) and "reach_chat" not in header
+    assert _Task(BenchConfig(facts=tmp_path / "cf.json", n=3, specificity_n=0), None, tok).spec is None
