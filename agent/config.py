@@ -76,6 +76,17 @@ class AgentConfig(BaseModel):
     retention_sample: int = Field(50, ge=1, description="applied facts sampled for the retention probe")
     consolidate_on_refresh: bool = Field(True, description="after `kagent refresh` has read its feeds, re-solve every "
                                          "applied fact from the base weights as one batch (`kagent consolidate`)")
+    compact: bool = Field(True, description="with the entity memory, `kagent consolidate` moves the facts the damage "
+                          "budget allows into the MLP weights (ENCORE's solve from the base weights); false = only "
+                          "merge the chain's slots")
+    compact_rounds: int = Field(4, ge=1, description="joint solves a compaction may try (each keeps the facts the "
+                                "previous one's weights answered, or half of them when it was over budget)")
+    compact_known_drop: float = Field(0.05, ge=0, description="max drop of known-fact accuracy a compaction may bring "
+                                      "(absolute, 0-1, against the model before it)")
+    compact_ppl_ratio: float = Field(1.03, ge=1, description="max held-out perplexity after a compaction as a multiple "
+                                     "of the perplexity before it")
+    compact_norm_growth: float = Field(1.05, ge=1, description="max ||W||_F growth of any edited layer a compaction may "
+                                       "bring, against the base weights")
     seed: int = Field(0, description="random seed for sampling probes and the 'random' order")
     max_prompt_tokens: int = Field(
         64, ge=1, description="most model tokens of a feed line's prompt with its subject filled in; longer lines are "

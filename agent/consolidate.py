@@ -5,25 +5,27 @@ What is re-solved depends on where the editor writes (config `editor.write`):
 
 - weights (`write = "weights"`): every applied fact's target value is optimised again on the base model and all of
   them are solved jointly from the base weights, keys read on the base model (D4S / NSE-style, `Editor.rebase`);
-- entity memory (ENCORE's default): slot values were optimised on the base model already, so the chain's slots are
-  merged into one write, without the slots of subjects no applied fact names any more (facts that failed).
+- entity memory (ENCORE's default): compaction (agent/compaction.py) moves the largest set of facts the damage budget
+  allows into the weights by the same solve; a fact the weights answer with the memory off gets tier `weights` and
+  gives up its slot, the others keep theirs (tier `memory`). With no set within budget, the chain's slots are merged
+  into one write, without the slots of subjects no applied fact names any more (facts that failed).
 
 The guard: the model with the consolidation is asked every applied fact (greedy) and probed (known facts, held-out
 perplexity); when it answers fewer applied facts, fewer known facts, or its perplexity is more than
-`PPL_TOLERANCE` above the chain's, the chain is restored exactly and kept (a `consolidate` event says why).
+`PPL_TOLERANCE` above the chain's (a compaction: more than its `compact_*` budget), the chain is restored exactly and
+kept (a `consolidate` event says why).
 Rolling the consolidation back (`kagent rollback BATCH` or `--to` an earlier batch) recommits the chain bit for bit.
 """
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
-
-import torch
 
 from agent import batch
 from agent.batch import dense
+from agent.compaction import at_base_plus, compact
 from agent.session import Session
-from editors.arch import weight_view
 from editors.core import EditResult
 from editors.delta import EditDelta
 from editors.entity_memory import MemoryWrite
@@ -41,12 +43,17 @@ class Consolidation:
     facts: int  # applied facts it holds
     kept_chain: str = ""  # why the chain was kept instead ("" when committed or nothing to do)
     metrics: dict[str, float] = field(default_factory=dict)  # before_* / after_* probe readings
+    tiers: dict[str, int] = field(default_factory=dict)  # applied facts per tier after it (memory, weights)
+    rounds: list[dict] = field(default_factory=list)  # a compaction's rounds (agent/compaction.py)
 
     def line(self) -> str:
         if self.batch_id is not None:
-            return (f"consolidated batches {self.covers} into batch {self.batch_id}: {self.facts} applied fact(s), "
-                    f"{int(self.metrics['after_took'])} answer (were {int(self.metrics['before_took'])}), "
-                    f"perplexity {self.metrics['before_perplexity']:.2f} -> {self.metrics['after_perplexity']:.2f}")
+            split = f" ({self.tiers.get('weights', 0)} in the weights, {self.tiers.get('memory', 0)} in the memory)"
+            return (f"consolidated batches {self.covers} into batch {self.batch_id}: {self.facts} applied fact(s)"
+                    f"{split if self.tiers else ''}, {int(self.metrics['after_took'])} answer (were "
+                    f"{int(self.metrics['before_took'])}), known facts {self.metrics.get('before_known_acc', 1):.3f}"
+                    f" -> {self.metrics.get('after_known_acc', 1):.3f}, perplexity "
+                    f"{self.metrics['before_perplexity']:.2f} -> {self.metrics['after_perplexity']:.2f}")
         return self.kept_chain
 
 
@@ -87,18 +94,70 @@ def worse(m: dict[str, float]) -> str:
     return ""
 
 
-def at_base_plus(session: Session, delta: EditDelta) -> None:
-    """The model = base weights + `delta` (weights and entity memory): what the ledger will hold once committed."""
-    with torch.no_grad():
-        for layer, w in session.w0.items():
-            view = weight_view(session.model, layer)
-            view.copy_(w.to(view.device, view.dtype))
-    delta.apply(session.model)
-    session.editor.memory.load(delta.memory)
+def worse_compacted(m: dict[str, float], cfg) -> str:
+    """Why the compacted model (both tiers on) is worse than the chain beyond the compaction budget ("" if not)."""
+    if m["after_took"] < m["before_took"]:
+        return f"it answers {int(m['after_took'])} applied facts, the chain {int(m['before_took'])}"
+    if m.get("after_known_acc", 1.0) < m.get("before_known_acc", 1.0) - cfg.compact_known_drop:
+        return f"known-fact accuracy {m['after_known_acc']:.3f} < {m['before_known_acc']:.3f} - {cfg.compact_known_drop}"
+    if m["after_perplexity"] > m["before_perplexity"] * cfg.compact_ppl_ratio:
+        return f"perplexity {m['after_perplexity']:.3f} > {m['before_perplexity']:.3f} x {cfg.compact_ppl_ratio}"
+    return ""
+
+
+def kept(session: Session, chain: list[int], live: list[StoredFact], why: str, metrics: dict,
+         rounds: list[dict] | None = None) -> Consolidation:
+    """The chain restored exactly and kept, with an event saying why."""
+    session.restore()
+    reason = f"kept the chain of batches {chain}: {why}"
+    session.ledger.log_event("consolidate", reason, data={"covers": chain, "metrics": metrics, "rounds": rounds or []})
+    return Consolidation(None, chain, len(live), reason, metrics, rounds=rounds or [])
+
+
+def commit(session: Session, chain: list[int], live: list[StoredFact], delta: EditDelta, keys: dict,
+           metrics: dict, tiers: dict[int, str] | None = None) -> int:
+    """Record the consolidation (the model holds base + `delta`); on any failure the chain is restored."""
+    try:
+        bid = session.ledger.consolidate(delta, keys, {"after": metrics}, session.cfg.method, session.model,
+                                         tiers=tiers)
+    except BaseException:
+        session.restore()
+        raise
+    session.rebuild_state()
+    session.probes.keep(None)
+    return bid
+
+
+def compact_memory(session: Session, chain: list[int], live: list[StoredFact], metrics: dict) -> Consolidation | None:
+    """Memory -> weights compaction (agent/compaction.py), guarded with both tiers on; None (model restored, a
+    `compaction` event saying why) when no set of facts fits the damage budget."""
+    t0 = time.perf_counter()
+    before = {k.removeprefix("before_"): v for k, v in metrics.items()}
+    try:
+        plan = compact(session, live, before)
+    except BaseException:
+        session.restore()
+        raise
+    if plan.delta is None:
+        session.restore()
+        session.ledger.log_event("compaction", f"no fact moved into the weights: {plan.why_not}; the chain's slots "
+                                 "are merged instead", data={"covers": chain, "rounds": plan.rounds})
+        return None
+    metrics |= reading(session, live, "after")
+    why = worse_compacted(metrics, session.cfg)
+    if why:
+        return kept(session, chain, live, f"the compacted model probes worse ({why})", metrics, plan.rounds)
+    counts = {t: sum(v == t for v in plan.tiers.values()) for t in ("weights", "memory")}
+    metrics |= {"weights_tier": float(counts["weights"]), "memory_tier": float(counts["memory"]),
+                "rounds": float(len(plan.rounds)), "compaction_seconds": time.perf_counter() - t0}
+    metrics |= {f"after_{k}": plan.best[k] for k in ("norm_growth", "interference", "delta_ratio")}
+    bid = commit(session, chain, live, plan.delta, {l: dense(k) for l, k in plan.keys.items()}, metrics, plan.tiers)
+    return Consolidation(bid, chain, len(live), "", metrics, counts, plan.rounds)
 
 
 def consolidate(session: Session) -> Consolidation:
-    """Re-solve every applied fact from the base weights; commit it when it probes no worse than the chain."""
+    """Re-solve every applied fact from the base weights (with the entity memory: compact as many as the damage
+    budget allows into the weights); commit it when it probes no worse than the chain."""
     ledger = session.ledger
     chain = [b.id for b in ledger.history() if b.status == "committed"]
     live = ledger.facts(status="applied")
@@ -106,21 +165,16 @@ def consolidate(session: Session) -> Consolidation:
         return Consolidation(None, chain, len(live), "nothing to consolidate: "
                              + ("no committed batch" if not chain else f"batch {chain[0]} is already one"))
     metrics = reading(session, live, "before")
+    if session.editor.hp.write == "memory" and session.cfg.compact:
+        done = compact_memory(session, chain, live, metrics)
+        if done is not None:
+            return done
     result = solved(session, live)
     result.delta.check_finite()
     at_base_plus(session, result.delta)
     metrics |= reading(session, live, "after")
     why = worse(metrics)
     if why:
-        session.restore()
-        reason = f"kept the chain of batches {chain}: the consolidated model probes worse ({why})"
-        ledger.log_event("consolidate", reason, data={"covers": chain, "metrics": metrics})
-        return Consolidation(None, chain, len(live), reason, metrics)
-    try:
-        bid = ledger.consolidate(result.delta, result.keys, {"after": metrics}, session.cfg.method, session.model)
-    except BaseException:
-        session.restore()
-        raise
-    session.rebuild_state()
-    session.probes.keep(None)
+        return kept(session, chain, live, f"the consolidated model probes worse ({why})", metrics)
+    bid = commit(session, chain, live, result.delta, result.keys, metrics)
     return Consolidation(bid, chain, len(live), "", metrics)

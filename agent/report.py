@@ -60,6 +60,7 @@ class FactRow:
     reason: str | None
     took: bool | None = None  # greedy answer == target (TOOK_PROBE row); None = not checked
     answer: str | None = None  # the greedy answer that probe recorded
+    tier: str | None = None  # applied facts: memory or weights
 
 
 @dataclass
@@ -208,10 +209,11 @@ def took_cell(f: FactRow) -> str:
 
 
 def fact_table(facts: Sequence[FactRow]) -> str:
-    head = "".join(f"<th>{c}</th>" for c in ("fact", "prompt", "target", "status", "batch",
+    head = "".join(f"<th>{c}</th>" for c in ("fact", "prompt", "target", "status", "tier", "batch",
                                              "took (greedy answer = target)", "reason"))
     body = [f"<tr><td class='num'>f{f.fact_id}</td><td>{_esc(f.text)}</td><td>{_esc(f.target)}</td>"
-            f"<td>{_badge(f.status)}</td><td class='num'>{_esc(f.batch_id)}</td>{took_cell(f)}"
+            f"<td>{_badge(f.status)}</td><td>{_esc(f.tier or '')}</td>"
+            f"<td class='num'>{_esc(f.batch_id)}</td>{took_cell(f)}"
             f"<td class='reason'>{_esc(f.reason)}</td></tr>" for f in facts]
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 

@@ -53,7 +53,7 @@ def history_line(row: dict[str, Any]) -> str:
 def fact_row(f: StoredFact) -> dict[str, Any]:
     """A fact as JSON: ledger id, the source's id, status, batch, reason, and the record's fields."""
     r = f.record
-    return {"id": f.id, "source_id": r.id, "status": f.status, "batch": f.batch_id, "reason": f.reason,
+    return {"id": f.id, "source_id": r.id, "status": f.status, "tier": f.tier, "batch": f.batch_id, "reason": f.reason,
             "superseded_by": f.superseded_by, "subject": r.subject, "prompt": r.prompt, "target": r.target,
             "text": r.text, "source": r.source}
 
@@ -67,7 +67,8 @@ def fact_line(f: StoredFact) -> str:
     r = f.record
     where = f" batch {f.batch_id}" if f.batch_id else ""
     why = f" ({shown(f.reason)})" if f.reason else ""
-    return f"f{f.id:<5} {f.status:<11}{where}  {shown(r.text)} -> {shown(r.target)}{why}"
+    tier = f" [{f.tier}]" if f.tier else ""
+    return f"f{f.id:<5} {f.status:<11}{where}{tier}  {shown(r.text)} -> {shown(r.target)}{why}"
 
 
 def event_line(e: Event) -> str:
@@ -125,13 +126,20 @@ def status_counts(ledger: Ledger) -> dict[str, int]:
     return out
 
 
+def tier_counts(ledger: Ledger) -> dict[str, int]:
+    """Applied facts per tier: memory (an entity-memory slot answers them) and weights (the weights do)."""
+    tiers = [f.tier for f in ledger.facts(status="applied")]
+    return {t: tiers.count(t) for t in ("memory", "weights")}
+
+
 def status_json(root: Path, cfg: AgentConfig, baseline: Baseline | None, writer: str | None,
                 ledger: Ledger) -> dict[str, Any]:
     """`kagent status`: workspace, model, config in use, baseline, writer, facts by status, last batch, feeds."""
     rows = history_rows(ledger, 1)
     return {"workspace": str(root), "model": cfg.model, "method": cfg.method, "batch_size": cfg.batch_size,
             "order": cfg.order, "baseline": baseline.model_dump() if baseline else None, "writer": writer,
-            "facts": dict(sorted(status_counts(ledger).items())), "last_batch": rows[0] if rows else None,
+            "facts": dict(sorted(status_counts(ledger).items())), "tiers": tier_counts(ledger),
+            "last_batch": rows[0] if rows else None,
             "feeds": [{"feed": feed, "offset": ledger.feed_offset(feed)} for feed in cfg.feeds]}
 
 
@@ -143,6 +151,8 @@ def status_text(info: dict[str, Any]) -> str:
         lines.append(f"baseline known-fact accuracy {acc}, perplexity {b['perplexity']:.2f}")
     lines.append(f"writer: {info['writer']}" if info["writer"] else "writer: none (idle)")
     lines.append("facts: " + (", ".join(f"{n} {s}" for s, n in info["facts"].items()) or "none"))
+    if any(info.get("tiers", {}).values()):
+        lines.append("applied facts by tier: " + ", ".join(f"{n} {t}" for t, n in info["tiers"].items()))
     lines.append("last batch: " + (history_line(info["last_batch"]) if info["last_batch"] else "none"))
     lines += [f"feed {shown(f['feed'])}: byte {f['offset']}" for f in info["feeds"]]
     return "\n".join(lines)
@@ -199,7 +209,7 @@ def report_facts(ledger: Ledger, limit: int) -> list[FactRow]:
         probe = took.get(f.id, {})
         correct = probe.get("correct")
         out.append(FactRow(f.id, f.record.text, f.record.target, f.status, f.batch_id, f.reason,
-                           None if correct is None else bool(correct), probe.get("output")))
+                           None if correct is None else bool(correct), probe.get("output"), f.tier))
     return out
 
 

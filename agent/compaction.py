@@ -1,0 +1,168 @@
+"""Compaction: facts move from the entity memory (tier 1) into the MLP weights (tier 2) by ENCORE's norm-constrained
+solve from the base weights, as many as the damage budget allows.
+
+Rounds: the candidate facts (every applied fact, those already in the weights included: the solve starts from the
+base weights) are solved jointly (`Editor.rebase` with `write = "weights"`: target values optimised at the last edited
+layer on the base model, cached between rounds), the memory is taken off and each fact is asked greedily. A round is
+within budget when known-fact accuracy, held-out perplexity, norm growth and the predicted interference on the
+known-fact probes' keys stay inside the `compact_*` thresholds of `config.toml` (and `interference_threshold`). The
+next round keeps only the facts the weights answered (misses add damage and answer nothing) or, over budget, half of
+those; the round within budget whose weights answer the most facts wins. Its answered facts get tier `weights` and
+give up their slot when no other fact of the subject stays in memory; every other fact keeps its slot (tier
+`memory`). The result is checked with both tiers on: every fact that answered before must still answer, else nothing
+is committed. Nothing reaches the ledger before that: a failed or interrupted compaction leaves the chain as it was.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from agent.monitors import norm_metrics, predicted_interference
+from agent.session import Session
+from agent.tiers import weights_answer
+from editors.arch import weight_view
+from editors.core import EditResult
+from editors.delta import EditDelta
+from editors.entity_memory import MemoryWrite
+from memory.record import StoredFact
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Round:
+    """One joint solve of `facts` from the base weights and what the weights alone did with it."""
+
+    facts: list[StoredFact]  # facts solved into the weights this round
+    result: EditResult  # the weight delta (relative to the base weights) and its keys
+    answers: dict[int, bool]  # fact id -> the weights answer it with the memory off (every applied fact)
+    metrics: dict[str, float]  # damage readings of the weights alone
+    over: str = ""  # why the round is over the damage budget ("" = within)
+
+    @property
+    def answered(self) -> list[StoredFact]:
+        return [f for f in self.facts if self.answers[f.id]]
+
+
+@dataclass
+class Compaction:
+    """What a compaction chose: the weights delta, the slots kept, each fact's tier, and its rounds."""
+
+    delta: EditDelta | None  # weights + kept slots, relative to the base weights (None: nothing within budget)
+    keys: dict[int, torch.Tensor]  # the weight solve's keys
+    tiers: dict[int, str]  # fact id -> memory | weights
+    rounds: list[dict] = field(default_factory=list)  # per round: facts, answered, over, metrics
+    why_not: str = ""  # why nothing was chosen
+    best: dict[str, float] = field(default_factory=dict)  # the chosen round's weights-alone readings
+
+
+def at_base_plus(session: Session, delta: EditDelta) -> None:
+    """The model = base weights + `delta` (weights and entity memory)."""
+    with torch.no_grad():
+        for layer, w in session.w0.items():
+            view = weight_view(session.model, layer)
+            view.copy_(w.to(view.device, view.dtype))
+    delta.apply(session.model)
+    session.editor.memory.load(delta.memory)
+
+
+def solve(session: Session, facts: list[StoredFact]) -> EditResult:
+    """`facts` solved jointly into the weights from the base weights by the session's method (ENCORE)."""
+    with session.editor.overriding(write="weights"):
+        return session.editor.rebase([f.record.to_request() for f in facts], session.w0,
+                                     progress=sys.stderr.isatty())
+
+
+def over_budget(session: Session, before: dict[str, float], m: dict[str, float]) -> str:
+    """Why the weights-alone readings `m` exceed the compaction budget against the chain's `before` ("" if not)."""
+    c = session.cfg
+    if m.get("known_acc", 1.0) < before.get("known_acc", 1.0) - c.compact_known_drop:
+        return f"known facts {m['known_acc']:.3f} < {before['known_acc']:.3f} - {c.compact_known_drop}"
+    if m["perplexity"] > before["perplexity"] * c.compact_ppl_ratio:
+        return f"perplexity {m['perplexity']:.3f} > {before['perplexity']:.3f} x {c.compact_ppl_ratio}"
+    if m.get("norm_growth", 1.0) > c.compact_norm_growth:
+        return f"norm growth {m['norm_growth']:.4f} > {c.compact_norm_growth}"
+    if m.get("interference", 0.0) > c.interference_threshold:
+        return f"predicted interference {m['interference']:.4f} > {c.interference_threshold}"
+    return ""
+
+
+def run_round(session: Session, facts: list[StoredFact], live: list[StoredFact],
+              before: dict[str, float]) -> Round:
+    """Solve `facts`, put base + that delta (no memory) in the model, ask every live fact and probe the damage."""
+    t0 = time.perf_counter()
+    result = solve(session, facts)
+    result.delta.check_finite()
+    weights = EditDelta(result.delta.layers, None)
+    interference = predicted_interference(session.model, weights, session.probe_keys()) if facts else 0.0
+    at_base_plus(session, weights)
+    answers = weights_answer(session.model, session.tok, live)
+    norms = norm_metrics(session.model, session.w0, weights)
+    growth = max((v for k, v in norms.items() if k.startswith("norm_ratio.")), default=1.0)
+    metrics = session.probes.downstream(session.model, session.tok) | {
+        "norm_growth": growth, "delta_ratio": norms["delta_ratio"], "interference": interference,
+        "seconds": time.perf_counter() - t0}
+    r = Round(facts, result, answers, metrics)
+    r.over = over_budget(session, before, metrics)
+    log.info("compaction round: %d fact(s) solved, %d answer without the memory, known %.3f, perplexity %.2f, "
+             "norm growth %.4f%s", len(facts), len(r.answered), metrics.get("known_acc", float("nan")),
+             metrics["perplexity"], growth, f"; over budget: {r.over}" if r.over else "")
+    return r
+
+
+def next_candidates(r: Round) -> list[StoredFact]:
+    """Within budget: the facts the weights answered. Over it: the first half of those (or of the round's facts)."""
+    kept = r.answered
+    if not r.over:
+        return kept
+    pool = kept if len(kept) < len(r.facts) else r.facts
+    return pool[: len(pool) // 2]
+
+
+def choose(session: Session, live: list[StoredFact], before: dict[str, float]) -> tuple[Round | None, list[dict]]:
+    """The rounds of the selection (module docstring); the best round within budget, or None."""
+    facts, best, log_rows = list(live), None, []
+    with tqdm(total=session.cfg.compact_rounds, desc="compaction rounds", unit="round", disable=None) as bar:
+        for _ in range(session.cfg.compact_rounds):
+            if not facts:
+                break
+            r = run_round(session, facts, live, before)
+            log_rows.append({"facts": len(r.facts), "answered": len(r.answered), "over": r.over} | r.metrics)
+            bar.update()
+            bar.set_postfix(solved=len(r.facts), answer=len(r.answered), budget="over" if r.over else "ok")
+            if not r.over and (best is None or len(r.answered) > len(best.answered)):
+                best = r
+            nxt = next_candidates(r)
+            if not r.over and len(nxt) == len(r.facts):
+                break  # every solved fact answers, within budget: a further round would solve the same set
+            facts = nxt
+    return best, log_rows
+
+
+def kept_slots(chain: MemoryWrite | None, live: list[StoredFact], tiers: dict[int, str]) -> MemoryWrite | None:
+    """The chain's slots of subjects that still have a fact in the memory tier."""
+    if chain is None:
+        return None
+    needed = {f.record.subject for f in live if tiers[f.id] == "memory"}
+    keep = [i for i, s in enumerate(chain.subjects) if s in needed]
+    return MemoryWrite(chain.layer, [chain.subjects[i] for i in keep], chain.deltas[keep]) if keep else None
+
+
+def compact(session: Session, live: list[StoredFact], before: dict[str, float]) -> Compaction:
+    """Choose the weights tier (module docstring); the model is left at base + the chosen delta (or as it was
+    before, when nothing was chosen: the caller restores it from the ledger either way on failure)."""
+    chain = session.ledger.memory_write()
+    best, rows = choose(session, live, before)
+    if best is None or not best.answered:
+        why = "no round within the damage budget" if best is None else "the weights answer none of the facts"
+        return Compaction(None, {}, {f.id: f.tier or "memory" for f in live}, rows, why)
+    weights_tier = {f.id for f in best.answered}
+    tiers = {f.id: "weights" if f.id in weights_tier else "memory" for f in live}
+    delta = EditDelta(best.result.delta.layers, kept_slots(chain, live, tiers))
+    at_base_plus(session, delta)
+    return Compaction(delta, best.result.keys, tiers, rows, best=best.metrics)

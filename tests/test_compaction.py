@@ -1,0 +1,157 @@
+"""Compaction (`kagent consolidate` with the entity memory): facts the weights answer with the memory off move to the
+weights tier and give up their slots, the others keep theirs; the damage budget shrinks the set; rollback restores
+every fact's tier and slot exactly; a compaction killed mid-way leaves the chain, so no fact answers in neither tier.
+
+The tiny model's weights never answer a made-up fact, so which facts "the weights answer" is scripted
+(`agent.compaction.weights_answer`); the solve, the ledger, the slots and the tiers are real.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import agent.compaction
+from memory.ledger import Ledger
+from test_cli import FOUR, run, set_config, write_facts
+from test_cli import fresh_ws, model_dir, shared_home, toy_embedder, ws  # noqa: F401  (the CLI tests' fixtures)
+
+OPEN_BUDGET = {"compact_ppl_ratio": 100.0, "compact_norm_growth": 100.0, "compact_known_drop": 1.0,
+               "interference_threshold": 1e9}  # the tiny model's damage is not the point here
+
+
+def script_answers(monkeypatch, subjects: set[str]) -> None:
+    """The weights (memory off) answer exactly the facts about `subjects`."""
+    monkeypatch.setattr(agent.compaction, "weights_answer",
+                        lambda model, tok, facts: {f.id: f.record.subject in subjects for f in facts})
+
+
+def watched(ws, tmp_path, pairs=FOUR) -> None:
+    feed = tmp_path / "feed.jsonl"
+    write_facts(feed, pairs)
+    assert run("watch", feed, "--once", "--batch-size", "1", "--workspace", ws).exit_code == 0
+
+
+def tiers(ws) -> dict[str, str]:
+    rows = json.loads(run("facts", "--status", "applied", "--json", "--workspace", ws).output)
+    return {r["subject"]: r["tier"] for r in rows}
+
+
+def slots(ws) -> dict[str, torch.Tensor]:
+    with Ledger(ws / "ledger") as ledger:
+        mem = ledger.memory_write()
+        return {} if mem is None else dict(zip(mem.subjects, mem.deltas))
+
+
+def weights(ws) -> dict[int, torch.Tensor]:
+    with Ledger(ws / "ledger") as ledger:
+        return {l: w.clone() for l, w in ledger.expected_weights().items()}
+
+
+def test_answered_facts_move_to_the_weights_and_rollback_restores_tiers_and_slots(ws, tmp_path, monkeypatch):
+    set_config(ws, **OPEN_BUDGET)
+    watched(ws, tmp_path)
+    subjects = [s for s, _ in FOUR]
+    before_slots, before_weights = slots(ws), weights(ws)
+    assert tiers(ws) == dict.fromkeys(subjects, "memory")
+    script_answers(monkeypatch, set(subjects[:2]))
+    res = run("consolidate", "--workspace", ws)
+    assert res.exit_code == 0, res.output
+    assert "(2 in the weights, 2 in the memory)" in res.output, res.output
+    assert tiers(ws) == {s: "weights" if s in subjects[:2] else "memory" for s in subjects}
+    assert set(slots(ws)) == set(subjects[2:])  # the weights answer the first two: their slots are given up
+    assert all(torch.equal(slots(ws)[s], before_slots[s]) for s in subjects[2:])
+    assert any(not torch.equal(weights(ws)[l], before_weights[l]) for l in before_weights)  # the weights moved
+    status = json.loads(run("status", "--json", "--workspace", ws).output)
+    assert status["tiers"] == {"memory": 2, "weights": 2}
+    shown = run("show", "b5", "--workspace", ws).output
+    assert "[weights]" in shown and "weights_tier=2" in shown
+    assert run("verify", "--workspace", ws).exit_code == 0
+
+    assert run("rollback", "5", "--workspace", ws).exit_code == 0  # the compaction, exactly
+    assert tiers(ws) == dict.fromkeys(subjects, "memory")
+    after = slots(ws)
+    assert after.keys() == before_slots.keys() and all(torch.equal(after[s], before_slots[s]) for s in after)
+    assert all(torch.equal(weights(ws)[l], before_weights[l]) for l in before_weights)
+
+
+def test_a_round_over_budget_halves_the_set_and_the_best_round_within_it_wins(ws, tmp_path, monkeypatch):
+    set_config(ws, **OPEN_BUDGET)
+    watched(ws, tmp_path)
+    script_answers(monkeypatch, {s for s, _ in FOUR})
+    solved = []
+
+    def budget(session, before, m):
+        solved.append(len(session.editor.value_cache) - 1)  # value groups optimised so far (cached between rounds)
+        return "too much" if len(solved) == 1 else ""
+
+    monkeypatch.setattr(agent.compaction, "over_budget", budget)
+    done = json.loads(run("consolidate", "--json", "--workspace", ws).output)
+    assert [r["facts"] for r in done["rounds"]] == [4, 2] and [r["over"] for r in done["rounds"]] == ["too much", ""]
+    assert done["tiers"] == {"weights": 2, "memory": 2}
+    assert solved == [4, 4]  # the second round re-used the first round's target values
+    assert sorted(tiers(ws).values()) == ["memory", "memory", "weights", "weights"]
+
+
+def test_nothing_within_budget_merges_the_slots_and_keeps_every_fact_in_memory(ws, tmp_path, monkeypatch):
+    watched(ws, tmp_path)
+    script_answers(monkeypatch, {s for s, _ in FOUR})
+    monkeypatch.setattr(agent.compaction, "over_budget", lambda *a: "over")
+    before = slots(ws)
+    res = run("consolidate", "--workspace", ws)
+    assert res.output.startswith("consolidated batches [1, 2, 3, 4] into batch 5"), res.output
+    assert set(tiers(ws).values()) == {"memory"} and slots(ws).keys() == before.keys()
+    events = json.loads(run("show", "b5", "--json", "--workspace", ws).output)
+    assert events["kind"] == "consolidated"
+
+
+KILLED = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+import agent.batch, agent.compaction, agent.session, test_reliability_support
+from memory.ledger import Ledger
+agent.session.default_embedder = test_reliability_support.ToyEmbedder
+agent.batch.answered = lambda session, facts, *_: [True] * len(facts)
+agent.compaction.weights_answer = lambda model, tok, facts: {{f.id: True for f in facts}}
+phase = sys.argv[1]
+if phase == "solve":
+    real = agent.compaction.solve
+    def solve(*a, **k):
+        os.kill(os.getpid(), signal.SIGKILL)
+    agent.compaction.solve = solve
+else:
+    real = Ledger.log_event
+    def log_event(self, kind, *a, **k):
+        real(self, kind, *a, **k)
+        if kind == "consolidate":  # inside the consolidation's transaction, before its COMMIT
+            os.kill(os.getpid(), signal.SIGKILL)
+    Ledger.log_event = log_event
+from agent.cli import cli
+cli(["consolidate", "--workspace", sys.argv[2]])
+"""
+
+
+@pytest.mark.parametrize("phase", ["solve", "commit"])
+def test_a_compaction_killed_mid_way_leaves_every_fact_in_the_memory(ws, tmp_path, phase):
+    set_config(ws, **OPEN_BUDGET)
+    watched(ws, tmp_path)
+    before = slots(ws)
+    script = KILLED.format(tests=str(Path(__file__).resolve().parent))
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", script, phase, str(ws)], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert run("verify", "--workspace", ws).exit_code == 0
+    assert tiers(ws) == {s: "memory" for s, _ in FOUR}  # the chain, untouched: every fact keeps its slot
+    after = slots(ws)
+    assert after.keys() == before.keys() and all(torch.equal(after[s], before[s]) for s in after)
+    history = json.loads(run("history", "--json", "--workspace", ws).output)
+    assert all(h["status"] == "committed" and h["kind"] == "edit" for h in history)
+    assert run("consolidate", "--workspace", ws).exit_code == 0  # the next run gets the lock and goes on
