@@ -56,6 +56,8 @@ class FeedLimits:
     neighbors: Limit  # number of neighbours
     neighbor_prompt: Limit  # tokens of each neighbour prompt
     neighbor_target: Limit  # tokens of each neighbour target
+    aliases: Limit  # number of aliases
+    alias: Limit  # tokens of each alias
 
     @classmethod
     def from_config(cls, cfg: AgentConfig, positions: int | None) -> "FeedLimits":
@@ -68,7 +70,9 @@ class FeedLimits:
                    _token_limit(cfg, "max_paraphrase_tokens", fit, positions),
                    Limit(cfg.max_neighbors, "max_neighbors"),
                    _token_limit(cfg, "max_neighbor_prompt_tokens", fit, positions),
-                   _token_limit(cfg, "max_neighbor_target_tokens", target_fit, positions))
+                   _token_limit(cfg, "max_neighbor_target_tokens", target_fit, positions),
+                   Limit(cfg.max_aliases, "max_aliases"),
+                   _token_limit(cfg, "max_alias_tokens", target_fit, positions))
 
 
 def checker_for(cfg: AgentConfig, tok=None, model_config=None) -> "LimitChecker":
@@ -99,6 +103,7 @@ class LimitChecker:
         lim = self.limits
         yield "paraphrases", lim.paraphrases.over(len(record.paraphrases), "paraphrases")
         yield "neighbors", lim.neighbors.over(len(record.neighbors), "neighbours")
+        yield "aliases", lim.aliases.over(len(record.aliases), "aliases")
         yield "prompt", lim.prompt.over(self.tokens(record.text), "tokens with the subject filled in")
         yield "target", lim.target.over(self.tokens(" " + record.target), "tokens")
         if record.old_target is not None:
@@ -109,3 +114,5 @@ class LimitChecker:
         for i, n in enumerate(record.neighbors):
             yield f"neighbors.{i}.prompt", lim.neighbor_prompt.over(self.tokens(n.prompt), "tokens")
             yield f"neighbors.{i}.target", lim.neighbor_target.over(self.tokens(" " + n.target), "tokens")
+        for i, a in enumerate(record.aliases):
+            yield f"aliases.{i}", lim.alias.over(self.tokens(" " + a), "tokens")

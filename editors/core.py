@@ -235,7 +235,10 @@ class Editor:
         first = {r.subject: i for i, r in reversed(list(enumerate(requests)))}
         subjects = list(first)
         deltas = values.delta[[first[s] for s in subjects]].detach().float().cpu()
-        write = MemoryWrite(self.hp.value_layer, subjects, deltas)
+        aliases: dict[str, list[str]] = {}
+        for r in requests:
+            aliases[r.subject] = list(dict.fromkeys([*aliases.get(r.subject, []), *r.aliases]))
+        write = MemoryWrite(self.hp.value_layer, subjects, deltas, {s: a for s, a in aliases.items() if a})
         return EditResult(EditDelta([], write), {}, values.steps, {"total": 0.0}, values.flops)
 
     def solve_values(self, requests: list[EditRequest], values: ValueResult) -> EditResult:

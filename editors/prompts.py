@@ -18,6 +18,7 @@ class EditRequest:
     #   paraphrases, a question, the chat template, the subject in lower case or an alias
     keep: tuple[str, ...] = ()  # templates about the same subject whose next-token distribution must not move
     #   (its other relations and its description): the KL rows that hold the subject's other facts in place
+    aliases: tuple[str, ...] = ()  # other names of the subject: the entity memory fires its slot on them too
 
     def text(self) -> str:
         return self.prompt.replace("{}", self.subject, 1)
@@ -25,7 +26,7 @@ class EditRequest:
     @property
     def key(self) -> tuple:
         """Everything the request's target value depends on (values are cached by it)."""
-        return self.prompt, self.subject, self.target, self.forms, self.keep
+        return self.prompt, self.subject, self.target, self.forms, self.keep, self.aliases
 
 
 @dataclass

@@ -69,9 +69,10 @@ def normalised(text: str) -> str:
 def _strings(data: dict[str, Any]) -> list[tuple[str, str]]:
     """(field path, value) of every string in the record's known fields, as pydantic names them."""
     out = [(name, data[name]) for name in MODEL_TEXT + KEPT_AS_SENT if isinstance(data.get(name), str)]
-    paraphrases = data.get("paraphrases")
-    if isinstance(paraphrases, list):
-        out += [(f"paraphrases.{i}", p) for i, p in enumerate(paraphrases) if isinstance(p, str)]
+    for name in ("paraphrases", "aliases"):
+        items = data.get(name)
+        if isinstance(items, list):
+            out += [(f"{name}.{i}", p) for i, p in enumerate(items) if isinstance(p, str)]
     neighbors = data.get("neighbors")
     if isinstance(neighbors, list):
         for i, n in enumerate(neighbors):
@@ -95,8 +96,9 @@ def normalise_record(data: dict[str, Any]) -> dict[str, Any]:
     for name in MODEL_TEXT:
         if isinstance(out.get(name), str):
             out[name] = normalised(out[name])
-    if isinstance(out.get("paraphrases"), list):
-        out["paraphrases"] = [normalised(p) if isinstance(p, str) else p for p in out["paraphrases"]]
+    for name in ("paraphrases", "aliases"):
+        if isinstance(out.get(name), list):
+            out[name] = [normalised(p) if isinstance(p, str) else p for p in out[name]]
     if isinstance(out.get("neighbors"), list):
         out["neighbors"] = [{k: normalised(v) if k in ("prompt", "target") and isinstance(v, str) else v
                              for k, v in n.items()} if isinstance(n, dict) else n for n in out["neighbors"]]

@@ -69,6 +69,7 @@ class FactRecord(BaseModel):
     old_target: str | None = None  # object the model is believed to give today, if known
     paraphrases: list[str] = Field(default_factory=list)  # other prompts for the same fact (generalisation probes)
     neighbors: list[Neighbor] = Field(default_factory=list)  # unrelated prompts whose answers must stay (locality probes)
+    aliases: list[str] = Field(default_factory=list)  # other names of the subject ("the Big Apple"): they key its slot
     id: str | None = None  # the source's id for the fact, if any
     source: str | None = None  # where the fact came from (URL, feed name)
     time: datetime | None = None  # ISO-8601 time the fact became true / was published
@@ -81,6 +82,16 @@ class FactRecord(BaseModel):
         for i, p in enumerate(value):
             if not p.strip():
                 raise ValueError(f"paraphrase {i} is empty")
+        return value
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_names(cls, value: list[str]) -> list[str]:
+        for i, a in enumerate(value):
+            if not a.strip() or a != a.strip():
+                raise ValueError(f"alias {i} is empty or starts or ends with whitespace")
+            if PLACEHOLDER in a:
+                raise ValueError(f"alias {i} holds a '{{}}' placeholder; an alias is a name")
         return value
 
     @field_validator("target")
@@ -131,6 +142,10 @@ class FactRecord(BaseModel):
         from editors.core import EditRequest
 
         return EditRequest(prompt=self.template, subject=self.subject, target=self.target)
+
+    def paraphrase_texts(self) -> list[str]:
+        """The paraphrases with the subject filled in where they hold a placeholder."""
+        return [p.replace(PLACEHOLDER, self.subject, 1) for p in self.paraphrases]
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=False)

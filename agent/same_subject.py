@@ -1,0 +1,92 @@
+"""The guard's same-subject check: an edit must leave its subject's other answers as they were.
+
+Before a batch is applied, every edited subject's other statements (the relation bank's *train* templates of the
+other relations of its kind, and its descriptions: evaluators/relations.py) are answered greedily by the model as it
+is (entity memory off); after the batch is applied and verified they are answered again. A fact whose subject keeps
+fewer than `specificity_floor` of the statements the unedited model is sure of (first answer token at p >= .3; all
+statements when it is sure of none) is optimised again with a stronger hold on them (`keep_factor` x4 per try), up
+to `max_tries` optimisations; one that still changes them is `failed`, its reason quoting the changed answers, and
+in the entity memory its slot is dropped (the fact is not answered, and nothing else about its subject changes).
+The measure asks the bank's *test* templates instead (evaluators/specificity.py), so the guard never tunes on them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from evaluators.specificity import Answer, Probe, answer_key, generate_answers
+from memory.record import StoredFact
+
+SURE_P = 0.3  # a statement is one the unedited model is sure of when its first answer token has this probability
+ANSWER_TOKENS = 6  # new tokens compared per statement
+
+
+@dataclass
+class SubjectReading:
+    """One fact's subject statements, answered before and after its batch."""
+
+    prompts: list[str]  # the statements asked (subject written in)
+    before: list[Answer]  # the model before the batch, memory off
+    after: list[Answer] | None = None  # the model with the batch applied
+
+    def changed(self) -> list[tuple[str, str, str]]:
+        """(prompt, before, after) of the statements that count and changed (sure ones; all when none is sure)."""
+        assert self.after is not None
+        rows = list(zip(self.prompts, self.before, self.after))
+        sure = [r for r in rows if r[1].first_p >= SURE_P] or rows
+        return [(p, b.text, a.text) for p, b, a in sure if answer_key(b.text) != answer_key(a.text)]
+
+    def kept(self) -> float:
+        """Share of the statements that count whose answer is unchanged (1.0 with none)."""
+        assert self.after is not None
+        rows = list(zip(self.before, self.after))
+        sure = [r for r in rows if r[0].first_p >= SURE_P] or rows
+        return 1.0 if not sure else 1 - len(self.changed()) / len(sure)
+
+
+def statements(session, fact: StoredFact) -> list[str]:
+    """The subject's other statements the guard asks (none for a relation the bank does not know)."""
+    forms = session.forms
+    if forms is None:
+        return []
+    relation = forms.bank.resolve(fact.record.template, fact.record.old_target)
+    if relation is None:
+        return []
+    others = [r.id for r in forms.bank.candidates(fact.record.template) if r.id != relation.id]
+    return [s.prompt for s in forms.bank.statements(fact.record.subject, relation.id, "train", None, others)]
+
+
+def ask(session, prompts: list[str]) -> list[Answer]:
+    return generate_answers(session.model, session.tok, [Probe(p, ANSWER_TOKENS) for p in prompts]) if prompts else []
+
+
+def read_before(session, facts: list[StoredFact]) -> dict[int, SubjectReading]:
+    """Per fact, its subject's statements answered by the model before the batch (entity memory off)."""
+    asked = {f.id: statements(session, f) for f in facts}
+    flat = [p for ps in asked.values() for p in ps]
+    with session.editor.memory.suspended():
+        answers = ask(session, flat)
+    out, at = {}, 0
+    for fid, ps in asked.items():
+        out[fid] = SubjectReading(ps, answers[at: at + len(ps)])
+        at += len(ps)
+    return out
+
+
+def read_after(session, readings: dict[int, SubjectReading], ids: list[int]) -> None:
+    """Fill `after` of the readings of `ids` with the model as it is now."""
+    flat = [p for fid in ids for p in readings[fid].prompts]
+    answers, at = ask(session, flat), 0
+    for fid in ids:
+        n = len(readings[fid].prompts)
+        readings[fid].after = answers[at: at + n]
+        at += n
+
+
+def below_floor(readings: dict[int, SubjectReading], facts: list[StoredFact], floor: float) -> list[StoredFact]:
+    return [f for f in facts if readings[f.id].prompts and readings[f.id].kept() < floor]
+
+
+def reason(reading: SubjectReading) -> str:
+    """The failed fact's reason: how much of its subject it changed, quoting up to three changed answers."""
+    quoted = "; ".join(f"{p!r}: {b.strip()!r} -> {a.strip()!r}" for p, b, a in reading.changed()[:3])
+    return f"changed its subject's other answers (kept {reading.kept():.0%}): {quoted}"

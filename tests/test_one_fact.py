@@ -1,0 +1,130 @@
+"""One edit changes one fact: the memory's reach (casings, aliases), prompt-only matching, and keep prompts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from editors.entity_memory import EntityMemory, MemoryWrite, merge_writes
+from editors.prompts import EditRequest, value_rows
+from editors.registry import make_editor
+from evaluators.scoring import greedy_matches, greedy_next_tokens
+from memory.record import BadRecord, parse_line
+
+CORPUS = "The quick brown fox jumps over the lazy dog. Paris is the capital of France. " * 60
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """A tiny llama pretrained a few steps on text, so that its greedy continuations vary (a random one repeats)."""
+    from conftest import make_tiny_llama, pretrain, toy_tokenizer
+
+    tok = toy_tokenizer()
+    return pretrain(make_tiny_llama(len(tok)), tok, steps=60), tok
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_other_casings_and_aliases_fire_the_subjects_slot(tok):
+    mem = EntityMemory(tok, layer=1)
+    mem.write(MemoryWrite(1, ["New York"], torch.zeros(1, 4), {"New York": ["Big Apple"]}))
+    for text in ["new york is", "NEW YORK is", "New York's mayor", "the Big Apple is", "the big apple is"]:
+        assert [s for _, s in mem.matches(ids(tok, text))] == ["New York"], text
+    assert mem.matches(ids(tok, "York is new")) == []
+    # aliases survive a snapshot and a merge (what the ledger stores and replays)
+    again = MemoryWrite.from_tensors(mem.snapshot().tensors())
+    assert again.aliases == {"New York": ["Big Apple"]}
+    assert merge_writes([again, MemoryWrite(1, ["New York"], torch.ones(1, 4))]).aliases == {}
+
+
+def _slot_for_generated_token(model, tok, prompt: str):
+    """A single-token subject the model generates after `prompt` (and that `prompt` does not hold), with a large
+    slot (the residual there is ~1e3): if it fired where it is generated, later tokens would change."""
+    gen = greedy_next_tokens(model, tok, [prompt], 6)[0]
+    subject = next(tok.decode([t]) for t in gen[1:4] if tok.decode([t]).strip() and tok.decode([t]) not in prompt)
+    mem = EntityMemory(tok, layer=1)
+    mem.write(MemoryWrite(1, [subject], 2000 * torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))))
+    return mem, gen
+
+
+@pytest.mark.parametrize("prompt", ["Paris is the capital of", "The quick brown"])
+def test_a_generated_subject_never_fires_and_every_decoder_agrees(lm, prompt):
+    tiny_llama, tok = lm
+    try:
+        mem, unedited = _slot_for_generated_token(tiny_llama, tok, prompt)
+    except StopIteration:
+        pytest.skip("the tiny model generated no usable token")
+    with mem.attached(tiny_llama):
+        no_cache = greedy_next_tokens(tiny_llama, tok, [prompt], 6)[0]
+        x = tok(prompt, return_tensors="pt")
+        cached = tiny_llama.generate(**x, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, x.input_ids.shape[1]:]
+        forced = greedy_matches(tiny_llama, tok, [prompt], [tok.decode(unedited).lstrip(" ")])
+    assert no_cache == unedited  # the prompt does not name the subject: nothing fires, also where it is generated
+    assert cached.tolist() == unedited
+    assert tok.decode(unedited).startswith(" ") and bool(forced[0]) or not tok.decode(unedited).startswith(" ")
+
+
+def test_a_slot_in_the_prompt_reaches_generated_tokens_alike_with_and_without_cache(lm):
+    tiny_llama, tok = lm
+    mem = EntityMemory(tok, layer=1)
+    mem.write(MemoryWrite(1, ["Paris"], 2000 * torch.randn(1, 32, generator=torch.Generator().manual_seed(1))))
+    prompt = "The capital of France is Paris"  # the tiny model attends mostly nearby: the subject ends the prompt
+    before = greedy_next_tokens(tiny_llama, tok, [prompt], 5)[0]
+    with mem.attached(tiny_llama):
+        no_cache = greedy_next_tokens(tiny_llama, tok, [prompt], 5)[0]
+        x = tok(prompt, return_tensors="pt")
+        cached = tiny_llama.generate(**x, max_new_tokens=5, do_sample=False, pad_token_id=0)[0, x.input_ids.shape[1]:]
+    assert no_cache != before  # the slot fires in the prompt
+    assert cached.tolist() == no_cache
+
+
+def test_value_rows_hold_forms_and_keep_prompts_with_their_weights(tok):
+    req = EditRequest("{} is located in", "Eiffel Tower", "Rome",
+                      forms=(("Where is {}?", "Eiffel Tower"), ("{} is located in", "eiffel tower")),
+                      keep=("{} was built by", "{} is made of"))
+    rows = value_rows(tok, [req], ["Hi. {}"], kl_factor=0.5, keep_factor=2.0)
+    targets = [r for r in rows if not r.is_kl]
+    kl = [r for r in rows if r.is_kl]
+    assert len(targets) == 2 + 2  # the prompt, in the plain and one context template, and the two forms
+    assert [r.kl_weight for r in kl] == [0.5, 1.0, 1.0]  # "{} is a", then the keep prompts sharing keep_factor
+    lower = targets[3]
+    assert tok.decode(lower.prefix + lower.suffix[:1]).endswith("eiffel tower")  # the delta sits on its own subject
+
+
+def _keep_kl(model, tok, req: EditRequest, delta: torch.Tensor, layer: int) -> float:
+    """Mean KL(edited || unedited) of the next token after each keep prompt, with `delta` at the subject."""
+    mem = EntityMemory(tok, layer)
+    mem.write(MemoryWrite(layer, [req.subject], delta[None]))
+    total = 0.0
+    for t in req.keep:
+        x = torch.tensor([ids(tok, t.replace("{}", req.subject))])
+        p0 = model(input_ids=x).logits[0, -1].log_softmax(-1)
+        with mem.attached(model):
+            p1 = model(input_ids=x).logits[0, -1].log_softmax(-1)
+        total += float((p1.exp() * (p1 - p0)).sum())
+    return total / len(req.keep)
+
+
+def test_keep_prompts_hold_the_subjects_other_answers(tiny_llama, tok):
+    # the tiny model attends mostly nearby, so the keep prompts end with the subject (its slot moves their next token)
+    req = EditRequest("{} is located in", "Paris", "Rome", keep=("I was in {}", "The mayor of {}"))
+    kls = []
+    for keep_factor in (0.0, 20.0):
+        ed = make_editor("encore", tiny_llama, tok, corpus=CORPUS, layers=[1, 2], stats_tokens=4000, max_steps=30,
+                         lr=1.0, clamp_factor=200.0, weight_decay=0.0, kl_factor=0.0, n_context=1, context_tokens=3,
+                         write="memory", stop="nll", nll_stop=0.0, keep_factor=keep_factor)
+        result = ed.compute([req])
+        kls.append(_keep_kl(tiny_llama, tok, req, result.delta.memory.deltas[0], ed.hp.value_layer))
+    assert kls[1] < 0.5 * kls[0]
+
+
+def test_aliases_are_names_and_are_stored(tok):
+    line = {"subject": "New York", "prompt": "{} is in", "target": "Texas", "aliases": ["Big Apple", "NYC"]}
+    assert parse_line(json.dumps(line), 1).aliases == ["Big Apple", "NYC"]
+    with pytest.raises(BadRecord, match="line 2: field 'aliases': .*placeholder"):
+        parse_line(json.dumps(line | {"aliases": ["{} City"]}), 2)
+    with pytest.raises(BadRecord, match="line 3: field 'aliases.0': .*U\\+202E"):
+        parse_line(json.dumps(line | {"aliases": ["Big\u202eApple"]}), 3)
