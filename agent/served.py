@@ -28,7 +28,7 @@ from agent.views import status_counts
 from agent.workspace import Workspace
 from editors.entity_memory import EntityMemory
 from editors.models import LoadedModel, dtype_name, fingerprint, load_model
-from memory.ledger import Ledger, LedgerMismatch
+from memory.ledger import Ledger, LedgerError, LedgerMismatch
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class ServedModel:
                 if self.state is not None and ids == self.state.committed:
                     return False
                 self._load(ledger, ids)
-        except (LedgerMismatch, OSError, sqlite3.Error, ValueError) as exc:
+        except (LedgerError, OSError, sqlite3.Error, ValueError) as exc:
             self.reload_error = f"{type(exc).__name__}: {exc}"
             log.error("serve: keeping batch %s; reloading the committed edits failed: %s",
                       self.state.batch if self.state else "-", self.reload_error)
