@@ -43,10 +43,14 @@ class MemoryWrite:
     subjects: list[str]  # subject texts, one per row of `deltas`
     deltas: torch.Tensor  # (k, d) float32
     aliases: dict[str, list[str]] = field(default_factory=dict)  # subject -> other names that fire its slot
+    keys: torch.Tensor | None = None  # (k, d) unit keys of answer-site slots (None: subject-site slots)
+    radii: torch.Tensor | None = None  # (k,) least cosine to its key at which an answer-site slot fires
 
     def __post_init__(self) -> None:
         if len(self.subjects) != self.deltas.shape[0]:
             raise ValueError(f"{len(self.subjects)} subjects but {self.deltas.shape[0]} memory deltas")
+        if (self.keys is None) != (self.radii is None):
+            raise ValueError("answer-site memory slots need both keys and radii")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The write as named tensors (subjects and aliases as UTF-8 JSON bytes), for safetensors files."""
@@ -55,6 +59,9 @@ class MemoryWrite:
                "memory.deltas": self.deltas.detach().float().cpu().contiguous()}
         if self.aliases:
             out["memory.aliases"] = _json_bytes(self.aliases)
+        if self.keys is not None:
+            out["memory.keys"] = self.keys.detach().float().cpu().contiguous()
+            out["memory.radii"] = self.radii.detach().float().cpu().contiguous()
         return out
 
     @staticmethod
@@ -64,7 +71,41 @@ class MemoryWrite:
             return None
         subjects = json.loads(bytes(tensors["memory.subjects"].tolist()).decode())
         aliases = json.loads(bytes(tensors["memory.aliases"].tolist()).decode()) if "memory.aliases" in tensors else {}
-        return MemoryWrite(int(tensors["memory.layer"][0]), subjects, tensors["memory.deltas"], aliases)
+        return MemoryWrite(int(tensors["memory.layer"][0]), subjects, tensors["memory.deltas"], aliases,
+                           tensors.get("memory.keys"), tensors.get("memory.radii"))
+
+
+@torch.no_grad()
+def last_states(model: nn.Module, tok, texts: Sequence[str], layer: int, batch_size: int = 32) -> torch.Tensor:
+    """(n, d) unit vectors: block `layer`'s output at each text's last token (the model as it is)."""
+    out, grabbed = [], {}
+    hook = layers_of(model)[layer].register_forward_hook(lambda _m, _a, o: grabbed.__setitem__("h", output_tensor(o)))
+    try:
+        for start in range(0, len(texts), batch_size):
+            ids = tok(list(texts[start: start + batch_size])).input_ids
+            width = max(len(i) for i in ids)
+            x = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+            device = model.get_input_embeddings().weight.device
+            model.base_model(input_ids=x.to(device), attention_mask=mask.to(device))
+            last = torch.tensor([len(i) - 1 for i in ids])
+            out.append(grabbed["h"][torch.arange(len(ids)), last.to(grabbed["h"].device)].float().cpu())
+    finally:
+        hook.remove()
+    return torch.nn.functional.normalize(torch.cat(out), dim=1) if out else torch.zeros(0)
+
+
+def key_and_radius(positive: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """An answer-site slot's unit key (the mean direction of the prompts that must fire it) and radius: halfway
+    between the nearest prompt that must not fire it and the farthest that must, or, where they overlap, halfway
+    between that negative and the positives' mean (the slot then gives up some forms to keep the others)."""
+    key = torch.nn.functional.normalize(positive.mean(0), dim=0)
+    pos = positive @ key
+    if len(negative) == 0:
+        return key, float(pos.min()) - 0.05
+    hardest = float((negative @ key).max())
+    low = float(pos.min())
+    return key, (low + hardest) / 2 if low > hardest else (hardest + float(pos.mean())) / 2
 
 
 def _json_bytes(value) -> torch.Tensor:
@@ -116,6 +157,7 @@ class EntityMemory:
     layer: int  # decoder block whose output the slots are added to
     slots: dict[str, torch.Tensor] = field(default_factory=dict)  # subject -> (d,) delta
     aliases: dict[str, list[str]] = field(default_factory=dict)  # subject -> other names that fire its slot
+    keys: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)  # answer-site slots: subject -> (key, radius)
     enabled: bool = True  # False inside suspended()
     _index: dict[int, list[tuple[tuple[int, ...], str]]] = field(default_factory=dict)  # last token -> forms
     _ids: torch.Tensor | None = None  # input ids of the forward call in progress (None: a decoding step)
@@ -129,12 +171,17 @@ class EntityMemory:
                 raise ValueError(f"memory delta for subject {subject!r} contains NaN or Inf")
             self.slots[subject] = delta.detach().float().cpu().clone()
             self.aliases.pop(subject, None)
+            self.keys.pop(subject, None)
+        if w.keys is not None:
+            self.keys.update({s: (k.detach().float().cpu().clone(), float(r))
+                              for s, k, r in zip(w.subjects, w.keys, w.radii) if r == r})  # NaN: subject-site
         self.aliases.update({s: list(a) for s, a in w.aliases.items() if s in self.slots and a})
         self._reindex()
 
     def clear(self) -> None:
         self.slots.clear()
         self.aliases.clear()
+        self.keys.clear()
         self._reindex()
 
     @classmethod
@@ -156,7 +203,8 @@ class EntityMemory:
         """The slots as one write (None when empty): `load(snapshot())` restores them."""
         if not self.slots:
             return None
-        return MemoryWrite(self.layer, list(self.slots), torch.stack(list(self.slots.values())), dict(self.aliases))
+        return MemoryWrite(self.layer, list(self.slots), torch.stack(list(self.slots.values())), dict(self.aliases),
+                           *_keys_of(list(self.slots), self.keys))
 
     def _reindex(self) -> None:
         self._index = {}
@@ -187,19 +235,35 @@ class EntityMemory:
         if not (self.enabled and self.slots) or self._ids is None:
             return out
         h = output_tensor(out)
+        if h.shape[:2] != self._ids.shape[:2]:
+            return out
         rows, cols, subjects = [], [], []
         ends = _PROMPT_ENDS.get()
         for b, seq in enumerate(self._ids.tolist()):
-            for t, subject in self.matches(seq, ends[b] if ends is not None and b < len(ends) else None):
+            end = ends[b] if ends is not None and b < len(ends) else None
+            found = self.matches(seq, end)
+            rows_b = [(t, s) for t, s in found if s not in self.keys]
+            answer = self._answer_slot(h[b], found, (end or len(seq)) - 1)
+            for t, subject in rows_b + answer:
                 rows.append(b)
                 cols.append(t)
                 subjects.append(subject)
-        if not rows or h.shape[:2] != self._ids.shape[:2]:
+        if not rows:
             return out
         add = torch.stack([self.slots[s] for s in subjects]).to(h.device, h.dtype)
         h = h.clone()
         h[rows, cols] = h[rows, cols] + add
         return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    def _answer_slot(self, h: torch.Tensor, found: list[tuple[int, str]], last: int) -> list[tuple[int, str]]:
+        """The answer-site slot of a subject named in the prompt whose key is nearest the prompt's last state, when
+        within its radius: [(last, subject)] or []."""
+        named = dict.fromkeys(s for _, s in found if s in self.keys)
+        if not named or last < 0:
+            return []
+        state = torch.nn.functional.normalize(h[last].float(), dim=0).cpu()
+        best = max(((float(state @ self.keys[s][0]) - self.keys[s][1], s) for s in named))
+        return [(last, best[1])] if best[0] >= 0 else []
 
     @contextmanager
     def attached(self, model: nn.Module) -> Iterator["EntityMemory"]:
@@ -228,6 +292,7 @@ def merge_writes(writes: Sequence[MemoryWrite | None]) -> MemoryWrite | None:
     """The writes applied in order as one write: a later slot of a subject replaces an earlier one."""
     slots: dict[str, torch.Tensor] = {}
     aliases: dict[str, list[str]] = {}
+    keys: dict[str, tuple[torch.Tensor, float]] = {}
     layer = None
     for w in writes:
         if w is None:
@@ -238,11 +303,24 @@ def merge_writes(writes: Sequence[MemoryWrite | None]) -> MemoryWrite | None:
         slots.update(zip(w.subjects, w.deltas))
         for subject in w.subjects:
             aliases.pop(subject, None)
+            keys.pop(subject, None)
         aliases.update(w.aliases)
+        if w.keys is not None:
+            keys.update({s: (k, float(r)) for s, k, r in zip(w.subjects, w.keys, w.radii) if r == r})
     if layer is None:
         return None
     return MemoryWrite(layer, list(slots), torch.stack(list(slots.values())),
-                       {s: a for s, a in aliases.items() if s in slots})
+                       {s: a for s, a in aliases.items() if s in slots}, *_keys_of(list(slots), keys))
+
+
+def _keys_of(subjects: list[str], keys: dict[str, tuple[torch.Tensor, float]]):
+    """(keys, radii) tensors in `subjects`' order, or (None, None) when every slot is a subject-site one; a
+    subject-site slot among answer-site ones has a zero key and a NaN radius."""
+    if not keys:
+        return None, None
+    d = next(iter(keys.values()))[0].shape[0]
+    return (torch.stack([keys[s][0] if s in keys else torch.zeros(d) for s in subjects]),
+            torch.tensor([keys[s][1] if s in keys else float("nan") for s in subjects]))
 
 
 EXPORT_FILE = "entity_memory.safetensors"

@@ -20,6 +20,9 @@ class EditHParams(BaseModel):
     max_steps: int = 25  # most optimisation steps per target value
     clamp_factor: float = 0.75  # ||delta|| <= clamp_factor * ||h0||
     kl_factor: float = 0.0625  # weight of KL(new || old) on "{subject} is a"
+    memory_site: str = Field("subject", pattern="^(subject|answer)$")  # write="memory": where a slot adds its value -
+    #   at the subject's last token of every text naming it ("subject"), or at the prompt's last token, only where that
+    #   token's state at the memory's layer is within the slot's radius of its key (the edit's forms), "answer"
     keep_factor: float = 0.0  # weight of the mean KL(new || old) on a request's `keep` prompts (its subject's other
     #   relations and description): what holds the subject's other facts in place
     weight_decay: float = 0.5  # weight of ||delta||^2 / ||h0||^2

@@ -61,8 +61,14 @@ def context_ids(tok, templates: list[str]) -> list[list[int]]:
     return [tok(t[: t.index("{}")].rstrip())["input_ids"] for t in templates]
 
 
-def _target_row(tok, i: int, template: str, subject: str, target: list[int], context: int = -1) -> PromptRow:
-    head, tail = split_at_subject(tok, template, subject)
+def split_at_answer(tok, template: str, subject: str) -> tuple[list[int], list[int]]:
+    """The whole prompt's token ids and nothing after them: the delta goes on the prompt's last token."""
+    return tok(template.replace("{}", subject, 1))["input_ids"], []
+
+
+def _target_row(tok, i: int, template: str, subject: str, target: list[int], context: int = -1,
+                split=split_at_subject) -> PromptRow:
+    head, tail = split(tok, template, subject)
     cols = [len(tail) + k for k in range(len(target))]
     return PromptRow(i, head[:-1], [head[-1], *tail, *target[:-1]], cols, target, context=context)
 
@@ -73,9 +79,10 @@ def _kl_row(tok, i: int, template: str, subject: str, weight: float) -> PromptRo
 
 
 def value_rows(tok, requests: list[EditRequest], templates: list[str], kl_factor: float = 1.0,
-               keep_factor: float = 1.0) -> list[PromptRow]:
+               keep_factor: float = 1.0, site: str = "subject") -> list[PromptRow]:
     """Rows of the value optimisation: each edit's prompt in every template, its other forms, then its KL rows
-    ("{subject} is a" weighted `kl_factor`, the `keep` templates sharing `keep_factor`).
+    ("{subject} is a" weighted `kl_factor`, the `keep` templates sharing `keep_factor`). With `site="answer"` the
+    delta sits on each prompt's last token and there are no KL rows (the slot's key keeps it off other prompts).
 
     A row in template j whose prefix begins with `context_ids(tok, templates)[j]` is marked
     `context=j`, so that the context's keys/values can be computed once for the whole chunk.
@@ -84,11 +91,14 @@ def value_rows(tok, requests: list[EditRequest], templates: list[str], kl_factor
     shared = context_ids(tok, templates)
     for i, req in enumerate(requests):
         target = tok(" " + req.target, add_special_tokens=False)["input_ids"]
+        split = split_at_answer if site == "answer" else split_at_subject
         for j, ctx in enumerate(["{}", *templates], start=-1):
-            head = split_at_subject(tok, in_context(ctx, req.prompt), req.subject)[0]
+            head = split(tok, in_context(ctx, req.prompt), req.subject)[0]
             ctx_j = j if j >= 0 and 0 < len(shared[j]) < len(head) and head[: len(shared[j])] == shared[j] else -1
-            rows.append(_target_row(tok, i, in_context(ctx, req.prompt), req.subject, target, ctx_j))
-        rows += [_target_row(tok, i, template, subject, target) for template, subject in req.forms]
+            rows.append(_target_row(tok, i, in_context(ctx, req.prompt), req.subject, target, ctx_j, split))
+        rows += [_target_row(tok, i, template, subject, target, split=split) for template, subject in req.forms]
+        if site == "answer":
+            continue
         rows.append(_kl_row(tok, i, "{} is a", req.subject, kl_factor))
         rows += [_kl_row(tok, i, t, req.subject, keep_factor / len(req.keep)) for t in req.keep]
     return rows

@@ -30,6 +30,8 @@ from editors.registry import METHODS, make_editor
 from editors.user_corpus import UserCorpus
 from evaluators import counterfact, norms, probes, zsre
 from evaluators.counterfact import harmonic_mean
+from evaluators.edit_forms import FormSettings, enrich
+from evaluators.relations import RelationBank
 from evaluators.relations import RelationBank
 from evaluators.scoring import greedy_matches
 from evaluators.specificity import EditCase, SpecificityConfig, ask, build_plan, score
@@ -96,6 +98,8 @@ class BenchConfig(BaseModel):
     consolidate_every: int = 0  # re-solve all edits jointly from the base weights every K batches (0 = never)
     variants: list[Variant] = []  # further rows after `methods`; values_on="base" rows share their target values
     specificity_n: int = 200  # edited records sampled for specificity and reach (CounterFact; 0 = not measured)
+    forms: bool = True  # CounterFact edits trained on their other forms with the subject's other relations held, as
+    #   the agent trains them (evaluators/edit_forms.py); the record's rephrase prompt is not trained on (it is measured)
 
 
 class MethodResult(BaseModel):
@@ -162,6 +166,17 @@ def edit_set(records: list, n: int, fmt: str, path: Path) -> list:
     return kept[:n]
 
 
+def with_forms(records: list, requests: list[EditRequest], tok) -> list[EditRequest]:
+    """CounterFact requests with the forms and keep prompts the agent gives a fact (no paraphrases: PS measures
+    the record's rephrase prompt)."""
+    bank = RelationBank.load()
+    out = []
+    for rec, req in zip(records, requests):
+        relation = bank.resolve(rec.template(), rec.ground_truth)
+        out.append(enrich(req, bank, tok, FormSettings(), relation.id if relation else None))
+    return out
+
+
 class _Task:
     """Records, requests and metrics of one data set format."""
 
@@ -171,6 +186,8 @@ class _Task:
         if cfg.format == "counterfact":
             self.records = edit_set(counterfact.load_counterfact(cfg.facts), end, "counterfact", cfg.facts)[cfg.start:]
             self.requests = counterfact.to_requests(self.records)
+            if cfg.forms:
+                self.requests = with_forms(self.records, self.requests, tok)
             self.prompts = ([r.prompt for r in self.records], [r.rephrase_prompt for r in self.records])
             self.spec = specificity_plan(self.records, cfg.specificity_n, tok)
         else:
