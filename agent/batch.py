@@ -26,6 +26,7 @@ from agent.report import TOOK_PROBE
 from agent.monitors import norm_metrics, predicted_interference, superposition_metrics, trend_metrics
 from agent.probes import Reading, asked_again
 from agent.session import Session
+from agent.tiers import memory_alarms, memory_monitors
 from editors.core import EditResult
 from editors.delta import NonFiniteDelta
 from editors.entity_memory import EntityMemory
@@ -84,6 +85,10 @@ def measure(session: Session, result: EditResult, group: list[StoredFact], sampl
     m = norm_metrics(session.model, session.w0, result.delta)
     m |= trend_metrics(m, session.history_metrics(), session.cfg.flash_k)
     m |= superposition_metrics(result.keys, session.prior_keys, session.covariances(), session.whitener)
+    if result.delta.memory is not None:  # the memory tier's monitors (slots as they are with the batch applied)
+        m |= memory_monitors(session)
+        for alarm in memory_alarms(m, session.cfg):
+            session.ledger.log_event("monitor", f"memory tier: {alarm}", data={"facts": [f.id for f in group]})
     same = unchanged(session, result)
     reading, damage = session.probes.damage(session.model, session.tok, before, floor, same)
     m |= damage | session.probes.known_acc(session.model, session.tok, reading, before, same)

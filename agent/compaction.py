@@ -150,7 +150,11 @@ def kept_slots(chain: MemoryWrite | None, live: list[StoredFact], tiers: dict[in
         return None
     needed = {f.record.subject for f in live if tiers[f.id] == "memory"}
     keep = [i for i, s in enumerate(chain.subjects) if s in needed]
-    return MemoryWrite(chain.layer, [chain.subjects[i] for i in keep], chain.deltas[keep]) if keep else None
+    if not keep:
+        return None
+    subjects = [chain.subjects[i] for i in keep]
+    return MemoryWrite(chain.layer, subjects, chain.deltas[keep],
+                       {s: a for s, a in chain.aliases.items() if s in subjects})
 
 
 def compact(session: Session, live: list[StoredFact], before: dict[str, float]) -> Compaction:

@@ -87,6 +87,11 @@ class AgentConfig(BaseModel):
                                      "of the perplexity before it")
     compact_norm_growth: float = Field(1.05, ge=1, description="max ||W||_F growth of any edited layer a compaction may "
                                        "bring, against the base weights")
+    memory_slot_norm_max: float = Field(1.0, gt=0, description="memory-tier monitor: max norm of a slot as a multiple of "
+                                        "the mean residual norm at the memory's layer on held-out text (an event says "
+                                        "when a batch or compaction exceeds it)")
+    memory_fire_rate_max: float = Field(0.05, ge=0, le=1, description="memory-tier monitor: max share of held-out "
+                                        "text lines (about none of the facts) in which some slot fires")
     seed: int = Field(0, description="random seed for sampling probes and the 'random' order")
     max_prompt_tokens: int = Field(
         64, ge=1, description="most model tokens of a feed line's prompt with its subject filled in; longer lines are "

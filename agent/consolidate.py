@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 from agent import batch
 from agent.batch import dense
-from agent.compaction import at_base_plus, compact
+from agent.compaction import at_base_plus, compact, kept_slots
 from agent.session import Session
+from agent.tiers import memory_alarms, memory_monitors
 from editors.core import EditResult
 from editors.delta import EditDelta
-from editors.entity_memory import MemoryWrite
 from memory.record import StoredFact
 
 PPL_TOLERANCE = 0.01  # relative perplexity rise a consolidation may bring (measurement noise of the probe)
@@ -60,10 +60,7 @@ class Consolidation:
 def memory_only(session: Session, live: list[StoredFact]) -> EditResult:
     """The chain's slots as one write (subjects of applied facts only) and its keys, concatenated (the session's
     prior keys: the committed batches' keys in order)."""
-    write = session.ledger.memory_write()
-    subjects = {f.record.subject for f in live}
-    keep = [i for i, s in enumerate(write.subjects) if s in subjects] if write is not None else []
-    memory = MemoryWrite(write.layer, [write.subjects[i] for i in keep], write.deltas[keep]) if keep else None
+    memory = kept_slots(session.ledger.memory_write(), live, dict.fromkeys((f.id for f in live), "memory"))
     return EditResult(EditDelta([], memory), {l: dense(k) for l, k in session.prior_keys.items()}, [])
 
 
@@ -151,6 +148,9 @@ def compact_memory(session: Session, chain: list[int], live: list[StoredFact], m
     metrics |= {"weights_tier": float(counts["weights"]), "memory_tier": float(counts["memory"]),
                 "rounds": float(len(plan.rounds)), "compaction_seconds": time.perf_counter() - t0}
     metrics |= {f"after_{k}": plan.best[k] for k in ("norm_growth", "interference", "delta_ratio")}
+    metrics |= memory_monitors(session)  # the memory tier that stays (the model holds base + the compaction)
+    for alarm in memory_alarms(metrics, session.cfg):
+        session.ledger.log_event("monitor", f"memory tier after compaction: {alarm}", data={"covers": chain})
     bid = commit(session, chain, live, plan.delta, {l: dense(k) for l, k in plan.keys.items()}, metrics, plan.tiers)
     return Consolidation(bid, chain, len(live), "", metrics, counts, plan.rounds)
 

@@ -29,6 +29,7 @@ from editors.models import LoadedModel, fingerprint, load_model
 from editors.registry import make_editor
 from editors.state import EditorState
 from editors.user_corpus import UserCorpus
+from evaluators.memory_health import HeldOut
 from evaluators.superposition import whitener
 from memory.index import Embedder, FactMemory, MiniLMEmbedder
 from memory.ledger import Ledger
@@ -50,6 +51,7 @@ class Session:
     _probe_keys: dict[int, torch.Tensor] | None = None  # layer -> keys of the known-fact probes, computed once
     hooks: ExitStack = field(default_factory=ExitStack)  # the entity memory's hooks while the session is open
     limits: LimitChecker | None = None  # feed-line limits in the model's tokens (agent/limits.py)
+    held_out: HeldOut | None = None  # held-out lines and residual norm for the memory tier's monitors (agent/tiers.py)
 
     @property
     def model(self):

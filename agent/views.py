@@ -20,7 +20,7 @@ from memory.hygiene import shown
 from memory.record import StoredFact
 
 KEY_METRICS = ("took", "failed", "damage", "floor", "known_acc", "perplexity", "retention", "efficacy", "interference",
-               "delta_ratio")
+               "delta_ratio", "weights_tier", "memory_tier", "memory_slots", "memory_slot_norm", "memory_fire_rate")
 
 
 def when(ts: float) -> str:
