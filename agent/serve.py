@@ -101,7 +101,8 @@ class Engine:
         try:
             await asyncio.wait_for(self.slot.acquire(), self.opts.queue_timeout)
         except TimeoutError:
-            raise Busy(f"waited {self.opts.queue_timeout:g} s for the generator (--queue-timeout); retry later") from None
+            raise Busy(f"waited {self.opts.queue_timeout:g} s for the generator (--queue-timeout); retry later"
+                       ) from None
         finally:
             self.waiting -= 1
         self.running += 1
@@ -163,7 +164,8 @@ class Service:
         if tokens > self.opts.max_tokens:
             raise ApiError(400, f"{field} = {tokens} is over this server's limit of {self.opts.max_tokens} "
                            "(kagent serve --max-tokens)", param=field, code="invalid_value")
-        limit = min(self.opts.max_prompt_tokens, self.positions or self.opts.max_prompt_tokens)
+        room = self.positions - 1 if self.positions else self.opts.max_prompt_tokens  # one position left to answer in
+        limit = min(self.opts.max_prompt_tokens, room)
         if prompt_tokens > limit:
             raise ApiError(400, f"the prompt is {prompt_tokens} tokens, over the limit of {limit} (kagent serve "
                            "--max-prompt-tokens, and the model's positions)", param="messages"
@@ -192,6 +194,8 @@ class Service:
     async def complete(self, req: CompletionRequest):
         self.check_model(req)
         ids = prompt_ids(self.served.tok, req.text())
+        if not ids:
+            raise ApiError(400, "the prompt is empty (no tokens)", param="prompt", code="invalid_value")
         sampling = self.sampling(req, 16, len(ids))  # OpenAI's default max_tokens for completions
         return await self.respond(req, ids, sampling, "text_completion", "cmpl")
 

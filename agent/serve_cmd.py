@@ -5,12 +5,9 @@ The web stack is imported only when the command runs, so the other commands star
 from __future__ import annotations
 
 import ipaddress
-import logging
 from pathlib import Path
 
 import click
-
-log = logging.getLogger(__name__)
 
 
 def loopback(host: str) -> bool:

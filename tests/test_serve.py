@@ -120,7 +120,8 @@ def served(ws, home):
 
 @pytest.fixture(scope="module")
 def url(served):
-    with serving(served, poll=True, api_key=KEY, max_tokens=64, max_prompt_tokens=200, max_body_bytes=64 * 1024) as base:
+    limits = {"max_tokens": 64, "max_prompt_tokens": 200, "max_body_bytes": 64 * 1024}
+    with serving(served, poll=True, api_key=KEY, **limits) as base:
         yield base
 
 
@@ -234,6 +235,7 @@ def bad_requests(mid: str) -> list[tuple[str, str, object, int, str | None]]:
         ("stream 'yes'", comp, {"model": mid, "prompt": "x", "stream": "yes"}, 400, "stream"),
         ("five stop strings", comp, {"model": mid, "prompt": "x", "stop": list("abcde")}, 400, "stop"),
         ("empty stop string", comp, {"model": mid, "prompt": "x", "stop": ""}, 400, "stop"),
+        ("empty prompt", comp, {"model": mid, "prompt": ""}, 400, "prompt"),
         ("two prompts", comp, {"model": mid, "prompt": ["a", "b"]}, 400, "prompt"),
         ("token-id prompt", comp, {"model": mid, "prompt": [1, 2, 3]}, 400, "prompt"),
         ("unsupported logprobs", comp, {"model": mid, "prompt": "x", "logprobs": 2}, 400, "logprobs"),
@@ -286,6 +288,24 @@ def test_a_full_queue_answers_503_at_once_and_a_long_wait_times_out(served):
         r = httpx.post(base + "/v1/completions", json=ask)
         assert r.status_code == 503 and "waited 0.3 s" in r.json()["error"]["message"]
     first.join()
+
+
+def test_halting_a_generation_stops_it_at_the_next_token(served):
+    """What a client leaving mid-stream does (the stream's `finally` sets the halt event)."""
+    from agent.generation import Sampling, generate, prompt_ids
+
+    halt, pieces = threading.Event(), []
+
+    def on_text(text):
+        pieces.append(text)
+        halt.set()
+
+    with served.reading():
+        out = generate(served.model, served.tok, prompt_ids(served.tok, PROMPT), Sampling(max_tokens=60), on_text,
+                       halt)
+        full = generate(served.model, served.tok, prompt_ids(served.tok, PROMPT), Sampling(max_tokens=60),
+                        lambda _t: None)
+    assert out.completion_tokens <= 2 < full.completion_tokens and out.text == "".join(pieces)
 
 
 def wait_for_batch(url: str, batch: int, within: float = 5.0) -> float:
