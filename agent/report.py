@@ -141,6 +141,29 @@ def superposition_plot(rows: Sequence[ReportRow]) -> str:
     return _png(fig)
 
 
+def _has(rows: Sequence[ReportRow], *prefixes: str) -> bool:
+    """Some batch measured a nonzero metric named with one of `prefixes` (memory batches record a norm drift of 0)."""
+    return any(k.startswith(prefixes) and v for r in rows for k, v in r.metrics.items())
+
+
+def tier_plot(rows: Sequence[ReportRow]) -> str:
+    """The memory tier's monitors and the tier split against edits (agent/tiers.py, evaluators/memory_health.py)."""
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.2))
+    for name in ("memory_slots", "memory_tier", "weights_tier"):
+        _plot(a, rows, name, name.replace("_", " "))
+    for name in ("memory_slot_norm", "memory_slot_norm_mean"):
+        _plot(b, rows, name, name.replace("memory_", "").replace("_", " "))
+    for name in ("memory_fire_rate",):
+        _plot(c, rows, name, "share of held-out lines")
+    a.set(title="slots and facts per tier", xlabel="edits")
+    b.set(title="slot norm / residual norm at its layer", xlabel="edits")
+    c.set(title="slots firing on held-out text", xlabel="edits")
+    for ax in (a, b, c):
+        ax.legend(fontsize=7) if ax.lines else _empty_note(ax)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def probe_plot(rows: Sequence[ReportRow], baseline: dict[str, float]) -> str:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     for ax, name in zip(axes, ("known_acc", "perplexity", "retention")):
@@ -275,12 +298,14 @@ def _facts_note(data: ReportData) -> str:
 
 def render_report(data: ReportData) -> str:
     """The complete HTML page."""
-    figs = [("Norm growth of the edited layers", norm_plot(data.batches)),
-            ("Superposition: whitened key overlaps (within the batch / with earlier edits)",
-             superposition_plot(data.batches)),
-            ("Downstream probes and retention of earlier edits", probe_plot(data.batches, data.baseline)),
-            ("Event timeline: commits, rollbacks, bisections, quarantines, consolidations",
-             timeline_plot(data.events))]
+    rows = data.batches  # a plot is shown only where some batch measured what it plots
+    figs = ([("Norm growth of the edited layers", norm_plot(rows))] if _has(rows, "norm_drift.") else []) + \
+        ([("Superposition: whitened key overlaps (within the batch / with earlier edits)", superposition_plot(rows))]
+         if _has(rows, "within_", "prior_") else []) + \
+        ([("Two tiers: memory slots, facts per tier and the memory's monitors", tier_plot(rows))]
+         if _has(rows, "memory_", "weights_tier") else []) + \
+        [("Downstream probes and retention of earlier edits", probe_plot(rows, data.baseline)),
+         ("Event timeline: commits, rollbacks, bisections, quarantines, consolidations", timeline_plot(data.events))]
     nav = "<nav><a href='#plots'>Plots</a><a href='#batches'>Batches</a><a href='#facts'>Facts</a>" \
           "<a href='#events'>Events</a></nav>"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(data.title)}</title>"

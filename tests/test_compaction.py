@@ -183,3 +183,16 @@ def test_a_compaction_killed_mid_way_leaves_every_fact_in_the_memory(ws):
         history = json.loads(run("history", "--json", "--workspace", ws).output)
         assert all(h["status"] == "committed" and h["kind"] == "edit" for h in history), phase
     assert run("consolidate", "--workspace", ws).exit_code == 0  # the next run gets the lock and goes on
+
+
+def test_the_report_plots_only_what_some_batch_measured():
+    from agent.report import FactRow, ReportData, ReportRow, render_report
+
+    memory = {"memory_slots": 4.0, "memory_slot_norm": 0.4, "memory_slot_norm_mean": 0.3, "memory_fire_rate": 0.01,
+              "known_acc": 1.0, "perplexity": 20.0}
+    rows = [ReportRow(1, "t", 4, 4, "committed", "encore", memory),
+            ReportRow(2, "t", 4, 4, "committed", "encore", memory | {"weights_tier": 3.0, "memory_tier": 1.0})]
+    page = render_report(ReportData("r", rows, {}, [FactRow(1, "x is", "y", "applied", 2, None, tier="weights")]))
+    assert "Two tiers" in page and "Norm growth" not in page and "Superposition" not in page
+    assert page.count("data:image/png;base64,") == 3  # tiers, probes, timeline
+    assert "<td>weights</td>" in page
