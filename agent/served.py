@@ -204,10 +204,14 @@ class ServedModel:
         try:
             seen = None
             while not self._stop.wait(self.poll_s):
-                version = db.execute("PRAGMA data_version").fetchone()[0]
-                if version != seen or self.reload_error:
-                    seen = version
-                    self.refresh()
+                try:
+                    version = db.execute("PRAGMA data_version").fetchone()[0]
+                    if version != seen or self.reload_error:
+                        seen = version
+                        self.refresh()
+                except Exception as exc:  # the poller outlives any one failed look; /health shows it
+                    self.reload_error = f"{type(exc).__name__}: {exc}"
+                    log.exception("serve: looking at the ledger failed")
         finally:
             db.close()
 
