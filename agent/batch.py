@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent import guard
+from agent import guard, same_subject
 from agent.guard import Verdict
 from agent.report import TOOK_PROBE
 from agent.monitors import norm_metrics, predicted_interference, superposition_metrics, trend_metrics
@@ -29,7 +29,8 @@ from agent.session import Session
 from agent.tiers import memory_alarms, memory_monitors
 from editors.core import EditResult
 from editors.delta import NonFiniteDelta
-from editors.entity_memory import EntityMemory
+from editors.delta import EditDelta
+from editors.entity_memory import EntityMemory, MemoryWrite, merge_writes
 from evaluators.scoring import greedy_answers, greedy_matches
 from memory.record import StoredFact, normalise
 
@@ -112,11 +113,11 @@ def companions(session: Session, group: list[StoredFact], also: list[StoredFact]
     subjects = {f.record.subject for f in group}
     live = [f for f in session.ledger.unsettled_about({normalise(x) for x in subjects})
             if f.status == "applied" and f.id not in ids and f.record.subject in subjects]
-    return [f.record.to_request() for f in [*live, *also] if f.record.subject in subjects and f.id not in ids]
+    return [session.request(f) for f in [*live, *also] if f.record.subject in subjects and f.id not in ids]
 
 
 def compute(session: Session, group: list[StoredFact], also: list[StoredFact] = ()) -> EditResult:
-    result = session.editor.compute([f.record.to_request() for f in group], progress=sys.stderr.isatty(),
+    result = session.editor.compute([session.request(f) for f in group], progress=sys.stderr.isatty(),
                                     companions=companions(session, group, also))
     result.keys = {l: dense(k) for l, k in result.keys.items()}
     return result
@@ -182,6 +183,55 @@ def verify(session: Session, group: list[StoredFact], result: EditResult) -> tup
                           f"not {f.record.target!r}" for f, a in zip(missed, says)}
 
 
+def hold_subjects(session: Session, group: list[StoredFact], result: EditResult, failed: dict[int, str],
+                  readings: dict[int, same_subject.SubjectReading]) -> tuple[EditResult, dict[int, str]]:
+    """The same-subject check (agent/same_subject.py): facts that change their subject's other answers are
+    optimised again with a stronger hold, then failed with the changed answers quoted (and their slots dropped)."""
+    floor = session.cfg.specificity_floor
+    live = [f for f in group if f.id not in failed]
+    same_subject.read_after(session, readings, [f.id for f in live])
+    bad, retried = same_subject.below_floor(readings, live, floor), []
+    for tries in range(1, session.cfg.max_tries):
+        if not bad:
+            break
+        session.ledger.log_event("retry", f"{len(bad)} fact(s) changed their subject's other answers; optimising "
+                                 f"them again with a stronger hold (try {tries + 1} of {session.cfg.max_tries})",
+                                 data={"facts": [f.id for f in bad]})
+        hp = session.editor.hp
+        with session.editor.overriding(keep_factor=max(hp.keep_factor, 0.25) * 4 ** tries):
+            extra = compute(session, bad, [f for f in group if f not in bad])
+        extra.delta.check_finite()
+        session.editor.apply(extra)
+        result, retried = combine(result, extra), retried + bad
+        same_subject.read_after(session, readings, [f.id for f in bad])
+        bad = same_subject.below_floor(readings, bad, floor)
+    failed = dict(failed) | {f.id: same_subject.reason(readings[f.id]) for f in bad}
+    again = [f for f in dict.fromkeys(retried) if f.id not in failed]
+    for f, ok in zip(again, answered(session, again)):
+        if not ok:
+            failed[f.id] = f"did not take with its subject's other answers held: the model answers " \
+                           f"{greedy_answers(session.model, session.tok, [f.record.text], 8)[0].strip()!r}"
+    return drop_slots(session, group, result, failed), failed
+
+
+def drop_slots(session: Session, group: list[StoredFact], result: EditResult, failed: dict[int, str]) -> EditResult:
+    """The result without the memory slots of subjects whose every fact in `group` failed the same-subject check
+    (a slot that changes its subject and does not answer helps no one); the memory is reloaded to match."""
+    memory = result.delta.memory
+    dead = {f.record.subject for f in group if f.id in failed} - {f.record.subject for f in group if f.id not in failed}
+    dead = {s for s in dead if any(f.id in failed and "subject's other answers" in failed[f.id]
+                                   for f in group if f.record.subject == s)}
+    if memory is None or not dead & set(memory.subjects):
+        return result
+    keep = [i for i, s in enumerate(memory.subjects) if s not in dead]
+    keys = (memory.keys[keep], memory.radii[keep]) if memory.keys is not None else (None, None)
+    write = MemoryWrite(memory.layer, [memory.subjects[i] for i in keep], memory.deltas[keep],
+                        {s: a for s, a in memory.aliases.items() if s not in dead}, *keys) if keep else None
+    result.delta = EditDelta(result.delta.layers, write)
+    session.editor.memory.load(merge_writes([session.ledger.memory_write(), write]))
+    return result
+
+
 def reject(session: Session, result: EditResult, kind: str, reason: str, metrics: dict) -> Verdict:
     session.restore()
     session.editor.state.add_keys(result.keys, sign=-1.0)
@@ -219,10 +269,12 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
     before = {"retention": share(hits_before)} if sample else {}
     reference = session.probes.reference(session.model, session.tok)
     floor = noise_floor(session, result, group, reference) if result.delta.layers else None  # slots: no weights move
+    readings = same_subject.read_before(session, group)
     clock.append(time.perf_counter())
     session.editor.apply(result)
     try:
         result, failed = verify(session, group, result)
+        result, failed = hold_subjects(session, group, result, failed, readings)
     except NonFiniteDelta as exc:
         return reject(session, result, guard.NONFINITE, str(exc), {})
     clock.append(time.perf_counter())
@@ -251,7 +303,7 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
     session.probes.keep(reading)
     session.ledger.add_probes(bid, [{"fact_id": f.id, "kind": TOOK_PROBE, "prompt": f.record.text,
                                      "expected": f.record.target, "output": failed.get(f.id),
-                                     "correct": f.id not in failed} for f in group])
+                                     "correct": f.id not in failed} for f in group] + same_subject.probe_rows(group, readings))
     if failed:
         session.ledger.log_event("failed", f"batch {bid}: {len(failed)} fact(s) did not take", bid,
                                  {"facts": list(failed)})

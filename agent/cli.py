@@ -344,14 +344,19 @@ def check(as_json: bool, workspace: Path | None) -> None:
     with open_ledger(ws) as ledger:
         memory = load_edits(ledger, loaded)
         applied = ledger.facts(status="applied")
+        probes = ledger.probes()
     with edited(memory, loaded.model):
-        rows = views.check_rows(loaded.model, loaded.tok, applied)
+        rows = views.check_rows(loaded.model, loaded.tok, applied, probes)
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
     else:
         for row in rows:
             click.echo(views.check_line(row))
         click.echo(f"{sum(r['took'] for r in rows)} of {len(rows)} applied fact(s) answer their target")
+        kept = [r["specificity"] for r in rows if r.get("specificity") is not None]
+        if kept:
+            click.echo(f"their subjects' other answers kept: {sum(kept) / len(kept):.1%} on average over "
+                       f"{len(kept)} fact(s) (kagent show fN lists them)")
     if not all(r["took"] for r in rows):
         raise SystemExit(1)
 

@@ -73,6 +73,9 @@ class AgentConfig(BaseModel):
     max_tries: int = Field(3, ge=1, description="value optimisations a fact gets before it is `failed` (each retry "
                            "doubles the steps and widens the margin); a fact counts as applied only when the "
                            "model's greedy answer begins with its target")
+    specificity_floor: float = Field(0.75, ge=0.0, le=1.0, description="share of its subject's other statements "
+                                     "(those the unedited model is sure of) an edit must leave unchanged; below it the "
+                                     "fact is optimised again with a stronger hold, then failed")
     retention_sample: int = Field(50, ge=1, description="applied facts sampled for the retention probe")
     consolidate_on_refresh: bool = Field(True, description="after `kagent refresh` has read its feeds, re-solve every "
                                          "applied fact from the base weights as one batch (`kagent consolidate`)")
@@ -102,6 +105,8 @@ class AgentConfig(BaseModel):
     max_neighbors: int = Field(32, ge=0, description="most neighbours a feed line may carry")
     max_neighbor_prompt_tokens: int = Field(64, ge=1, description="most model tokens of each neighbour's prompt")
     max_neighbor_target_tokens: int = Field(16, ge=1, description="most model tokens of each neighbour's target")
+    max_aliases: int = Field(8, ge=0, description="most aliases (other names of the subject) a feed line may carry")
+    max_alias_tokens: int = Field(16, ge=1, description="most model tokens of each alias")
     memory_budget_mb: float = Field(
         0.0, ge=0, description="peak resident memory (MiB) a batch may bring the process to; a batch estimated over "
         "it is split, a fact over it alone is quarantined; 0 = a sixth of total RAM (~4 GB on 24 GiB)")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from evaluators.specificity import Answer, Probe, answer_key, generate_answers
 from memory.record import StoredFact
 
+SUBJECT_PROBE = "subject"  # probes-table kind: a statement about an edited subject the unedited model is sure of
+UNSURE_PROBE = "subject-unsure"  # the same, for a statement it is not sure of
 SURE_P = 0.3  # a statement is one the unedited model is sure of when its first answer token has this probability
 ANSWER_TOKENS = 6  # new tokens compared per statement
 
@@ -90,3 +92,28 @@ def reason(reading: SubjectReading) -> str:
     """The failed fact's reason: how much of its subject it changed, quoting up to three changed answers."""
     quoted = "; ".join(f"{p!r}: {b.strip()!r} -> {a.strip()!r}" for p, b, a in reading.changed()[:3])
     return f"changed its subject's other answers (kept {reading.kept():.0%}): {quoted}"
+
+
+def probe_rows(facts: list[StoredFact], readings: dict[int, SubjectReading]) -> list[dict]:
+    """The probes-table rows of the check (expected: the answer before the batch; output: after it)."""
+    return [{"fact_id": f.id, "kind": SUBJECT_PROBE if b.first_p >= SURE_P else UNSURE_PROBE, "prompt": p,
+             "expected": b.text, "output": a.text, "correct": answer_key(b.text) == answer_key(a.text)}
+            for f in facts for p, b, a in zip(readings[f.id].prompts, readings[f.id].before,
+                                               readings[f.id].after or [])]
+
+
+def stored_probes(probes: list[dict], fact_id: int) -> list[dict]:
+    """The fact's same-subject rows of its latest check (a fact retried in a later batch: that batch's)."""
+    rows = [p for p in probes if p["fact_id"] == fact_id and p["kind"] in (SUBJECT_PROBE, UNSURE_PROBE)]
+    last = max((p["batch_id"] or 0 for p in rows), default=None)
+    return [p for p in rows if (p["batch_id"] or 0) == last]
+
+
+def kept_now(rows: list[dict], answers: list[str]) -> float | None:
+    """Share of the stored statements (sure ones; all when none is sure) whose answer `answers` still equals the
+    answer before the edit; None without statements."""
+    pairs = list(zip(rows, answers))
+    counted = [(r, a) for r, a in pairs if r["kind"] == SUBJECT_PROBE] or pairs
+    if not counted:
+        return None
+    return sum(answer_key(r["expected"]) == answer_key(a) for r, a in counted) / len(counted)

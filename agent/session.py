@@ -29,6 +29,8 @@ from editors.models import LoadedModel, fingerprint, load_model
 from editors.registry import make_editor
 from editors.state import EditorState
 from editors.user_corpus import UserCorpus
+from evaluators.edit_forms import EditForms
+from evaluators.relations import RelationBank
 from evaluators.memory_health import HeldOut
 from evaluators.superposition import whitener
 from memory.index import Embedder, FactMemory, MiniLMEmbedder
@@ -52,6 +54,7 @@ class Session:
     hooks: ExitStack = field(default_factory=ExitStack)  # the entity memory's hooks while the session is open
     limits: LimitChecker | None = None  # feed-line limits in the model's tokens (agent/limits.py)
     held_out: HeldOut | None = None  # held-out lines and residual norm for the memory tier's monitors (agent/tiers.py)
+    forms: EditForms | None = None  # turns facts into edit requests with their forms and keep prompts
 
     @property
     def model(self):
@@ -60,6 +63,10 @@ class Session:
     @property
     def tok(self):
         return self.loaded.tok
+
+    def request(self, fact):
+        """The edit request of a stored fact: its prompt, forms and keep prompts (evaluators/edit_forms.py)."""
+        return self.forms.request(fact.record) if self.forms is not None else fact.record.to_request()
 
     @property
     def layers(self) -> list[int]:
@@ -189,7 +196,8 @@ def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
     ledger.attach(loaded.model, editor.hp.layers)
     probes = ProbeSuite.shipped(cfg.probe_facts, cfg.probe_tokens, cfg.probe_file, cfg.damage_file, cfg.damage_facts)
     session = Session(ws, cfg, loaded, ledger, editor, open_memory(ws, ledger), probes, w0,
-                      limits=checker_for(cfg, loaded.tok, loaded.model.config))
+                      limits=checker_for(cfg, loaded.tok, loaded.model.config),
+                      forms=EditForms(RelationBank.load(), loaded.tok))
     try:
         stored = ledger.memory_write()  # read once: it decides the memory's layer, then fills it (= sync_memory())
         keep_memory_layer(editor, stored)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
+from agent import same_subject
 from agent.report import TOOK_PROBE, EventRow, FactRow, ReportData, ReportRow, lane
 from agent.workspace import Baseline
 from memory.ledger import BatchInfo, Event, Ledger
@@ -88,13 +89,24 @@ def fact_detail(ledger: Ledger, f: StoredFact) -> str:
     if f.superseded_by:
         lines.append(f"superseded by fact {f.superseded_by}")
     lines += [event_line(e) for e in fact_events(ledger, f.id)]
+    rows = same_subject.stored_probes(ledger.probes(), f.id)
+    if rows:
+        lines.append(f"other answers about {shown(f.record.subject)} (before -> after its batch; * = the unedited "
+                     "model was sure):")
+        lines += [f"  {'same   ' if r['correct'] else 'CHANGED'} {'*' if r['kind'] == same_subject.SUBJECT_PROBE else ' '} "
+                  f"{shown(r['prompt'])} {shown(repr(r['expected'].strip()))} -> {shown(repr(r['output'].strip()))}"
+                  for r in rows]
     return "\n".join(lines)
 
 
 def fact_json(ledger: Ledger, f: StoredFact) -> dict[str, Any]:
     """`show fN --json`: the fact's row, its full record and its events."""
     return fact_row(f) | {"record": f.record.model_dump(mode="json"),
-                          "events": [event_row(e) for e in fact_events(ledger, f.id)]}
+                          "events": [event_row(e) for e in fact_events(ledger, f.id)],
+                          "subject_answers": [{"prompt": r["prompt"], "before": r["expected"], "after": r["output"],
+                                               "same": bool(r["correct"]),
+                                               "sure": r["kind"] == same_subject.SUBJECT_PROBE}
+                                              for r in same_subject.stored_probes(ledger.probes(), f.id)]}
 
 
 def batch_detail(ledger: Ledger, batch_id: int) -> str:
@@ -178,22 +190,35 @@ def report_rows(ledger: Ledger) -> list[ReportRow]:
     return rows
 
 
-def check_rows(model, tok, facts: list[StoredFact]) -> list[dict[str, Any]]:
-    """Per fact: does the model's greedy answer begin with its target? With the answer where it does not."""
+def check_rows(model, tok, facts: list[StoredFact], probes: list[dict] | None = None) -> list[dict[str, Any]]:
+    """Per fact: does the model's greedy answer begin with its target? With the answer where it does not, and its
+    specificity: the share of its subject's other statements (stored by the batch's same-subject check) whose
+    answer is still the unedited model's (None where none was stored)."""
     from evaluators.scoring import greedy_answers, greedy_matches
+    from evaluators.specificity import Probe, generate_answers
 
     hits = greedy_matches(model, tok, [f.record.text for f in facts], [f.record.target for f in facts],
                           progress=True).tolist() if facts else []
     missed = [f for f, hit in zip(facts, hits) if not hit]
     says = dict(zip([f.id for f in missed], greedy_answers(model, tok, [f.record.text for f in missed], 8)))
+    stored = {f.id: same_subject.stored_probes(probes or [], f.id) for f in facts}
+    flat = [r["prompt"] for rows in stored.values() for r in rows]
+    answers = [a.text for a in generate_answers(model, tok, [Probe(p, same_subject.ANSWER_TOKENS) for p in flat])] \
+        if flat else []
+    kept, at = {}, 0
+    for fid, rows in stored.items():
+        kept[fid] = same_subject.kept_now(rows, answers[at: at + len(rows)])
+        at += len(rows)
     return [{"fact": f.id, "batch": f.batch_id, "prompt": f.record.text, "target": f.record.target, "took": hit,
-             "answer": None if hit else says[f.id].strip()} for f, hit in zip(facts, hits)]
+             "answer": None if hit else says[f.id].strip(), "specificity": kept[f.id]}
+            for f, hit in zip(facts, hits)]
 
 
 def check_line(row: dict[str, Any]) -> str:
     said = "" if row["took"] else f"  (model: {shown(repr(row['answer']))})"
+    spec = "" if row.get("specificity") is None else f"  [subject kept {row['specificity']:.0%}]"
     return (f"f{row['fact']:<5} {'took' if row['took'] else 'MISSED':<6} {shown(row['prompt'])} -> "
-            f"{shown(row['target'])}{said}")
+            f"{shown(row['target'])}{said}{spec}")
 
 
 def took_probes(ledger: Ledger) -> dict[int, dict[str, Any]]:

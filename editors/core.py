@@ -25,7 +25,7 @@ from tqdm import tqdm
 from editors.arch import weight_view
 from editors.delta import EditDelta, LayerDelta
 from editors.devices import cuda_devices, input_device, layer_device, synchronize
-from editors.entity_memory import EntityMemory, MemoryWrite, key_and_radius, last_states
+from editors.entity_memory import EntityMemory, MemoryWrite, stack_keys, keys_and_radii, last_states
 from editors.keys import key_source
 from editors.movers import anchored, principal_complement
 from editors.hparams import EditHParams
@@ -174,7 +174,7 @@ class Editor:
     def value_stamp(self) -> tuple:
         """What target values depend on: the weights (always the base ones with values_on="base") and the settings
         of the value optimisation, not those of the solve (so variants of the solve can share values)."""
-        settings = self.hp.model_dump_json(include={"lr", "max_steps", "clamp_factor", "kl_factor", "keep_factor", "memory_site",
+        settings = self.hp.model_dump_json(include={"lr", "max_steps", "clamp_factor", "kl_factor", "keep_factor", "memory_site", "answer_margin",
                                                     "weight_decay",
                                                     "stop", "nll_stop", "mpes_patience", "n_context",
                                                     "context_tokens", "value_chunk"})
@@ -242,7 +242,7 @@ class Editor:
         write = MemoryWrite(self.hp.value_layer, subjects, deltas, {s: a for s, a in aliases.items() if a}, *keys)
         return EditResult(EditDelta([], write), {}, values.steps, {"total": 0.0}, values.flops)
 
-    def answer_keys(self, requests: list[EditRequest], subjects: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def answer_keys(self, requests: list[EditRequest], subjects: list[str]):
         """Per subject, the key and radius of its answer-site slot: its requests' prompts and forms must fire it,
         its keep prompts and description must not (states read on the model without the memory)."""
         texts: dict[str, tuple[list[str], list[str]]] = {s: ([], [f"{s} is a", f"{s} is"]) for s in subjects}
@@ -253,14 +253,13 @@ class Editor:
         flat = [t for s in subjects for part in texts[s] for t in part]
         with self.memory.suspended():
             states = last_states(self.model, self.tok, flat, self.hp.value_layer)
-        keys, radii, at = [], [], 0
+        keys, at = {}, 0
         for s in subjects:
             n_pos, n_neg = len(texts[s][0]), len(texts[s][1])
-            key, radius = key_and_radius(states[at: at + n_pos], states[at + n_pos: at + n_pos + n_neg])
-            keys.append(key)
-            radii.append(radius)
+            keys[s] = keys_and_radii(states[at: at + n_pos], states[at + n_pos: at + n_pos + n_neg],
+                                     self.hp.answer_margin)
             at += n_pos + n_neg
-        return torch.stack(keys), torch.tensor(radii)
+        return stack_keys(subjects, keys)
 
     def solve_values(self, requests: list[EditRequest], values: ValueResult) -> EditResult:
         """The layer updates that move each request's output towards its target value (model unchanged)."""

@@ -43,8 +43,8 @@ class MemoryWrite:
     subjects: list[str]  # subject texts, one per row of `deltas`
     deltas: torch.Tensor  # (k, d) float32
     aliases: dict[str, list[str]] = field(default_factory=dict)  # subject -> other names that fire its slot
-    keys: torch.Tensor | None = None  # (k, d) unit keys of answer-site slots (None: subject-site slots)
-    radii: torch.Tensor | None = None  # (k,) least cosine to its key at which an answer-site slot fires
+    keys: torch.Tensor | None = None  # (k, m, d) unit keys of answer-site slots, m per slot (None: subject-site slots)
+    radii: torch.Tensor | None = None  # (k, m) least cosine to a key at which its slot fires (NaN: no such key)
 
     def __post_init__(self) -> None:
         if len(self.subjects) != self.deltas.shape[0]:
@@ -95,17 +95,14 @@ def last_states(model: nn.Module, tok, texts: Sequence[str], layer: int, batch_s
     return torch.nn.functional.normalize(torch.cat(out), dim=1) if out else torch.zeros(0)
 
 
-def key_and_radius(positive: torch.Tensor, negative: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """An answer-site slot's unit key (the mean direction of the prompts that must fire it) and radius: halfway
-    between the nearest prompt that must not fire it and the farthest that must, or, where they overlap, halfway
-    between that negative and the positives' mean (the slot then gives up some forms to keep the others)."""
-    key = torch.nn.functional.normalize(positive.mean(0), dim=0)
-    pos = positive @ key
+def keys_and_radii(positive: torch.Tensor, negative: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """An answer-site slot's keys (one per prompt that must fire it: the edit's forms) and radii: each key's
+    nearest prompt that must not fire it (the subject's other relations and descriptions), plus `margin` of the
+    way from there to the key itself."""
     if len(negative) == 0:
-        return key, float(pos.min()) - 0.05
-    hardest = float((negative @ key).max())
-    low = float(pos.min())
-    return key, (low + hardest) / 2 if low > hardest else (hardest + float(pos.mean())) / 2
+        return positive, torch.full((len(positive),), 0.5)
+    hardest = (positive @ negative.T).max(1).values
+    return positive, hardest + margin * (1 - hardest)
 
 
 def _json_bytes(value) -> torch.Tensor:
@@ -157,7 +154,8 @@ class EntityMemory:
     layer: int  # decoder block whose output the slots are added to
     slots: dict[str, torch.Tensor] = field(default_factory=dict)  # subject -> (d,) delta
     aliases: dict[str, list[str]] = field(default_factory=dict)  # subject -> other names that fire its slot
-    keys: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)  # answer-site slots: subject -> (key, radius)
+    keys: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # answer-site slots: subject ->
+    #   (keys (m, d), radii (m,)): the slot fires where the prompt's last state is within a key's radius
     enabled: bool = True  # False inside suspended()
     _index: dict[int, list[tuple[tuple[int, ...], str]]] = field(default_factory=dict)  # last token -> forms
     _ids: torch.Tensor | None = None  # input ids of the forward call in progress (None: a decoding step)
@@ -173,8 +171,7 @@ class EntityMemory:
             self.aliases.pop(subject, None)
             self.keys.pop(subject, None)
         if w.keys is not None:
-            self.keys.update({s: (k.detach().float().cpu().clone(), float(r))
-                              for s, k, r in zip(w.subjects, w.keys, w.radii) if r == r})  # NaN: subject-site
+            self.keys.update(_slot_keys(w))
         self.aliases.update({s: list(a) for s, a in w.aliases.items() if s in self.slots and a})
         self._reindex()
 
@@ -204,7 +201,7 @@ class EntityMemory:
         if not self.slots:
             return None
         return MemoryWrite(self.layer, list(self.slots), torch.stack(list(self.slots.values())), dict(self.aliases),
-                           *_keys_of(list(self.slots), self.keys))
+                           *stack_keys(list(self.slots), self.keys))
 
     def _reindex(self) -> None:
         self._index = {}
@@ -262,7 +259,7 @@ class EntityMemory:
         if not named or last < 0:
             return []
         state = torch.nn.functional.normalize(h[last].float(), dim=0).cpu()
-        best = max(((float(state @ self.keys[s][0]) - self.keys[s][1], s) for s in named))
+        best = max((float((self.keys[s][0] @ state - self.keys[s][1]).max()), s) for s in named)
         return [(last, best[1])] if best[0] >= 0 else []
 
     @contextmanager
@@ -292,7 +289,7 @@ def merge_writes(writes: Sequence[MemoryWrite | None]) -> MemoryWrite | None:
     """The writes applied in order as one write: a later slot of a subject replaces an earlier one."""
     slots: dict[str, torch.Tensor] = {}
     aliases: dict[str, list[str]] = {}
-    keys: dict[str, tuple[torch.Tensor, float]] = {}
+    keys: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     layer = None
     for w in writes:
         if w is None:
@@ -306,21 +303,36 @@ def merge_writes(writes: Sequence[MemoryWrite | None]) -> MemoryWrite | None:
             keys.pop(subject, None)
         aliases.update(w.aliases)
         if w.keys is not None:
-            keys.update({s: (k, float(r)) for s, k, r in zip(w.subjects, w.keys, w.radii) if r == r})
+            keys.update(_slot_keys(w))
     if layer is None:
         return None
     return MemoryWrite(layer, list(slots), torch.stack(list(slots.values())),
-                       {s: a for s, a in aliases.items() if s in slots}, *_keys_of(list(slots), keys))
+                       {s: a for s, a in aliases.items() if s in slots}, *stack_keys(list(slots), keys))
 
 
-def _keys_of(subjects: list[str], keys: dict[str, tuple[torch.Tensor, float]]):
-    """(keys, radii) tensors in `subjects`' order, or (None, None) when every slot is a subject-site one; a
-    subject-site slot among answer-site ones has a zero key and a NaN radius."""
+def stack_keys(subjects: list[str], keys: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """(keys (k, m, d), radii (k, m)) in `subjects`' order, padded with zero keys of NaN radius, or (None, None)
+    when every slot is a subject-site one (which, among answer-site ones, has only padding)."""
     if not keys:
         return None, None
-    d = next(iter(keys.values()))[0].shape[0]
-    return (torch.stack([keys[s][0] if s in keys else torch.zeros(d) for s in subjects]),
-            torch.tensor([keys[s][1] if s in keys else float("nan") for s in subjects]))
+    m = max(k.shape[0] for k, _ in keys.values())
+    d = next(iter(keys.values()))[0].shape[1]
+    out_k, out_r = torch.zeros(len(subjects), m, d), torch.full((len(subjects), m), float("nan"))
+    for i, s in enumerate(subjects):
+        if s in keys:
+            k, r = keys[s]
+            out_k[i, : len(k)], out_r[i, : len(r)] = k, r
+    return out_k, out_r
+
+
+def _slot_keys(w: MemoryWrite) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """subject -> (keys, radii) of a write's answer-site slots, padding dropped."""
+    out = {}
+    for s, k, r in zip(w.subjects, w.keys, w.radii):
+        real = ~torch.isnan(r)
+        if real.any():
+            out[s] = (k[real].detach().float().cpu().clone(), r[real].detach().float().cpu().clone())
+    return out
 
 
 EXPORT_FILE = "entity_memory.safetensors"

@@ -23,6 +23,8 @@ class EditHParams(BaseModel):
     memory_site: str = Field("subject", pattern="^(subject|answer)$")  # write="memory": where a slot adds its value -
     #   at the subject's last token of every text naming it ("subject"), or at the prompt's last token, only where that
     #   token's state at the memory's layer is within the slot's radius of its key (the edit's forms), "answer"
+    answer_margin: float = Field(0.25, ge=0, le=1)  # memory_site="answer": a key's radius lies this share of the way
+    #   from its nearest must-not-fire prompt (the subject's other relations) towards the key
     keep_factor: float = 0.0  # weight of the mean KL(new || old) on a request's `keep` prompts (its subject's other
     #   relations and description): what holds the subject's other facts in place
     weight_decay: float = 0.5  # weight of ||delta||^2 / ||h0||^2
