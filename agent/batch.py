@@ -198,7 +198,8 @@ def hold_subjects(session: Session, group: list[StoredFact], result: EditResult,
                                  f"them again with a stronger hold (try {tries + 1} of {session.cfg.max_tries})",
                                  data={"facts": [f.id for f in bad]})
         hp = session.editor.hp
-        with session.editor.overriding(keep_factor=max(hp.keep_factor, 0.25) * 4 ** tries):
+        with session.editor.overriding(keep_factor=max(hp.keep_factor, 0.25) * 4 ** tries,  # subject-site slots
+                                       answer_margin=1 - (1 - hp.answer_margin) / 2 ** tries):  # answer-site: tighter
             extra = compute(session, bad, [f for f in group if f not in bad])
         extra.delta.check_finite()
         session.editor.apply(extra)

@@ -9,7 +9,6 @@ import json
 import logging
 import shutil
 import sqlite3
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -302,7 +301,7 @@ def ask(prompt: str, base: bool, tokens: int, workspace: Path | None) -> None:
     before = greedy_answers(loaded.model, loaded.tok, [prompt], tokens)[0] if base else None
     with open_ledger(ws) as ledger:
         memory = load_edits(ledger, loaded)
-    with edited(memory, loaded.model):
+    with views.edited(memory, loaded.model):
         after = greedy_answers(loaded.model, loaded.tok, [prompt], tokens)[0]
     if before is not None:
         click.echo(f"base:   {shown_lines(prompt + before)}")
@@ -328,11 +327,6 @@ def load_edits(ledger, loaded) -> EntityMemory | None:
     return EntityMemory.from_write(loaded.tok, ledger.memory_write())
 
 
-def edited(memory: EntityMemory | None, model):
-    """The entity memory attached to `model` for a `with` block (nothing to attach: a no-op)."""
-    return memory.attached(model) if memory is not None else nullcontext()
-
-
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Output JSON")
 @workspace_option
@@ -345,18 +339,14 @@ def check(as_json: bool, workspace: Path | None) -> None:
         memory = load_edits(ledger, loaded)
         applied = ledger.facts(status="applied")
         probes = ledger.probes()
-    with edited(memory, loaded.model):
+    with views.edited(memory, loaded.model):
         rows = views.check_rows(loaded.model, loaded.tok, applied, probes)
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
     else:
         for row in rows:
             click.echo(views.check_line(row))
-        click.echo(f"{sum(r['took'] for r in rows)} of {len(rows)} applied fact(s) answer their target")
-        kept = [r["specificity"] for r in rows if r.get("specificity") is not None]
-        if kept:
-            click.echo(f"their subjects' other answers kept: {sum(kept) / len(kept):.1%} on average over "
-                       f"{len(kept)} fact(s) (kagent show fN lists them)")
+        click.echo(views.check_summary(rows))
     if not all(r["took"] for r in rows):
         raise SystemExit(1)
 

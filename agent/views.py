@@ -214,6 +214,23 @@ def check_rows(model, tok, facts: list[StoredFact], probes: list[dict] | None = 
             for f, hit in zip(facts, hits)]
 
 
+def edited(memory, model):
+    """The entity memory (editors.entity_memory.EntityMemory or None) attached to `model` for a `with` block."""
+    from contextlib import nullcontext
+
+    return memory.attached(model) if memory is not None else nullcontext()
+
+
+def check_summary(rows: list[dict[str, Any]]) -> str:
+    """`check`'s last line(s): how many facts answer, and how much of their subjects stayed as it was."""
+    out = f"{sum(r['took'] for r in rows)} of {len(rows)} applied fact(s) answer their target"
+    kept = [r["specificity"] for r in rows if r.get("specificity") is not None]
+    if kept:
+        out += (f"\ntheir subjects' other answers kept: {sum(kept) / len(kept):.1%} on average over {len(kept)} "
+                "fact(s) (kagent show fN lists them)")
+    return out
+
+
 def check_line(row: dict[str, Any]) -> str:
     said = "" if row["took"] else f"  (model: {shown(repr(row['answer']))})"
     spec = "" if row.get("specificity") is None else f"  [subject kept {row['specificity']:.0%}]"

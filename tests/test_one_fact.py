@@ -128,3 +128,34 @@ def test_aliases_are_names_and_are_stored(tok):
         parse_line(json.dumps(line | {"aliases": ["{} City"]}), 2)
     with pytest.raises(BadRecord, match="line 3: field 'aliases.0': .*U\\+202E"):
         parse_line(json.dumps(line | {"aliases": ["Big\u202eApple"]}), 3)
+
+
+def test_answer_site_keys_fire_their_forms_and_not_the_subjects_other_prompts():
+    from editors.entity_memory import keys_and_radii
+
+    g = torch.Generator().manual_seed(0)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    pos, neg = unit(torch.randn(3, 16, generator=g)), unit(torch.randn(4, 16, generator=g))
+    keys, radii = keys_and_radii(pos, neg, margin=0.25)
+    assert ((pos * keys).sum(1) >= radii).all()  # each form is within its own key's radius
+    assert ((neg @ keys.T) < radii).all()  # no prompt that must not fire it is within any radius
+
+
+def test_an_answer_site_slot_fires_at_the_prompts_end_only_where_its_key_matches(lm):
+    from editors.entity_memory import keys_and_radii, last_states
+
+    model, tok = lm
+    asked, other = "The capital of Paris is", "Paris was built by"
+    keys, radii = keys_and_radii(*(last_states(model, tok, [t], 1) for t in (asked, other)), margin=0.5)
+    delta = 2000 * torch.randn(1, 32, generator=torch.Generator().manual_seed(2))
+    mem = EntityMemory(tok, layer=1)
+    mem.write(MemoryWrite(1, ["Paris"], delta, keys=keys[None], radii=radii[None]))
+    x, y = (torch.tensor([ids(tok, t)]) for t in (asked, other))
+    before = model(input_ids=x).logits[0], model(input_ids=y).logits[0]
+    with mem.attached(model):
+        after = model(input_ids=x).logits[0], model(input_ids=y).logits[0]
+    assert torch.equal(after[0][:-1], before[0][:-1])  # nothing before the prompt's last token moves
+    assert not torch.allclose(after[0][-1], before[0][-1])  # the asked relation gets the value
+    assert torch.equal(after[1], before[1])  # the same subject asked something else: untouched
+    stored = MemoryWrite.from_tensors(mem.snapshot().tensors())
+    assert torch.equal(stored.keys, keys[None]) and torch.equal(stored.radii, radii[None])
