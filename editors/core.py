@@ -30,7 +30,7 @@ from editors.keys import key_source
 from editors.movers import anchored, principal_complement
 from editors.hparams import EditHParams
 from editors.optimise import ValueResult, optimise_values
-from editors.prompts import EditRequest, context_ids, key_rows
+from editors.prompts import EditRequest, context_ids, in_context, key_rows
 from editors.state import EditorState
 from editors.stats import LayerStats
 
@@ -248,7 +248,8 @@ class Editor:
         texts: dict[str, tuple[list[str], list[str]]] = {s: ([], [f"{s} is a", f"{s} is"]) for s in subjects}
         for r in requests:
             pos, neg = texts[r.subject]
-            pos += [r.text()] + [t.replace("{}", s, 1) for t, s in r.forms]
+            pos += [in_context(c, r.prompt).replace("{}", r.subject, 1) for c in ["{}", *self.state.context_templates]]
+            pos += [t.replace("{}", s, 1) for t, s in r.forms]
             neg += [t.replace("{}", r.subject, 1) for t in r.keep]
         flat = [t for s in subjects for part in texts[s] for t in part]
         with self.memory.suspended():

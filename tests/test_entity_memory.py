@@ -15,7 +15,9 @@ LAYERS = [1, 2]
 
 
 def memory_editor(model, tok, **kw):
-    settings = dict(layers=LAYERS, stats_tokens=4000, max_steps=25, lr=1.0, clamp_factor=200.0, weight_decay=0.0, kl_factor=0.0, n_context=2,
+    """Subject-site slots (the value at the subject's last token), whose placement these tests check; answer-site
+    slots (ENCORE's default) are tested in test_one_fact.py."""
+    settings = dict(memory_site="subject", layers=LAYERS, stats_tokens=4000, max_steps=25, lr=1.0, clamp_factor=200.0, weight_decay=0.0, kl_factor=0.0, n_context=2,
                     context_tokens=4, write="memory") | kw
     return make_editor("encore", model, tok, corpus=CORPUS, **settings)
 
