@@ -22,8 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from agent import batch
-from agent.batch import dense
+from agent.batch import answered, dense
 from agent.compaction import at_base_plus, compact, kept_slots
 from agent.session import Session
 from agent.tiers import memory_alarms, memory_monitors
@@ -75,7 +74,7 @@ def solved(session: Session, live: list[StoredFact]) -> EditResult:
 
 
 def reading(session: Session, live: list[StoredFact], prefix: str) -> dict[str, float]:
-    took = sum(batch.answered(session, live))  # looked up on the module: the fast tests stand in for it
+    took = sum(answered(session, live))
     return {f"{prefix}_took": float(took)} | {f"{prefix}_{k}": v for k, v in
                                                session.probes.downstream(session.model, session.tok).items()}
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models, a character-level toy tokenizer and the toy embedder (no downloads).
+"""Shared fixtures: tiny random models, a character-level toy tokenizer, the toy embedder (no downloads), the tiny
+trained fact model's location, and the one fake of the verified application (`every_fact_answers`, opt-in per module).
 
 An autouse fixture points KAGENT_HOME at a temp dir so no test touches the user's data. Slow tests that load the
 embedded model can ask for `user_cache`: the user's dequantised SmolLM2 and covariance statistics are linked
@@ -137,37 +138,38 @@ def pretrain(model, tok, steps: int = 40):
 USER_HOME = Path(os.environ.get("KAGENT_HOME") or platformdirs.user_data_dir("kagent"))
 
 
-def _always_answers(session, facts, before=None, same=None):
+def _every_fact_answers(session, facts, before=None, same=None):
     return [True] * len(facts)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def facts_take(request):
-    """A tiny random model cannot be made to answer an edited fact greedily (one residual vector at the subject does
-    not steer a character-level model 30 positions on), so the agent's verified application would fail every fact.
-    The fast tier tests the agent's machinery with every fact answering (patched for the whole session, so that
-    module-scoped workspaces are built the same way); tests marked `verify` ask the model for real, and so do runs of the
-    slow and smoke tiers (`-m slow`, `-m smoke`: the embedded model answers). Yields the real `agent.batch.answered`."""
+def every_fact_answers(mp: pytest.MonkeyPatch) -> None:
+    """FAKE, for tests of the agent's plumbing on tiny random models: the verified application's question "does the
+    model answer this fact?" (`agent.batch.answered`, also bound in agent.consolidate) says yes to every fact. A tiny
+    random model cannot be made to answer an edited fact greedily, so without it every fact would end `failed`.
+    Each module or fixture that calls this says why in a comment; tests of verification itself (facts that do not
+    take, edits that damage other facts) ask the tiny trained model of tests/assets/tiny_fact_model for real
+    (tests/test_tiny_fact_model.py). Never session-wide."""
     import agent.batch
+    import agent.consolidate
 
-    real = agent.batch.answered
-    markexpr = request.config.getoption("markexpr", "") or ""
-    if any(tier in markexpr and f"not {tier}" not in markexpr for tier in ("slow", "smoke")):
-        yield real
-        return
-    agent.batch.answered = _always_answers
-    try:
-        yield real
-    finally:
-        agent.batch.answered = real
+    mp.setattr(agent.batch, "answered", _every_fact_answers)
+    mp.setattr(agent.consolidate, "answered", _every_fact_answers)
 
 
-@pytest.fixture(autouse=True)
-def real_answers_when_marked(request, facts_take, monkeypatch):
-    if any(request.node.get_closest_marker(m) for m in ("verify", "slow", "smoke")):
-        import agent.batch
+@contextmanager
+def facts_answering():
+    """`every_fact_answers` for a block, e.g. a module-scoped fixture that builds a workspace with `watch`."""
+    with pytest.MonkeyPatch.context() as mp:
+        every_fact_answers(mp)
+        yield
 
-        monkeypatch.setattr(agent.batch, "answered", facts_take)
+
+@pytest.fixture
+def facts_answer():
+    """`every_fact_answers` for one test (see there: a fake, and why); its own MonkeyPatch, so a test's
+    `monkeypatch.undo()` of its other patches keeps it."""
+    with facts_answering():
+        yield
 
 
 # xdist hands out whole files (pyproject: --dist loadfile), so a module-scoped workspace is built once, on one worker.
@@ -235,6 +237,9 @@ def user_cache(kagent_home):
 @pytest.fixture
 def tok():
     return toy_tokenizer()
+
+
+TINY_FACT_MODEL = Path(__file__).resolve().parent / "assets" / "tiny_fact_model"  # scripts/train_tiny_fact_model.py
 
 
 def make_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:

@@ -73,6 +73,9 @@ class FakeSession:
     editor: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(
         hp=HP, state=SimpleNamespace(context_templates=TEMPLATES)))
 
+    def request(self, fact: StoredFact):
+        return fact.record.to_request()  # a session without relation forms (agent.session.Session.request)
+
 
 def stored(i: int, prompt: str = "{} is in") -> StoredFact:
     return StoredFact(i, FactRecord(subject=f"Town{i}", prompt=prompt, target="X"), "pending", None, None, None)

@@ -193,6 +193,9 @@ def bf16_ws(tmp_path_factory, model_dir, shared_home):
     return root
 
 
+# FAKE (conftest.every_fact_answers): every fact answers; the tiny random model cannot, and this test is about bf16
+# plumbing (the ledger, verify, export), not whether edits take.
+@pytest.mark.usefixtures("facts_answer")
 def test_watch_rollback_verify_export_on_a_bf16_workspace(tmp_path, bf16_ws):
     """The agent's default (ENCORE into the entity memory) end to end in bf16; weight writes in bf16 are the ledger
     test's and the editor tests' (a weights-mode watch adds 30 s of guard probes to the fast tier)."""

@@ -44,6 +44,10 @@ from test_reliability_support import (LAYERS, PHASES, STOP_MARK, Phase, _patched
 
 log = logging.getLogger(__name__)
 
+# FAKE for this module and its forked kagent processes (conftest.every_fact_answers): every fact answers. The tiny
+# random model cannot answer an edited fact; what is tested is that kills and corruption never lose or double data.
+pytestmark = pytest.mark.usefixtures("facts_answer")
+
 TESTS = Path(__file__).resolve().parent
 ZYGOTE = f"""
 import json, os, sys, traceback
@@ -52,7 +56,7 @@ import torch
 torch.set_num_threads(1)
 import agent.batch, agent.session, test_reliability_support
 agent.session.default_embedder = test_reliability_support.ToyEmbedder
-agent.batch.answered = lambda session, facts, *_: [True] * len(facts)  # as conftest.facts_take: tiny models never answer
+agent.batch.answered = lambda session, facts, *_: [True] * len(facts)  # FAKE, as the module's pytestmark says
 from agent.cli import cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 AutoModelForCausalLM.from_pretrained(sys.argv[1]), AutoTokenizer.from_pretrained(sys.argv[1])  # import lazy modules

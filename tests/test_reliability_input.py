@@ -30,6 +30,11 @@ from test_reliability_support import _patched, one_thread, run, shared_workspace
 
 log = logging.getLogger(__name__)
 
+# FAKE for this module (conftest.every_fact_answers): every fact answers. The workspaces here hold a tiny random model
+# that cannot answer an edited fact; these tests check what bad input and the memory budget do to the agent, not
+# whether edits take (tests/test_tiny_fact_model.py asks a model that answers).
+pytestmark = pytest.mark.usefixtures("facts_answer")
+
 
 def escaped(field: str) -> str:
     """A field name as one-line error messages show it (control characters escaped)."""
