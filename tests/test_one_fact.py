@@ -115,7 +115,7 @@ def test_keep_prompts_hold_the_subjects_other_answers(tiny_llama, tok):
     for keep_factor in (0.0, 20.0):
         ed = make_editor("encore", tiny_llama, tok, corpus=CORPUS, layers=[1, 2], stats_tokens=4000, max_steps=30,
                          lr=1.0, clamp_factor=200.0, weight_decay=0.0, kl_factor=0.0, n_context=1, context_tokens=3,
-                         write="memory", stop="nll", nll_stop=0.0, keep_factor=keep_factor)
+                         write="memory", memory_site="subject", stop="nll", nll_stop=0.0, keep_factor=keep_factor)
         result = ed.compute([req])
         kls.append(_keep_kl(tiny_llama, tok, req, result.delta.memory.deltas[0], ed.hp.value_layer))
     assert kls[1] < 0.5 * kls[0]
