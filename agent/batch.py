@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 
 from agent import guard, same_subject
 from agent.guard import Verdict
-from agent.report import TOOK_PROBE
 from agent.monitors import norm_metrics, predicted_interference, superposition_metrics, trend_metrics
-from agent.probes import Reading, asked_again
+from agent.probes import TOOK_PROBE, Reading, asked_again
 from agent.session import Session
 from agent.tiers import memory_alarms, memory_monitors
 from editors.core import EditResult

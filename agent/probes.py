@@ -26,6 +26,8 @@ from memory.record import FactRecord
 
 log = logging.getLogger(__name__)
 
+TOOK_PROBE = "rewrite"  # probes-table kind whose `correct` says the greedy answer to the fact's prompt is its target
+
 CHARS_PER_TOKEN = 8  # generous: the text prefix cut for `probe_tokens` tokens always holds enough of them
 WINDOW = 256  # perplexity window (tokens)
 

@@ -3,7 +3,7 @@ against the number of edits, the event timeline (rollbacks, bisections, quaranti
 batches, facts and events. Plots are embedded as base64 PNGs (one self-contained file).
 
 "Took" is whether the model's greedy answer to the fact's prompt is its target. The report reads it from the
-ledger's probes table (the latest row of kind TOOK_PROBE for the fact: `correct`, `output`); a fact no such row
+ledger's probes table (the latest row of kind agent.probes.TOOK_PROBE for the fact: `correct`, `output`); a fact no such row
 names shows "not checked". Text from the ledger goes through `memory.hygiene.shown` before HTML escaping, so no
 bidirectional override or control character reaches the page raw.
 """
@@ -25,7 +25,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from memory.hygiene import shown  # noqa: E402
 
 SUPERPOSITION_STATS = ("mean", "std", "kurtosis", "tail", "max")
-TOOK_PROBE = "rewrite"  # probes-table kind whose `correct` says the greedy answer to the fact's prompt is its target
 # event kinds on the timeline, in lane order (bottom to top); kinds starting with "consolid" share the last lane
 TIMELINE = ("commit", "replay", "rollback", "reject", "bisect", "split", "defer", "quarantine", "flash",
             "consolidation")
@@ -58,7 +57,7 @@ class FactRow:
     status: str
     batch_id: int | None
     reason: str | None
-    took: bool | None = None  # greedy answer == target (TOOK_PROBE row); None = not checked
+    took: bool | None = None  # greedy answer == target (agent.probes.TOOK_PROBE row); None = not checked
     answer: str | None = None  # the greedy answer that probe recorded
     tier: str | None = None  # applied facts: memory or weights
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent import same_subject
-from agent.report import TOOK_PROBE, EventRow, FactRow, ReportData, ReportRow, lane
+from agent.probes import TOOK_PROBE
+from agent.report import EventRow, FactRow, ReportData, ReportRow, lane
 from agent.workspace import Baseline
 from memory.ledger import BatchInfo, Event, Ledger
 from memory.hygiene import shown

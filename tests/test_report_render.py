@@ -16,7 +16,8 @@ from PIL import Image, ImageStat
 
 from agent.cli import cli
 from agent.config import AgentConfig
-from agent.report import MAX_EVENT_ROWS, TOOK_PROBE, EventRow, ReportData, event_table
+from agent.probes import TOOK_PROBE
+from agent.report import MAX_EVENT_ROWS, EventRow, ReportData, event_table
 from agent.workspace import Workspace
 from conftest import make_tiny_llama, rand_delta, toy_tokenizer
 from editors.arch import weight_view
