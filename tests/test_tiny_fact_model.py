@@ -3,7 +3,7 @@
 `agent.batch.answered`.
 
 What it shows that tiny random models cannot: counterfactual edits through `kagent watch` are verified (`kagent check`
-asks the model; with the defaults only some of the 8 take, the rest end `failed` with the model's answer), other subjects' facts
+asks the model; a fact that does not take would end `failed` with the model's answer), other subjects' facts
 keep their answers, the edited subjects' other relations do NOT (a strict xfail, issue 26), a fact whose value is never
 optimised (max_steps = 0) does not take and ends `failed` with the model's actual answer, and an edit that damages
 other facts is refused by the guard. The workspace uses the asset's own probe sets (facts of subjects no test edits)
