@@ -69,8 +69,8 @@ def fact_line(f: StoredFact) -> str:
     r = f.record
     where = f" batch {f.batch_id}" if f.batch_id else ""
     why = f" ({shown(f.reason)})" if f.reason else ""
-    tier = f" [{f.tier}]" if f.tier else ""
-    return f"f{f.id:<5} {f.status:<11}{where}{tier}  {shown(r.text)} -> {shown(r.target)}{why}"
+    tier = f" [tier: {f.tier}]" if f.tier else ""
+    return f"f{f.id:<5} {f.status:<11}{where}  {shown(r.text)} -> {shown(r.target)}{why}{tier}"
 
 
 def event_line(e: Event) -> str:

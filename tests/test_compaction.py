@@ -104,7 +104,7 @@ def test_answered_facts_move_to_the_weights_and_rollback_restores_tiers_and_slot
     status = json.loads(run("status", "--json", "--workspace", ws).output)
     assert status["tiers"] == {"memory": 2, "weights": 2}
     shown = run("show", "b5", "--workspace", ws).output
-    assert "[weights]" in shown and "weights_tier=2" in shown
+    assert "[tier: weights]" in shown and "weights_tier=2" in shown
     assert run("verify", "--workspace", ws).exit_code == 0
 
     assert run("rollback", "5", "--workspace", ws).exit_code == 0  # the compaction, exactly
