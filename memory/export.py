@@ -37,7 +37,8 @@ def manifest(ledger: Ledger, answers: Mapping[int, bool] | None = None) -> dict:
     answer it with the memory off) is given, whether the exported weights alone answer them; the committed batches
     that put them there."""
     batches = [b for b in ledger.history() if b.status == "committed"]
-    facts = [{"fact_id": f.id, "batch_id": f.batch_id, "tier": f.tier, **f.record.model_dump(mode="json")}
+    facts = [{"fact_id": f.id, "batch_id": f.batch_id, "tier": f.tier, "text": f.record.text,
+              **f.record.model_dump(mode="json")}
              | ({"answers_without_memory": bool(answers[f.id])} if answers is not None and f.id in answers else {})
              for f in ledger.facts(status="applied")]
     tiers = {t: sum(f["tier"] == t for f in facts) for t in ("weights", "memory")}
