@@ -6,8 +6,8 @@
   computed there);
 - `memory_fire_rate`: the share of held-out text lines (WikiText-2's held-out articles, which are about none of the
   edited facts) in which some slot fires, and `memory_fires_per_1k`: firings per 1,000 held-out tokens;
-- `memory_collisions`: subjects whose token form lies inside another subject's (the longer one wins where both match,
-  so the shorter one's slot fires inside the longer name only when the longer is not stored), and
+- `memory_collisions`: subjects whose token form lies inside another subject's (the shorter one's slot fires inside
+  the longer name as well: "Paris" in "Paris Hilton"), and
   `memory_common`: subjects that fire in at least `common_share` of held-out lines (a common word: "Georgia",
   "Apple", "Python").
 
