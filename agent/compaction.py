@@ -153,8 +153,10 @@ def kept_slots(chain: MemoryWrite | None, live: list[StoredFact], tiers: dict[in
     if not keep:
         return None
     subjects = [chain.subjects[i] for i in keep]
-    return MemoryWrite(chain.layer, subjects, chain.deltas[keep],
-                       {s: a for s, a in chain.aliases.items() if s in subjects})
+    gated = chain.keys is not None  # answer-site slots keep their keys and radii
+    aliases = {s: a for s, a in chain.aliases.items() if s in subjects}
+    return MemoryWrite(chain.layer, subjects, chain.deltas[keep], aliases,
+                       chain.keys[keep] if gated else None, chain.radii[keep] if gated else None)
 
 
 def compact(session: Session, live: list[StoredFact], before: dict[str, float]) -> Compaction:
