@@ -75,11 +75,21 @@ class MemoryWrite:
                            tensors.get("memory.keys"), tensors.get("memory.radii"))
 
 
+class _Reached(Exception):
+    """Raised by `last_states`' hook once the block it reads has run: the blocks above it are not needed."""
+
+
 @torch.no_grad()
 def last_states(model: nn.Module, tok, texts: Sequence[str], layer: int, batch_size: int = 32) -> torch.Tensor:
-    """(n, d) unit vectors: block `layer`'s output at each text's last token (the model as it is)."""
+    """(n, d) unit vectors: block `layer`'s output at each text's last token (the model as it is; the forward pass
+    stops at that block)."""
     out, grabbed = [], {}
-    hook = layers_of(model)[layer].register_forward_hook(lambda _m, _a, o: grabbed.__setitem__("h", output_tensor(o)))
+
+    def grab(_m, _a, o):
+        grabbed["h"] = output_tensor(o)
+        raise _Reached
+
+    hook = layers_of(model)[layer].register_forward_hook(grab)
     try:
         for start in range(0, len(texts), batch_size):
             ids = tok(list(texts[start: start + batch_size])).input_ids
@@ -87,7 +97,10 @@ def last_states(model: nn.Module, tok, texts: Sequence[str], layer: int, batch_s
             x = torch.tensor([i + [0] * (width - len(i)) for i in ids])
             mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
             device = model.get_input_embeddings().weight.device
-            model.base_model(input_ids=x.to(device), attention_mask=mask.to(device))
+            try:
+                model.base_model(input_ids=x.to(device), attention_mask=mask.to(device))
+            except _Reached:
+                pass
             last = torch.tensor([len(i) - 1 for i in ids])
             out.append(grabbed["h"][torch.arange(len(ids)), last.to(grabbed["h"].device)].float().cpu())
     finally:
