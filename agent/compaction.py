@@ -81,7 +81,7 @@ def solve(session: Session, facts: list[StoredFact]) -> EditResult:
 def over_budget(session: Session, before: dict[str, float], m: dict[str, float]) -> str:
     """Why the weights-alone readings `m` exceed the compaction budget against the chain's `before` ("" if not)."""
     c = session.cfg
-    if m.get("known_acc", 1.0) < before.get("known_acc", 1.0) - c.compact_known_drop:
+    if m.get("known_acc", 1.0) < before.get("known_acc", 1.0) - c.compact_known_drop - 1e-6:  # float32 shares
         return f"known facts {m['known_acc']:.3f} < {before['known_acc']:.3f} - {c.compact_known_drop}"
     if m["perplexity"] > before["perplexity"] * c.compact_ppl_ratio:
         return f"perplexity {m['perplexity']:.3f} > {before['perplexity']:.3f} x {c.compact_ppl_ratio}"

@@ -94,7 +94,7 @@ def worse_compacted(m: dict[str, float], cfg) -> str:
     """Why the compacted model (both tiers on) is worse than the chain beyond the compaction budget ("" if not)."""
     if m["after_took"] < m["before_took"]:
         return f"it answers {int(m['after_took'])} applied facts, the chain {int(m['before_took'])}"
-    if m.get("after_known_acc", 1.0) < m.get("before_known_acc", 1.0) - cfg.compact_known_drop:
+    if m.get("after_known_acc", 1.0) < m.get("before_known_acc", 1.0) - cfg.compact_known_drop - 1e-6:  # float32
         return f"known-fact accuracy {m['after_known_acc']:.3f} < {m['before_known_acc']:.3f} - {cfg.compact_known_drop}"
     if m["after_perplexity"] > m["before_perplexity"] * cfg.compact_ppl_ratio:
         return f"perplexity {m['after_perplexity']:.3f} > {m['before_perplexity']:.3f} x {cfg.compact_ppl_ratio}"
