@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agent.cli import cli
 from editors.entity_memory import load_exported
-from editors.models import fingerprint, load_model
+from memory.ledger import Ledger
 from memory.record import FactRecord
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def compacted(tmp_path_factory):
 def test_plain_from_pretrained_answers_the_weights_tier(compacted):
     records, ws, out = compacted
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["base_fingerprint"] == fingerprint(load_model().model)
+    with Ledger(ws / "ledger") as ledger:  # the export names the base model its workspace's ledger was built on
+        assert manifest["base_fingerprint"] == ledger.base_fingerprint() is not None
     facts = manifest["facts"]
     assert {(f["subject"], f["target"]) for f in facts} <= {(r.subject, r.target) for r in records}
     weights = [f for f in facts if f["tier"] == "weights"]

@@ -37,12 +37,12 @@ def run(*args) -> str:
 
 @torch.no_grad()
 def greedy(model, tok, prompt: str, n_tokens: int = 6) -> str:
-    """Plain transformers greedy decoding of exactly `n_tokens` tokens after `prompt`, as `kagent ask` decodes
-    (model.generate would stop at the end-of-text token, which ask does not)."""
+    """Plain transformers greedy decoding (`generate`, KV cache) of exactly `n_tokens` tokens after `prompt`, as
+    `kagent ask` decodes (without its end-of-text stop, which ask does not make either)."""
     ids = tok(prompt, return_tensors="pt").input_ids
-    for _ in range(n_tokens):
-        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return tok.decode(ids[0, -n_tokens:], skip_special_tokens=True)
+    out = model.generate(ids, max_new_tokens=n_tokens, do_sample=False, eos_token_id=None,
+                         pad_token_id=tok.pad_token_id or 0)
+    return tok.decode(out[0, -n_tokens:], skip_special_tokens=True)
 
 
 class Clock:
