@@ -40,13 +40,14 @@ def run(*args) -> str:
 def greedy(model, tok, prompt: str, n_tokens: int = 6) -> str:
     """Plain transformers greedy decoding: the continuation of `prompt` as text."""
     ids = tok(prompt, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=n_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+    out = model.generate(**ids, max_new_tokens=n_tokens, do_sample=False, pad_token_id=tok.eos_token_id,
+                         eos_token_id=None)  # exactly n_tokens, as `kagent ask` decodes
     return tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
 def compacted(tmp_path_factory):
-    """A workspace with N_FACTS watched and compacted, and its HF export: (records, workspace, export dir)."""
+    """A workspace with N_FACTS watched and compacted, and its HF export: (records, workspace, export dir, home)."""
     from conftest import USER_HOME, link_user_cache
 
     home = tmp_path_factory.mktemp("home")
@@ -63,12 +64,13 @@ def compacted(tmp_path_factory):
         log.info("%s", run("consolidate", "--workspace", ws).strip())
         out = tmp / "edited-model"
         run("export", out, "--workspace", ws)
-        yield records, ws, out
+        yield records, ws, out, home
 
 
 @pytest.mark.smoke
-def test_plain_from_pretrained_answers_the_weights_tier(compacted):
-    records, ws, out = compacted
+def test_plain_from_pretrained_answers_the_weights_tier(compacted, monkeypatch):
+    records, ws, out, home = compacted
+    monkeypatch.setenv("KAGENT_HOME", str(home))  # `ask` below loads the model the workspace was built on
     manifest = json.loads((out / "manifest.json").read_text())
     with Ledger(ws / "ledger") as ledger:  # the export names the base model its workspace's ledger was built on
         assert manifest["base_fingerprint"] == ledger.base_fingerprint() is not None
@@ -93,7 +95,7 @@ def test_plain_from_pretrained_answers_the_weights_tier(compacted):
 @pytest.mark.slow
 def test_llama_cpp_answers_the_weights_tier_of_the_gguf_export(compacted, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    records, ws, out = compacted
+    records, ws, out, _home = compacted
     gguf_dir = tmp_path / "gguf"
     run("export", gguf_dir, "--format", "gguf", "--workspace", ws)
     manifest = json.loads((gguf_dir / "manifest.json").read_text())
