@@ -206,7 +206,7 @@ def hold_subjects(session: Session, group: list[StoredFact], result: EditResult,
         same_subject.read_after(session, readings, [f.id for f in bad])
         bad = same_subject.below_floor(readings, bad, floor)
     failed = dict(failed) | {f.id: same_subject.reason(readings[f.id]) for f in bad}
-    again = [f for f in dict.fromkeys(retried) if f.id not in failed]
+    again = [f for f in {f.id: f for f in retried}.values() if f.id not in failed]  # a fact is not hashable
     for f, ok in zip(again, answered(session, again)):
         if not ok:
             failed[f.id] = f"did not take with its subject's other answers held: the model answers " \
