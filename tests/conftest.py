@@ -264,20 +264,3 @@ def tiny_llama(tok):
 @pytest.fixture
 def tiny_gpt2(tok):
     return make_tiny_gpt2(len(tok))
-
-
-@pytest.fixture(scope="module")
-def module_home(tmp_path_factory):
-    """One KAGENT_HOME for a test module, so its covariance statistics and workspaces are built once."""
-    return tmp_path_factory.mktemp("kagent-home")
-
-
-@pytest.fixture
-def toy_agent(monkeypatch, module_home):
-    """The agent on the toy embedder (no download), in the module's KAGENT_HOME, on one torch thread."""
-    import agent.session
-
-    monkeypatch.setattr(agent.session, "default_embedder", ToyEmbedder)
-    monkeypatch.setenv("KAGENT_HOME", str(module_home))
-    with one_thread():
-        yield

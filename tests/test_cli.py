@@ -29,9 +29,18 @@ def fact(subject: str, target: str, relation: str = "{} is the capital of") -> s
     return json.dumps({"subject": subject, "prompt": relation, "target": target})
 
 
+@pytest.fixture(scope="module")
+def shared_home(tmp_path_factory):
+    """One KAGENT_HOME for the module, so covariance statistics are computed once."""
+    return tmp_path_factory.mktemp("kagent-home")
+
+
 @pytest.fixture(autouse=True)
-def toy_embedder(toy_agent):
-    yield
+def toy_embedder(monkeypatch, shared_home):
+    monkeypatch.setattr(agent.session, "default_embedder", ToyEmbedder)
+    monkeypatch.setenv("KAGENT_HOME", str(shared_home))
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +56,18 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fresh_ws(tmp_path_factory, model_dir, module_home):
+def fresh_ws(tmp_path_factory, model_dir, shared_home):
     """A freshly initialised workspace, made once per module; tests get copies."""
     root = tmp_path_factory.mktemp("fresh") / "ws"
     with pytest.MonkeyPatch.context() as mp, one_thread():
         mp.setattr(agent.session, "default_embedder", ToyEmbedder)
-        mp.setenv("KAGENT_HOME", str(module_home))
+        mp.setenv("KAGENT_HOME", str(shared_home))
         res = run("init", "--model", model_dir, "--layers", "1,2", "--stats-tokens", "4000", "--workspace", root)
     assert res.exit_code == 0, res.output
     fast = Workspace.open(root)
     fast.save_config(fast.config().model_copy(update={"probe_tokens": 256, "probe_facts": 8, "retention_sample": 8}))
     with pytest.MonkeyPatch.context() as mp, one_thread():
-        mp.setenv("KAGENT_HOME", str(module_home))
+        mp.setenv("KAGENT_HOME", str(shared_home))
         session = agent.session.open_session(fast)
         session.baseline()  # re-measured for the smaller probe settings
         session.close()

@@ -45,13 +45,21 @@ def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("kagent-home")
+
+
 @pytest.fixture(autouse=True)
-def toy_embedder(toy_agent):
-    yield
+def toy_embedder(monkeypatch, home):
+    monkeypatch.setattr(agent.session, "default_embedder", ToyEmbedder)
+    monkeypatch.setenv("KAGENT_HOME", str(home))
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, module_home):
+def ws(tmp_path_factory, home):
     """A tiny random Llama (with a chat template) and a workspace on it, with small probes so watch is quick."""
     tok = toy_tokenizer()
     tok.chat_template = TEMPLATE
@@ -62,7 +70,7 @@ def ws(tmp_path_factory, module_home):
     root = tmp_path_factory.mktemp("serve") / "ws"
     with pytest.MonkeyPatch.context() as mp, one_thread():
         mp.setattr(agent.session, "default_embedder", ToyEmbedder)
-        mp.setenv("KAGENT_HOME", str(module_home))
+        mp.setenv("KAGENT_HOME", str(home))
         res = run("init", "--model", model_dir, "--layers", "1,2", "--stats-tokens", "2000", "--workspace", root)
         assert res.exit_code == 0, res.output
         w = Workspace.open(root)
@@ -102,9 +110,9 @@ def serving(served: ServedModel, poll: bool = False, **options):
 
 
 @pytest.fixture(scope="module")
-def served(ws, module_home):
+def served(ws, home):
     with pytest.MonkeyPatch.context() as mp, one_thread():
-        mp.setenv("KAGENT_HOME", str(module_home))
+        mp.setenv("KAGENT_HOME", str(home))
         s = ServedModel.open(ws, poll_s=0.1)
     yield s
     s.close()
@@ -364,7 +372,7 @@ def test_commits_and_rollbacks_by_other_processes_go_live_without_a_restart(clie
     assert served_answer(client, mid) == (0, base)
 
 
-def test_a_reload_that_fails_keeps_the_state_served_and_says_so(ws, tmp_path, module_home):
+def test_a_reload_that_fails_keeps_the_state_served_and_says_so(ws, tmp_path, home):
     import shutil
 
     copy = Workspace.open(shutil.copytree(ws.root, tmp_path / "ws"))

@@ -64,18 +64,26 @@ def model_and_tok():
     return AutoModelForCausalLM.from_pretrained(TINY_FACT_MODEL).eval(), AutoTokenizer.from_pretrained(TINY_FACT_MODEL)
 
 
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("kagent-home")
+
+
 @pytest.fixture(autouse=True)
-def toy_embedder(toy_agent):
-    yield
+def toy_embedder(monkeypatch, home):
+    monkeypatch.setattr(agent.session, "default_embedder", ToyEmbedder)
+    monkeypatch.setenv("KAGENT_HOME", str(home))
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
-def fresh_ws(tmp_path_factory, module_home):
+def fresh_ws(tmp_path_factory, home):
     """A workspace on the tiny fact model, initialised once per module; tests get copies."""
     root = tmp_path_factory.mktemp("fact-ws") / "ws"
     with pytest.MonkeyPatch.context() as mp, one_thread():
         mp.setattr(agent.session, "default_embedder", ToyEmbedder)
-        mp.setenv("KAGENT_HOME", str(module_home))
+        mp.setenv("KAGENT_HOME", str(home))
         res = run("init", "--model", TINY_FACT_MODEL, "--stats-corpus", TINY_FACT_MODEL / "corpus.txt",
                   "--stats-tokens", "20000", "--workspace", root)
         assert res.exit_code == 0, res.output
