@@ -186,6 +186,22 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: each module keeps its own order
 
 
+@pytest.fixture
+def monkeypatch():
+    """pytest's `monkeypatch`, which also puts the verified application's `answered` back when it is undone. A test
+    that patches `answered` with `monkeypatch` over `facts_answer`'s fake has two MonkeyPatch objects on one attribute,
+    undone in the wrong order (the fake's first): the fake outlived the test, and the next file on the same worker
+    (test_tiny_fact_model.py after test_cli.py) saw every fact answer without asking the model."""
+    import agent.batch
+    import agent.consolidate
+
+    real = agent.batch.answered, agent.consolidate.answered
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+    agent.batch.answered, agent.consolidate.answered = real
+
+
 @pytest.fixture(autouse=True)
 def all_cores_for_the_real_model(request, monkeypatch):
     if any(request.node.get_closest_marker(m) for m in ("slow", "smoke")):
