@@ -1,5 +1,6 @@
-"""One generation on the served model: prompt ids (the model's own chat template, or the prompt text), `model.generate`
-with its KV cache (greedy at temperature 0, sampled above), stop strings, and the text handed out piece by piece.
+"""Generation on the served model: prompt ids (the model's own chat template, or the prompt text), `model.generate`
+with its KV cache (greedy at temperature 0, sampled above) over a batch of requests (left-padded; each row ends on its
+own stop strings, end of sequence or max_tokens), and each row's text handed out piece by piece.
 
 The entity memory matches subjects in the prompt's prefill (editors/entity_memory.py), so generating with the cache
 answers with the edits like `kagent ask` does. Text is decoded from all ids so far and handed out only up to what
@@ -9,7 +10,7 @@ back, so a stop string never reaches the client, as OpenAI's API promises.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -105,27 +106,27 @@ class TextAssembler:
 
 
 class _Halt(StoppingCriteria):
-    """Ends generation once `event` is set (a stop string came, or the client went away)."""
+    """Ends each row once its event is set (a stop string or its max_tokens came, or its client went away)."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, events: Sequence[threading.Event]):
+        self.events = events
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.tensor([e.is_set() for e in self.events], dtype=torch.bool, device=input_ids.device)
 
 
 class _Tokens(BaseStreamer):
-    """Hands every new token id to `on_token` (generate first puts the prompt, which is skipped)."""
+    """Hands every new token id of row b to `on_token[b]` (generate first puts the prompts, which are skipped)."""
 
-    def __init__(self, on_token: Callable[[int], None]):
+    def __init__(self, on_token: Sequence[Callable[[int], None]]):
         self.on_token, self.prompt_seen = on_token, False
 
     def put(self, value) -> None:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        for t in value.reshape(-1).tolist():
-            self.on_token(int(t))
+        for row, t in zip(self.on_token, value.reshape(-1).tolist()):
+            row(int(t))
 
     def end(self) -> None:
         pass
@@ -140,34 +141,71 @@ def generation_config(model, tok, sampling: Sampling, eos: set[int]) -> Generati
                             eos_token_id=sorted(eos) or None, pad_token_id=pad)
 
 
+@dataclass
+class Row:
+    """One request in a batched generation: its prompt ids, sampling, where its text goes and what halts it."""
+
+    ids: list[int]  # prompt token ids
+    sampling: Sampling  # its own max_tokens and stop strings; temperature and top_p as the batch's
+    on_text: Callable[[str], None]  # each new piece of its text
+    halt: threading.Event = field(default_factory=threading.Event)  # set from outside: ends this row early
+
+
+class _RowState:
+    """One row's tokens as they come: text, end of sequence, its own max_tokens."""
+
+    def __init__(self, row: Row, tok, eos: set[int]):
+        self.row, self.eos_ids, self.text = row, eos, TextAssembler(tok, row.sampling.stop)
+        self.tokens, self.eos = 0, False
+
+    def on_token(self, t: int) -> None:
+        if self.text.stopped or self.eos or self.tokens >= self.row.sampling.max_tokens:
+            return
+        if t in self.eos_ids:
+            self.eos = True
+            self.row.halt.set()
+            return
+        self.tokens += 1
+        if piece := self.text.add(t):
+            self.row.on_text(piece)
+        if self.text.stopped or self.tokens >= self.row.sampling.max_tokens:
+            self.row.halt.set()
+
+    def outcome(self) -> Outcome:
+        if rest := self.text.finish():
+            self.row.on_text(rest)
+        done = self.text.stopped or self.eos or self.tokens < self.row.sampling.max_tokens
+        return Outcome(self.text.text, "stop" if done else "length", len(self.row.ids), self.tokens)
+
+
+def compatible(a: Sampling, b: Sampling) -> bool:
+    """Whether two requests can share one batched generation: the same sampler, and no seed (a seeded request
+    runs alone, so that its seed decides its tokens)."""
+    if a.temperature == b.temperature == 0:
+        return True  # greedy: the seed plays no part
+    return a.seed is None and b.seed is None and (a.temperature, a.top_p) == (b.temperature, b.top_p)
+
+
 @torch.no_grad()
+def generate_batch(model, tok, rows: Sequence[Row]) -> list[Outcome]:
+    """Generate after each row's prompt in one batch (prompts left-padded, the KV cache shared), handing each row's
+    new text to its `on_text`; rows end on their own (stop string, end of sequence, max_tokens, halt)."""
+    eos = eos_ids(model, tok)
+    states = [_RowState(r, tok, eos) for r in rows]
+    first = rows[0].sampling
+    if first.seed is not None and first.temperature > 0:
+        torch.manual_seed(first.seed)
+    config = generation_config(model, tok, replace(first, max_tokens=max(r.sampling.max_tokens for r in rows)), eos)
+    width = max(len(r.ids) for r in rows)
+    x = torch.tensor([[config.pad_token_id] * (width - len(r.ids)) + r.ids for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], dtype=torch.long)
+    dev = input_device(model)
+    model.generate(input_ids=x.to(dev), attention_mask=mask.to(dev), streamer=_Tokens([s.on_token for s in states]),
+                   generation_config=config, stopping_criteria=StoppingCriteriaList([_Halt([r.halt for r in rows])]))
+    return [s.outcome() for s in states]
+
+
 def generate(model, tok, ids: list[int], sampling: Sampling, on_text: Callable[[str], None],
              halt: threading.Event | None = None) -> Outcome:
     """Generate after `ids`, handing each new piece of text to `on_text`; `halt` set from outside ends it early."""
-    halt = halt or threading.Event()
-    eos = eos_ids(model, tok)
-    text = TextAssembler(tok, sampling.stop)
-    seen = {"tokens": 0, "eos": False}
-
-    def on_token(t: int) -> None:
-        if text.stopped or seen["eos"]:
-            return
-        if t in eos:
-            seen["eos"] = True
-            return
-        seen["tokens"] += 1
-        if piece := text.add(t):
-            on_text(piece)
-        if text.stopped:
-            halt.set()
-
-    if sampling.seed is not None and sampling.temperature > 0:
-        torch.manual_seed(sampling.seed)
-    x = torch.tensor([ids], dtype=torch.long, device=input_device(model))
-    model.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=_Tokens(on_token),
-                   generation_config=generation_config(model, tok, sampling, eos),
-                   stopping_criteria=StoppingCriteriaList([_Halt(halt)]))
-    if rest := text.finish():
-        on_text(rest)
-    finish = "stop" if text.stopped or seen["eos"] or seen["tokens"] < sampling.max_tokens else "length"
-    return Outcome(text.text, finish, len(ids), seen["tokens"])
+    return generate_batch(model, tok, [Row(ids, sampling, on_text, halt or threading.Event())])[0]

@@ -29,6 +29,8 @@ def loopback(host: str) -> bool:
               help="Most prompt tokens (chat template applied; also capped by the model's positions)")
 @click.option("--max-waiting", type=click.IntRange(0), default=16, show_default=True,
               help="Requests that may wait for the generator; more get 503")
+@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
+              help="Waiting requests generated together at most")
 @click.option("--queue-timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
               help="Seconds a request waits for the generator before 503")
 @click.option("--poll", type=click.FloatRange(0.05), default=0.5, show_default=True,
@@ -36,14 +38,16 @@ def loopback(host: str) -> bool:
 @click.option("--workspace", "-w", type=click.Path(path_type=Path), envvar="KAGENT_WORKSPACE",
               help="Workspace directory [default: $KAGENT_HOME/workspace]")
 def serve(host: str, port: int, api_key: str | None, max_tokens: int, max_prompt_tokens: int, max_waiting: int,
-          queue_timeout: float, poll: float, workspace: Path | None) -> None:
+          max_batch: int, queue_timeout: float, poll: float, workspace: Path | None) -> None:
     """Serve the edited model over an OpenAI-compatible API; commits of `watch` go live without a restart."""
     from agent.serve import ServeOptions, run_server
     from agent.served import ServedModel
     from agent.workspace import Workspace, default_root
 
     ws = Workspace.open(workspace or default_root())
-    opts = ServeOptions(host, port, api_key or None, max_tokens, max_prompt_tokens, max_waiting, queue_timeout, poll)
+    opts = ServeOptions(host=host, port=port, api_key=api_key or None, max_tokens=max_tokens,
+                        max_prompt_tokens=max_prompt_tokens, max_waiting=max_waiting, max_batch=max_batch,
+                        queue_timeout=queue_timeout, poll_s=poll)
     if not loopback(host) and opts.api_key is None:
         click.echo(f"warning: serving on {host} without --api-key: anyone who reaches this port can use the model",
                    err=True)

@@ -9,9 +9,14 @@ loaded model with that batch's edits (`load_edits`, as `kagent ask` loads them).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -306,6 +311,69 @@ def test_halting_a_generation_stops_it_at_the_next_token(served):
         full = generate(served.model, served.tok, prompt_ids(served.tok, PROMPT), Sampling(max_tokens=60),
                         lambda _t: None)
     assert out.completion_tokens <= 2 < full.completion_tokens and out.text == "".join(pieces)
+
+
+def test_requests_generated_together_answer_as_each_does_alone(served):
+    """The worker batches waiting requests (left-padded, one forward per token): each must get the text, token count
+    and finish reason it gets alone, ending on its own max_tokens, stop string or end of sequence."""
+    from agent.generation import Row, Sampling, generate, generate_batch, prompt_ids
+
+    berlin = "Berlin is the capital city of the country"
+    with served.reading():
+        free = generate(served.model, served.tok, prompt_ids(served.tok, berlin), Sampling(20), lambda _t: None).text
+    assert len(free) > 6
+    asks = [(PROMPT, Sampling(max_tokens=12)), ("Rome", Sampling(max_tokens=3)),
+            (berlin, Sampling(max_tokens=20, stop=(free[4:6],))), (LIVE, Sampling(8))]
+    with served.reading():
+        alone = [generate(served.model, served.tok, prompt_ids(served.tok, p), s, lambda _t: None) for p, s in asks]
+        pieces: list[list[str]] = [[] for _ in asks]
+        together = generate_batch(served.model, served.tok, [Row(prompt_ids(served.tok, p), s, pieces[i].append)
+                                                             for i, (p, s) in enumerate(asks)])
+    assert together == alone
+    assert ["".join(p) for p in pieces] == [o.text for o in alone]
+    assert [o.completion_tokens for o in alone][:2] == [12, 3]
+    assert alone[2].finish_reason == "stop" and alone[2].text == free[:free.index(free[4:6])]
+
+
+def test_concurrent_clients_share_generations_and_get_their_own_answers(url, client):
+    mid = model_id(client)
+    prompts = [PROMPT, "Rome", LIVE, "Berlin is", PROMPT, "Rome"]
+    alone = [client.completions.create(model=mid, prompt=p, max_tokens=6).choices[0].text for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda p: client.completions.create(model=mid, prompt=p, max_tokens=6)
+                                 .choices[0].text, prompts))
+    assert together == alone
+
+
+def test_the_serve_command_answers_then_stops_on_sigint_and_a_taken_port_is_one_line(ws, home):
+    """`kagent serve` as users start it: generations on the main thread, HTTP on another; Ctrl-C finishes the
+    request in flight and exits 0; a port already taken exits 1 with one line."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    cmd = [sys.executable, "-m", "agent", "serve", "--workspace", str(ws.root), "--port", str(port)]
+    env = os.environ | {"KAGENT_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "no start"
+            try:
+                mid = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        pending = ThreadPoolExecutor(1).submit(httpx.post, base + "/v1/completions", timeout=60,
+                                               json={"model": mid, "prompt": PROMPT, "max_tokens": 40})
+        time.sleep(0.3)  # the request is in flight
+        again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 1 and again.stderr.strip().splitlines()[-1].startswith(
+            f"kagent serve: the server could not start on 127.0.0.1:{port}")
+        proc.send_signal(signal.SIGINT)
+        assert pending.result().status_code == 200
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
 
 
 def wait_for_batch(url: str, batch: int, within: float = 5.0) -> float:
