@@ -250,6 +250,7 @@ class Editor:
             pos, neg = texts[r.subject]
             pos += [in_context(c, r.prompt).replace("{}", r.subject, 1) for c in ["{}", *self.state.context_templates]]
             pos += [t.replace("{}", s, 1) for t, s in r.forms]
+            pos += [in_context(c, t).replace("{}", s, 1) for t, s in r.cues for c in ["{}", *self.state.context_templates]]
             neg += [t.replace("{}", r.subject, 1) for t in r.keep]
         flat = [t for s in subjects for part in texts[s] for t in part]
         with self.memory.suspended():

@@ -19,6 +19,8 @@ class EditRequest:
     keep: tuple[str, ...] = ()  # templates about the same subject whose next-token distribution must not move
     #   (its other relations and its description): the KL rows that hold the subject's other facts in place
     aliases: tuple[str, ...] = ()  # other names of the subject: the entity memory fires its slot on them too
+    cues: tuple[tuple[str, str], ...] = ()  # more (template, subject text) pairs that must fire an answer-site slot
+    #   (the relation's other phrasings): keys only, no optimiser rows, so they cost one forward each
 
     def text(self) -> str:
         return self.prompt.replace("{}", self.subject, 1)
@@ -26,7 +28,7 @@ class EditRequest:
     @property
     def key(self) -> tuple:
         """Everything the request's target value depends on (values are cached by it)."""
-        return self.prompt, self.subject, self.target, self.forms, self.keep, self.aliases
+        return self.prompt, self.subject, self.target, self.forms, self.keep, self.aliases  # cues: keys only
 
 
 @dataclass

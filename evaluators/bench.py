@@ -137,11 +137,13 @@ class MethodResult(BaseModel):
     neighbours_unchanged: float | None = None  # locality prompts whose greedy answer is unchanged
     reach_edit: float | None = None  # share of edit prompts whose greedy answer contains the new target
     reach_paraphrase: float | None = None  # ... of paraphrase prompts
+    reach_phrasing: float | None = None  # ... of the relation's held-out (test) template about the subject
     reach_question: float | None = None  # ... of "Q: <question>\nA:" prompts
     reach_chat: float | None = None  # ... of the question in the model's chat template
     reach_lower: float | None = None  # ... of edit prompts with the subject lower-cased
     native_edit: float | None = None  # share of edit prompts the unedited model answers with the true fact
     native_paraphrase: float | None = None  # ... paraphrase prompts
+    native_phrasing: float | None = None  # ... held-out phrasing prompts
     native_question: float | None = None  # ... question prompts
     native_chat: float | None = None  # ... chat-template prompts
     native_lower: float | None = None  # ... lower-cased prompts
@@ -353,7 +355,7 @@ def run_bench(cfg: BenchConfig, on_row=None) -> list[MethodResult]:
 COLUMNS = ["method", "es", "greedy_es", "ps", "greedy_ps", "ns", "score", "ppl_after", "known_acc_after", "norm_growth",
            "edits_per_second", "value_gflops", "mean_steps", "peak_rss_mb", "mem_estimate_mb", "edit_peak_rss_mb"]
 SPEC_COLUMNS = ["specificity_all", "specificity_sure", "neighbours_unchanged"] + [
-    f"{kind}_{form}" for form in ("edit", "paraphrase", "question", "chat", "lower") for kind in ("reach", "native")]
+    f"{kind}_{form}" for form in ("edit", "paraphrase", "phrasing", "question", "chat", "lower") for kind in ("reach", "native")]
 
 
 def table(rows: list[MethodResult]) -> str:

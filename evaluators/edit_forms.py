@@ -27,6 +27,7 @@ class FormSettings:
     lower: bool = True  # the edit prompt with the subject in lower case must answer the target
     paraphrases: int = 2  # the record's own paraphrases (first N) that must answer the target
     aliases: int = 2  # the record's aliases (first N), in the edit prompt, that must answer the target
+    cues: int = 8  # further train templates of the edited relation that fire an answer-site slot (keys, not rows)
     keep_per_relation: int = 1  # train templates of each of the subject's other relations held in place
     keep_descriptions: int = 2  # description templates of the subject's kind held in place
 
@@ -50,9 +51,11 @@ def enrich(request: EditRequest, bank: RelationBank, tok, settings: FormSettings
     subject, template = request.subject, request.prompt
     relation = bank.relations.get(relation_id) if relation_id else bank.resolve(template, None)
     forms: list[tuple[str, str]] = []
+    cues: list[tuple[str, str]] = []
     if relation is not None:
         others = [t for t in relation.templates("train") if t.strip() != template.strip()]
         forms += [(t, subject) for t in others[: settings.phrasings]]
+        cues += [(t, subject) for t in others[settings.phrasings: settings.phrasings + settings.cues]]
     question = relation.question if relation is not None else None
     if settings.question and question:
         forms.append((QUESTION_FORMAT.format(question=question), subject))
@@ -66,7 +69,7 @@ def enrich(request: EditRequest, bank: RelationBank, tok, settings: FormSettings
     forms += [(template, a) for a in aliases[: settings.aliases]]
     keep = _keep(bank, relation.id if relation is not None else None, settings)
     return replace(request, forms=tuple(dict.fromkeys(forms)), keep=tuple(dict.fromkeys(keep)),
-                   aliases=tuple(aliases))
+                   aliases=tuple(aliases), cues=tuple(cues))
 
 
 def _as_template(prompt: str, subject: str) -> str:

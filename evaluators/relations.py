@@ -11,7 +11,9 @@ Split of the data: tuning happens on counterfact-train (the value optimiser's se
 figures are reported on counterfact-val.json, which nobody tunes on.
 
 Prompt forms of one edit (`RelationBank.forms`): "edit" (the record's prompt), "paraphrase" (the record's
-paraphrases: "paraphrase", "paraphrase#2", ...), "question" (`QUESTION_FORMAT`, e.g. "Q: What is the capital of
+paraphrases: "paraphrase", "paraphrase#2", ...), "phrasing" (the relation's first *test* template other than the
+edit's: a phrasing no edit is trained or keyed on, unlike a record's paraphrase, which may use a train template),
+"question" (`QUESTION_FORMAT`, e.g. "Q: What is the capital of
 France?\\nA:"; SmolLM2-Instruct answers "Question: ...\\nAnswer:" and "Question: ... Answer:" with end-of-text
 at once for 4 of 6 questions tried, "Q: ...\\nA:" in a sentence), "chat" (that question through the model's own
 chat template, with the generation prompt), "lower" (the edit prompt with the subject lower-cased, when that
@@ -147,6 +149,9 @@ class RelationBank:
         out = {"edit": fill(template, subject)}
         out |= _numbered("paraphrase", paraphrases)
         if relation_id is not None:
+            held_out = [t for t in self.relation(relation_id).templates("test") if t.strip() != template.strip()]
+            if held_out:
+                out["phrasing"] = fill(held_out[0], subject)
             out["question"] = self.question(subject, relation_id)
             if tok is not None and getattr(tok, "chat_template", None):
                 question = fill(self.relation(relation_id).question, subject)

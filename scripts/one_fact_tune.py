@@ -75,6 +75,9 @@ for i, (r, rel) in enumerate(sel):
     q = fill(rel.question, r.subject)
     forms.setdefault("edit", []).append((i, r.prompt))
     forms.setdefault("para", []).append((i, r.rephrase_prompt)) if r.rephrase_prompt else None
+    held = [t for t in rel.templates("test") if t.strip() != r.template().strip()]
+    if held:
+        forms.setdefault("phrasing", []).append((i, fill(held[0], r.subject)))
     forms.setdefault("question", []).append((i, QUESTION_FORMAT.format(question=q)))
     forms.setdefault("chat", []).append((i, tok.apply_chat_template([{"role":"user","content":q}], add_generation_prompt=True, tokenize=False)))
     if r.subject.lower() != r.subject:

@@ -159,3 +159,19 @@ def test_an_answer_site_slot_fires_at_the_prompts_end_only_where_its_key_matches
     assert torch.equal(after[1], before[1])  # the same subject asked something else: untouched
     stored = MemoryWrite.from_tensors(mem.snapshot().tensors())
     assert torch.equal(stored.keys, keys[None]) and torch.equal(stored.radii, radii[None])
+
+
+def test_cues_key_the_relations_other_train_phrasings_and_are_never_trained_or_measured(tok):
+    from evaluators.edit_forms import FormSettings, enrich
+    from evaluators.relations import RelationBank
+
+    bank = RelationBank.load()
+    rel = bank.relation("P36")
+    req = enrich(EditRequest("The capital of {} is", "France", "Lyon"), bank, tok, FormSettings(phrasings=1, cues=3),
+                 "P36")
+    assert len(req.cues) == min(3, len(rel.templates("train")) - 2) > 0
+    cued = {t for t, _ in req.cues}
+    assert cued <= set(rel.templates("train")) and not cued & set(rel.templates("test"))
+    assert not cued & {t for t, _ in req.forms} and "The capital of {} is" not in cued
+    assert req.key == enrich(EditRequest("The capital of {} is", "France", "Lyon"), bank, tok,
+                             FormSettings(phrasings=1, cues=0), "P36").key  # keys only: the value does not change

@@ -64,6 +64,8 @@ def test_forms(bank, tok):
     assert forms["question"] == QUESTION_FORMAT.format(question="What is the capital of France?")
     assert forms["chat"] == "<What is the capital of France?>A:"
     assert forms["alias"] == "The capital of the French Republic is"
+    held_out = forms["phrasing"].replace("France", "{}", 1)  # a phrasing no edit trains or keys on
+    assert held_out in bank.relation("P36").templates("test") and held_out not in bank.relation("P36").templates("train")
     assert set(bank.forms("paris", "{} is in", None)) == {"edit"}  # no relation: no question; lower case: no "lower"
 
 
@@ -150,8 +152,8 @@ def test_reach_and_native_per_form():
     after = {"The mother tongue of Danielle Darrieux is": " English.", "Danielle Darrieux spoke the language of":
              " english", "The mother tongue of Jean Gabin is": " English"}
     res = _measure(FakeModel(before, after))
-    assert res.reach == {"edit": 1.0, "paraphrase": 1.0, "question": 0.0, "lower": 0.0}
-    assert res.native == {"edit": 1.0, "paraphrase": 0.0, "question": 0.0, "lower": 1.0}
+    assert res.reach == {"edit": 1.0, "paraphrase": 1.0, "phrasing": 0.0, "question": 0.0, "lower": 0.0}
+    assert res.native == {"edit": 1.0, "paraphrase": 0.0, "phrasing": 0.0, "question": 0.0, "lower": 1.0}
     assert res.ratio["edit"] == 1.0 and res.ratio["paraphrase"] is None
     assert res.neighbours_unchanged == 0.0
     assert res.summary()["reach_edit"] == 1.0
