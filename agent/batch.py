@@ -31,6 +31,7 @@ from editors.delta import NonFiniteDelta
 from editors.delta import EditDelta
 from editors.entity_memory import EntityMemory, MemoryWrite, merge_writes
 from evaluators.scoring import greedy_answers, greedy_matches
+from memory.model_sync import commit_applied
 from memory.record import StoredFact, normalise
 
 log = logging.getLogger(__name__)
@@ -293,8 +294,8 @@ def attempt(session: Session, group: list[StoredFact]) -> Verdict:
                                  data={"facts": ids, "metrics": after})
         return verdict
     try:
-        bid = session.ledger.commit(group, result.delta, result.keys, {"before": before, "after": after},
-                                    session.cfg.method, session.model, failed=failed)
+        bid = commit_applied(session.ledger, session.model, group, result.delta, result.keys,
+                             {"before": before, "after": after}, session.cfg.method, failed=failed)
     except BaseException:  # not committed (e.g. disk full): model, memory and editor state back to the ledger's
         session.restore()
         session.editor.state.add_keys(result.keys, sign=-1.0)

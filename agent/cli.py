@@ -32,6 +32,7 @@ from editors.models import DEFAULT_MODEL, DTYPE_CHOICES, DeviceUnavailable, dtyp
 from editors.registry import METHODS, resolve_hparams
 from editors.user_corpus import CorpusError
 from memory.gguf_export import SourceMissing
+from memory import model_sync
 from memory.hygiene import shown
 from memory.ledger import LedgerError, LedgerMismatch
 
@@ -323,7 +324,7 @@ def load_edits(ledger, loaded) -> EntityMemory | None:
     if expected is not None and expected != got:
         raise LedgerMismatch(f"model {loaded.name} (fingerprint {got}) is not the base model of this workspace's "
                              f"ledger ({expected})")
-    ledger.load_into(loaded.model)
+    model_sync.load_into(ledger, loaded.model)
     return EntityMemory.from_write(loaded.tok, ledger.memory_write())
 
 
@@ -374,14 +375,14 @@ def rollback_messages(session, batch: int | None, to_batch: int | None) -> list[
     state = session.editor.state
     try:
         if to_batch is not None:
-            return [r.message for r in session.ledger.rollback_to(to_batch, session.model, state)] or \
+            return [r.message for r in model_sync.rollback_to(session.ledger, to_batch, session.model, state)] or \
                 [f"nothing committed after batch {to_batch}"]
 
         def recompute(facts):
             result = compute(session, facts)
             return result.delta, result.keys
 
-        return [session.ledger.rollback(batch, session.model, state, recompute).message]
+        return [model_sync.rollback(session.ledger, batch, session.model, state, recompute).message]
     finally:
         session.sync_memory()
 

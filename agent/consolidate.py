@@ -28,6 +28,7 @@ from agent.session import Session
 from agent.tiers import memory_alarms, memory_monitors
 from editors.core import EditResult
 from editors.delta import EditDelta
+from memory.model_sync import consolidate_applied
 from memory.record import StoredFact
 
 PPL_TOLERANCE = 0.01  # relative perplexity rise a consolidation may bring (measurement noise of the probe)
@@ -114,8 +115,8 @@ def commit(session: Session, chain: list[int], live: list[StoredFact], delta: Ed
            metrics: dict, tiers: dict[int, str] | None = None) -> int:
     """Record the consolidation (the model holds base + `delta`); on any failure the chain is restored."""
     try:
-        bid = session.ledger.consolidate(delta, keys, {"after": metrics}, session.cfg.method, session.model,
-                                         tiers=tiers)
+        bid = consolidate_applied(session.ledger, session.model, delta, keys, {"after": metrics}, session.cfg.method,
+                                  tiers=tiers)
     except BaseException:
         session.restore()
         raise

@@ -1,7 +1,7 @@
 """An open workspace with its model, editor and ledger, ready to edit: what `watch`, `rollback` and `ask` use.
 
 Loading order matters: the editor's covariance statistics and context templates come from the *unedited* model,
-so the editor is built before the ledger writes base + committed deltas into the model (`Ledger.attach`). The
+so the editor is built before base + committed deltas are written into the model (`memory.model_sync.attach`). The
 editor state's key sums are then rebuilt from the committed batches' stored keys, so state and weights always
 agree with the ledger.
 """
@@ -35,6 +35,7 @@ from evaluators.memory_health import HeldOut
 from evaluators.superposition import whitener
 from memory.index import Embedder, FactMemory, MiniLMEmbedder
 from memory.ledger import Ledger
+from memory.model_sync import attach, restore
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class Session:
 
     def restore(self) -> None:
         """Model weights and entity memory back to exactly what the ledger's committed batches hold."""
-        self.ledger.restore(self.model)
+        restore(self.ledger, self.model)
         self.sync_memory()
 
     def sync_memory(self) -> None:
@@ -193,7 +194,7 @@ def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
     w0 = base_weights(loaded.model, editor.hp.layers)
     editor.base = w0  # values_on = "base" and SPHERE's projector read the unedited weights
     ledger = open_ledger(ws)
-    ledger.attach(loaded.model, editor.hp.layers)
+    attach(ledger, loaded.model, editor.hp.layers)
     probes = ProbeSuite.shipped(cfg.probe_facts, cfg.probe_tokens, cfg.probe_file, cfg.damage_file, cfg.damage_facts)
     session = Session(ws, cfg, loaded, ledger, editor, open_memory(ws, ledger), probes, w0,
                       limits=checker_for(cfg, loaded.tok, loaded.model.config),

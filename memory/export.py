@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from editors.entity_memory import EXPORT_FILE
 from memory.gguf_export import export_gguf
 from memory.ledger import Ledger
+from memory.model_sync import check_model
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def export(model: nn.Module, tok: PreTrainedTokenizerBase, ledger: Ledger, out_d
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export directory {out} exists and is not empty")
-    ledger.check_model(model)
+    check_model(ledger, model)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

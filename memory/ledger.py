@@ -11,6 +11,14 @@ atomically: files are written first (temp + rename), then one DB transaction; a 
 between leaves orphan files and no batch. Rollback never counter-edits: edited layers are
 rebuilt from the stored base copies plus the remaining stack; rolling back an older batch
 replays the later ones through a caller-supplied `recompute`.
+
+The ledger stores; it does not touch a model (bar `load_into`, a forwarding shim kept for
+agent/served.py). memory/model_sync.py brings a model to the weights the ledger rebuilds, checks a
+model against them before a commit, and carries out rollbacks. This module holds the connection,
+migrations and transactions; each job is a mixin beside it: ledger_facts.py (facts, statuses, feed
+offsets, batch attempts), ledger_events.py (events, metrics, probes), ledger_weights.py (tensor files,
+fingerprints, rebuilt weights), ledger_batches.py (commit, consolidation, the record of a rollback),
+ledger_verify.py (verify, gc).
 """
 from __future__ import annotations
 
@@ -23,15 +31,14 @@ from typing import Iterator, Sequence
 import torch
 
 from memory.blobs import BlobStore, LedgerError, LedgerMismatch
-from memory.ledger_batches import BatchesMixin, BatchInfo, KeyState, Recompute, RollbackReport
+from memory.ledger_batches import BatchesMixin, BatchInfo, Undone
 from memory.ledger_events import Event, EventsMixin
 from memory.ledger_facts import FactsMixin, FeedMark
 from memory.ledger_verify import VerifyMixin
 from memory.ledger_weights import WeightsMixin
 from memory.migrations import MIGRATIONS, Migration, applied_names, run_pending
 
-__all__ = ["MIGRATIONS", "BatchInfo", "Event", "FeedMark", "KeyState", "Ledger", "LedgerError", "LedgerMismatch",
-           "Recompute", "RollbackReport"]
+__all__ = ["MIGRATIONS", "BatchInfo", "Event", "FeedMark", "Ledger", "LedgerError", "LedgerMismatch", "Undone"]
 
 log = logging.getLogger(__name__)
 

@@ -1,38 +1,26 @@
-"""The ledger's batches: commit (files first, then one transaction), consolidation, and exact rollback.
+"""The ledger's batches: commit (files first, then one transaction), consolidation, and the record of an exact
+rollback.
 
-Rollback never counter-edits: edited layers are rebuilt from the stored base copies plus the remaining stack; rolling
-back an older batch replays the later ones through a caller-supplied `recompute`.
+Rollback never counter-edits: edited layers are rebuilt from the stored base copies plus the remaining stack. The
+ledger records and rebuilds; the model side (memory/model_sync.py) writes the weights into the model and replays
+the later batches of an older one through a caller-supplied `recompute`.
 
 A mixin of memory.ledger.Ledger, which brings the connection (`db`), the tensor files (`blobs`), `transaction()`, and
 the other mixins (facts, events, weights).
 """
 from __future__ import annotations
 
-import logging
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Mapping, Sequence
 
 import torch
-from torch import nn
 
 from editors.delta import EditDelta
 from memory.blobs import BlobStore, LedgerError, hash_tensors, keys_tensors
-from memory.ledger_weights import _add_delta
 from memory.record import StoredFact
-
-log = logging.getLogger("memory.ledger")  # the ledger's one logger, as before the split
-
-
-class KeyState(Protocol):
-    """What the ledger needs from the editor state: add or remove a batch's keys."""
-
-    def add_keys(self, keys: dict[int, torch.Tensor], sign: float = 1.0) -> None: ...
-
-
-Recompute = Callable[[list[StoredFact]], tuple[EditDelta, dict[int, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -54,17 +42,19 @@ class BatchInfo:
 
 
 @dataclass(frozen=True)
-class RollbackReport:
-    """What a rollback did."""
+class Undone:
+    """What `undo` recorded, for the model side to follow (memory/model_sync.rollback)."""
 
     batch_id: int  # the batch rolled back
     fact_ids: list[int]  # its facts (bar those a later batch holds now), now status rolled_back
-    replayed: list[tuple[int, int]]  # (old batch, new batch) pairs recomputed after it
-    message: str  # one-line summary (also logged and stored as an event)
+    later: list[int]  # later batches, now `replaced` and their facts pending: to replay, in commit order
+    what: str  # what was rolled back, for the one-line summary
+    keys_out: list[dict[int, torch.Tensor]]  # keys of the batches that left the stack, latest first
+    keys_back: list[dict[int, torch.Tensor]]  # keys of the batches committed again (a consolidation's chain)
 
 
 class BatchesMixin:
-    """Batches: commit, consolidate, rollback and replay."""
+    """Batches: commit, consolidate, and the record of a rollback."""
 
     db: sqlite3.Connection
     root: Path
@@ -97,10 +87,10 @@ class BatchesMixin:
         return self.facts(ids=ids)
 
     def commit(self, facts: Sequence[StoredFact | int], delta: EditDelta, keys: Mapping[int, torch.Tensor],
-               metrics: Mapping[str, Mapping[str, float]] | None = None, method: str = "encore",
-               model: nn.Module | None = None, replay_of: int | None = None,
-               failed: Mapping[int, str] | None = None) -> int:
-        """Record a batch whose delta has been applied to `model` (checked when given); return its id.
+               metrics: Mapping[str, Mapping[str, float]] | None = None, method: str = "encore", *,
+               replay_of: int | None = None, failed: Mapping[int, str] | None = None) -> int:
+        """Record a batch; return its id. The caller has applied `delta` to its model (memory/model_sync.
+        commit_applied checks that first).
 
         `metrics` maps phase ("before", "after") to name -> value; `failed` maps the ids of facts the batch holds
         but that did not take (the model does not answer them) to the reason: they get status `failed`.
@@ -108,9 +98,7 @@ class BatchesMixin:
         """
         fact_ids = [f.id if isinstance(f, StoredFact) else int(f) for f in facts]
         delta.check_finite()
-        new_weights = self._weights_after(delta)
-        if model is not None:
-            self.check_model(model, self.expected_weights() | new_weights)
+        new_weights = self.weights_after(delta)
         self._check_pending(fact_ids)
         delta_hash = delta.content_hash()
         keys_hash = hash_tensors(keys_tensors(keys))
@@ -130,23 +118,19 @@ class BatchesMixin:
         return batch_id
 
     def consolidate(self, delta: EditDelta, keys: Mapping[int, torch.Tensor],
-                    metrics: Mapping[str, Mapping[str, float]], method: str, model: nn.Module | None = None,
+                    metrics: Mapping[str, Mapping[str, float]], method: str, *,
                     tiers: Mapping[int, str] | None = None) -> int:
         """Record a consolidation: `delta` is relative to the base weights (its memory slots replace every earlier
-        one) and the model holds base + delta; every committed batch becomes `consolidated`, covered by the new
-        batch, which lists the facts applied now, each with its tier from `tiers` (fact id -> memory | weights;
-        unlisted: derived from the batch). Their old deltas stay on disk: rolling the consolidation back rebuilds
-        the chain bit for bit, tiers included."""
+        one) and the caller's model holds base + delta (memory/model_sync.consolidate_applied checks it); every
+        committed batch becomes `consolidated`, covered by the new batch, which lists the facts applied now, each
+        with its tier from `tiers` (fact id -> memory | weights; unlisted: derived from the batch). Their old deltas
+        stay on disk: rolling the consolidation back rebuilds the chain bit for bit, tiers included."""
         delta.check_finite()
-        weights = self._build([])
-        for d in delta.layers:
-            _add_delta(weights[d.layer], d.u, d.v)
-        if model is not None:
-            self.check_model(model, weights)
+        weights = self.weights_from_base(delta)
         delta_hash, keys_hash = delta.content_hash(), hash_tensors(keys_tensors(keys))
         self.blobs.write("deltas", delta_hash, delta.tensors())
         self.blobs.write("keys", keys_hash, keys_tensors(keys))
-        chain = self._committed_ids()
+        chain = self.committed_ids()
         live = [f.id for f in self.facts(status="applied")]
         now = time.time()
         with self.transaction():
@@ -169,18 +153,6 @@ class BatchesMixin:
                            f" re-solved from the base weights", bid, {"covers": chain, "facts": live})
         self._expected = weights
         return bid
-
-    def _weights_after(self, delta: EditDelta) -> dict[int, torch.Tensor]:
-        expected = self.expected_weights()
-        missing = sorted({d.layer for d in delta.layers} - set(expected))
-        if missing:
-            raise LedgerError(f"layer(s) {missing} are not tracked; call attach(model, layers) before editing them")
-        out = {}
-        for d in delta.layers:
-            w = out.get(d.layer, expected[d.layer].clone())
-            _add_delta(w, d.u, d.v)
-            out[d.layer] = w
-        return out
 
     def _check_pending(self, fact_ids: Sequence[int]) -> None:
         found = {f.id: f.status for f in self.facts(ids=fact_ids)}
@@ -226,50 +198,36 @@ class BatchesMixin:
 
     # ------------------------------------------------------------------ rollback
 
-    def rollback(self, batch_id: int, model: nn.Module, state: KeyState | None = None,
-                 recompute: Recompute | None = None, reason: str = "rolled back by user") -> RollbackReport:
-        """Undo a committed batch exactly (no counter-edit). For an older batch, later batches are
-        reverted too and replayed through `recompute(facts) -> (delta, keys)`, as new batches."""
+    def undo(self, batch_id: int, reason: str, replay: bool) -> Undone:
+        """Record the exact rollback of committed batch `batch_id` (no counter-edit): its facts go back to
+        rolled_back (a consolidation's chain is committed again instead), later batches become `replaced` with
+        their facts pending, and expected_weights() is rebuilt from the base copies and the remaining stack. The
+        model side (memory/model_sync.rollback) then writes those weights and replays the later batches; without
+        `replay`, a batch that is not the latest is refused."""
         row = self._batch_row(batch_id)
-        if row["status"] == "consolidated":  # un-consolidate (exact), then roll the batch back out of its chain
-            first = self.rollback(row["covered_by"], model, state, recompute,
-                                  f"to roll back batch {batch_id}, which it covers")
-            then = self.rollback(batch_id, model, state, recompute, reason)
-            return RollbackReport(batch_id, then.fact_ids, then.replayed, f"{first.message}; then {then.message}")
         if row["status"] != "committed":
             raise LedgerError(f"batch {batch_id} is {row['status']}, not committed")
-        committed = self._committed_ids()
+        committed = self.committed_ids()
         later = [b for b in committed if b > batch_id]
-        if later and recompute is None:
+        if later and not replay:
             raise LedgerError(f"batch {batch_id} is not the latest: rolling it back must replay batches {later}; "
                               "pass recompute=, or use rollback_to()")
         keys = {b: self.load_keys(b) for b in [batch_id] + later}  # read (and hash-check) everything first
         weights = self._build([b for b in committed if b < batch_id])
-        if state is not None:
-            for bid in reversed([batch_id] + later):
-                state.add_keys(keys[bid], sign=-1.0)
+        keys_out = [keys[b] for b in reversed([batch_id] + later)]
         if row["kind"] == "consolidated":
             covered, weights = self._record_unconsolidate(batch_id, later, reason)
-            if state is not None:
-                for bid in covered:
-                    state.add_keys(self.load_keys(bid))
+            keys_back = [self.load_keys(b) for b in covered]
             fact_ids: list[int] = []
             what = f"consolidation {batch_id} (batches {covered} are committed again)"
         else:
             # a fact re-queued from this batch and applied again by a later one belongs to the later batch now
             fact_ids = [f.id for f in self.batch_facts(batch_id) if f.batch_id == batch_id]
             self._record_rollback(batch_id, later, fact_ids, reason, weights)
+            keys_back = []
             what = f"batch {batch_id} ({len(fact_ids)} fact(s))"
         self._expected = weights
-        self.restore(model)
-        replayed = self._replay(later, model, state, recompute) if later else []
-        msg = f"rolled back {what}: {reason}"
-        if replayed:
-            msg += "; replayed later batches " + ", ".join(f"{o}->{n}" for o, n in replayed) + " with recomputed deltas"
-        self.log_event("rollback", msg, batch_id, {"facts": fact_ids, "replayed": replayed})
-        if replayed:
-            log.warning(msg)
-        return RollbackReport(batch_id, fact_ids, replayed, msg)
+        return Undone(batch_id, fact_ids, later, what, keys_out, keys_back)
 
     def _record_rollback(self, batch_id: int, later: Sequence[int], fact_ids: Sequence[int], reason: str,
                          weights: Mapping[int, torch.Tensor]) -> None:
@@ -307,31 +265,6 @@ class BatchesMixin:
             self.db.execute("UPDATE batches SET status = 'committed', covered_by = NULL WHERE covered_by = ?",
                             (batch_id,))
             self._replace_later(batch_id, later, time.time())
-            weights = self._build(self._committed_ids())
+            weights = self._build(self.committed_ids())
             self._store_fingerprints(weights)
         return covered, weights
-
-    def _replay(self, later: Sequence[int], model: nn.Module, state: KeyState | None,
-                recompute: Recompute) -> list[tuple[int, int]]:
-        replayed = []
-        for old in later:
-            facts = [f for f in self.batch_facts(old) if f.status == "pending"]
-            if not facts:
-                continue
-            delta, keys = recompute(facts)
-            delta.apply(model)
-            if state is not None:
-                state.add_keys(keys)
-            new = self.commit(facts, delta, keys, None, self._batch_row(old)["method"], model, replay_of=old)
-            self.log_event("replay", f"replayed batch {old} as batch {new} ({len(facts)} fact(s))", new,
-                           {"replay_of": old})
-            replayed.append((old, new))
-        return replayed
-
-    def rollback_to(self, batch_id: int, model: nn.Module, state: KeyState | None = None,
-                    reason: str = "rolled back by user") -> list[RollbackReport]:
-        """Roll back every committed batch after `batch_id` (0 = all), latest first; no replay needed."""
-        reports = []
-        while later := [b for b in self._committed_ids() if b > batch_id]:  # a consolidation recommits its chain
-            reports.append(self.rollback(later[-1], model, state, reason=f"{reason} (rollback to batch {batch_id})"))
-        return reports

@@ -67,7 +67,7 @@ class VerifyMixin:
 
     def _check_rebuild(self) -> list[str]:
         stored = self._stored_fingerprints()
-        weights = self._build(self._committed_ids())
+        weights = self._build(self.committed_ids())
         return [f"layer {layer}: base + committed deltas do not match the recorded fingerprint"
                 for layer, w in weights.items()
                 if layer in stored and not weight_matches(w, layer, stored[layer])]

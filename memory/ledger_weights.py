@@ -8,17 +8,15 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import nn  # only for the load_into shim's signature
 
-from editors.arch import weight_view
 from editors.delta import EditDelta, add_low_rank
 from editors.entity_memory import MemoryWrite, merge_writes
-from editors.models import fingerprint
-from memory.blobs import (BlobStore, Fingerprint, LedgerMismatch, hash_tensors, keys_from_tensors,
-                          layer_fingerprint, weight_matches, weight_rtol)
+from memory.blobs import (BlobStore, Fingerprint, LedgerError, LedgerMismatch, hash_tensors, keys_from_tensors,
+                          layer_fingerprint, weight_matches)
 
 
 def _add_delta(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
@@ -67,7 +65,8 @@ class WeightsMixin:
 
     # ------------------------------------------------------------------ model state
 
-    def _committed_ids(self) -> list[int]:
+    def committed_ids(self) -> list[int]:
+        """Ids of the batches committed now, in commit order: the stack the model must hold."""
         return [r["id"] for r in self.db.execute("SELECT id FROM batches WHERE status = 'committed' ORDER BY id")]
 
     def _build(self, batch_ids: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -82,12 +81,12 @@ class WeightsMixin:
         """Entity-memory slots of the committed batches, in commit order (a later slot of a subject replaces an
         earlier one); None when no committed batch wrote any. Rollback changes which batches count, so the
         memory after a rollback is exactly the memory before the rolled-back batches."""
-        return merge_writes([self.load_delta(b).memory for b in self._committed_ids()])
+        return merge_writes([self.load_delta(b).memory for b in self.committed_ids()])
 
     def expected_weights(self) -> dict[int, torch.Tensor]:
         """Tracked layers as they must be in the model now (base + committed deltas), cached per ledger."""
         if self._expected is None:
-            self._expected = self._build(self._committed_ids())
+            self._expected = self._build(self.committed_ids())
         return self._expected
 
     def _stored_fingerprints(self) -> dict[int, Fingerprint]:
@@ -98,20 +97,21 @@ class WeightsMixin:
         fps = self._stored_fingerprints() | {layer: layer_fingerprint(w, layer) for layer, w in weights.items()}
         self._set_meta("layers_fingerprint", json.dumps({str(k): v for k, v in fps.items()}))
 
-    def attach(self, model: nn.Module, layers: Iterable[int]) -> None:
-        """Bind a freshly loaded base model: check it is the ledger's base, store base copies of
-        `layers` not yet tracked, then rebuild base + committed deltas into it (load_into)."""
-        fp = fingerprint(model)
+    def attach_base(self, model_fingerprint: str, base: Mapping[int, torch.Tensor]) -> None:
+        """Bind the ledger to a freshly loaded base model, given its fingerprint and its weights of the layers to
+        track (memory/model_sync.attach reads them): refuse another base model, store base copies of the layers
+        not yet tracked. The model itself is brought to base + committed deltas by the caller."""
+        fp = model_fingerprint
         stored = self._meta("base_fingerprint")
         if stored is not None and stored != fp:
             raise LedgerMismatch(f"model fingerprint {fp} differs from the ledger's base model {stored}; "
                                  f"this ledger ({self.root}) was built on another model")
-        new = sorted(set(layers) - set(self.tracked_layers()))
+        new = sorted(set(base) - set(self.tracked_layers()))
         with self.transaction():
             self._set_meta("base_fingerprint", fp)
             snaps = {}
             for layer in new:
-                w = weight_view(model, layer).detach().cpu().clone().contiguous()
+                w = base[layer].detach().cpu().clone().contiguous()
                 digest = hash_tensors({"weight": w})
                 self.blobs.write("base", digest, {"weight": w})
                 self.db.execute("INSERT INTO base_layers VALUES (?, ?, ?)", (layer, digest, json.dumps(list(w.shape))))
@@ -120,10 +120,10 @@ class WeightsMixin:
             if new:
                 self.log_event("attach", f"tracking base weights of layer(s) {new}", data={"layers": new})
         self._expected = None
-        self.load_into(model)
 
-    def load_into(self, model: nn.Module) -> None:
-        """Rebuild base + committed deltas, check the stored fingerprint, write the layers into `model`."""
+    def checked_weights(self) -> dict[int, torch.Tensor]:
+        """expected_weights(), after checking each layer against the fingerprint stored at the last commit
+        (LedgerMismatch, cache dropped, when one differs): what a freshly loaded model must be given."""
         weights = self.expected_weights()
         stored = self._stored_fingerprints()
         for layer, w in weights.items():
@@ -132,21 +132,32 @@ class WeightsMixin:
                 raise LedgerMismatch(f"layer {layer} rebuilt from base + committed deltas does not match the "
                                      f"fingerprint recorded at the last commit; the ledger at {self.root} is "
                                      "inconsistent (run `kagent verify`)")
-        self.restore(model)
+        return weights
 
-    def restore(self, model: nn.Module) -> None:
-        """Write the expected tracked layers into `model` (discards any uncommitted delta)."""
-        with torch.no_grad():
-            for layer, w in self.expected_weights().items():
-                view = weight_view(model, layer)
-                view.copy_(w.to(view.device, view.dtype))
+    def weights_after(self, delta: EditDelta) -> dict[int, torch.Tensor]:
+        """The layers `delta` edits, as they are after adding it to expected_weights() (copies)."""
+        expected = self.expected_weights()
+        missing = sorted({d.layer for d in delta.layers} - set(expected))
+        if missing:
+            raise LedgerError(f"layer(s) {missing} are not tracked; attach them (memory.model_sync.attach) before "
+                              "editing them")
+        out = {}
+        for d in delta.layers:
+            w = out.get(d.layer, expected[d.layer].clone())
+            _add_delta(w, d.u, d.v)
+            out[d.layer] = w
+        return out
 
-    def check_model(self, model: nn.Module, weights: Mapping[int, torch.Tensor] | None = None) -> None:
-        """Raise LedgerMismatch unless the model's tracked layers equal `weights` (default: expected)."""
-        weights = self.expected_weights() if weights is None else weights
-        for layer, w in weights.items():
-            got = weight_view(model, layer).detach().to("cpu", torch.float64)
-            err = float((got - w.double()).norm() / w.double().norm().clamp_min(1e-12))
-            if err > weight_rtol(w.dtype):
-                raise LedgerMismatch(f"layer {layer} of the model differs from base + committed deltas "
-                                     f"(relative error {err:.2e}); apply exactly the committed delta before commit")
+    def weights_from_base(self, delta: EditDelta) -> dict[int, torch.Tensor]:
+        """Every tracked layer as base + `delta` alone (a consolidation's weights)."""
+        weights = self._build([])
+        for d in delta.layers:
+            _add_delta(weights[d.layer], d.u, d.v)
+        return weights
+
+    def load_into(self, model: nn.Module) -> None:
+        """Kept only for agent/served.py until it calls memory.model_sync.load_into(ledger, model), which this
+        forwards to: the ledger itself writes nothing into a model."""
+        from memory.model_sync import load_into  # memory/model_sync.py imports this module
+
+        load_into(self, model)

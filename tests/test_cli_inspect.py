@@ -17,6 +17,7 @@ from agent.workspace import Workspace
 from conftest import make_tiny_llama, rand_delta, toy_tokenizer
 from editors.arch import weight_view
 from memory.ledger import Ledger
+from memory.model_sync import attach, commit_applied
 from memory.record import FactRecord
 
 LAYERS = [1, 2]
@@ -36,13 +37,13 @@ def ws(tmp_path) -> Path:
     root = Workspace.create(tmp_path / "ws", AgentConfig(model="tiny")).root
     model = make_tiny_llama(len(toy_tokenizer()))
     with Ledger(root / "ledger") as ledger:
-        ledger.attach(model, LAYERS)
+        attach(ledger, model, LAYERS)
         ids = ledger.add_facts([record("Paris", "Spain", "src-1"), record("Rome", "Chile", "src-2"),
                                 record("Oslo", "Cuba", "src-3"), record("Lima", "Peru", "src-4")])
         delta = rand_delta(model, LAYERS, seed=1)
         delta.apply(model)
         keys = {layer: torch.randn(weight_view(model, layer).shape[1], 2) for layer in LAYERS}
-        ledger.commit(ledger.facts(ids=ids[:2]), delta, keys, {"after": {"efficacy": 1.0}}, model=model)
+        commit_applied(ledger, model, ledger.facts(ids=ids[:2]), delta, keys, {"after": {"efficacy": 1.0}})
         ledger.quarantine([ids[2]], "probe: perplexity 99 > 1.05 x baseline 20")
     return root
 

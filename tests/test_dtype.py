@@ -19,6 +19,7 @@ from editors.prompts import EditRequest
 from editors.registry import make_editor
 from memory.blobs import _fingerprint_v1, layer_fingerprint, weight_rtol
 from memory.ledger import Ledger, LedgerMismatch
+from memory.model_sync import attach, load_into, rollback_to
 from test_cli import model_dir, run  # noqa: F401  (the CLI tests' tiny model on disk, and their runner)
 from test_ledger import LAYERS, Session
 
@@ -123,10 +124,10 @@ def test_ledger_on_a_bf16_model_rebuilds_bit_for_bit_and_rolls_back(tmp_path, to
     live = {l: weight_view(model, l).clone() for l in LAYERS}
     fresh = bf16(make_tiny_llama(len(tok)))
     with Ledger(tmp_path) as again:
-        again.attach(fresh, LAYERS)
+        attach(again, fresh, LAYERS)
         assert again.verify() == []
     assert all(torch.equal(weight_view(fresh, l), w) for l, w in live.items())
-    s.ledger.rollback_to(0, model, s.state)
+    rollback_to(s.ledger, 0, model, s.state)
     assert all(torch.equal(weight_view(model, l), w) for l, w in base.items())
     s.ledger.close()
 
@@ -148,13 +149,13 @@ def test_a_ledger_holding_format_1_fingerprints_still_verifies(tmp_path, tok):
     with s.ledger.transaction():
         s.ledger._set_meta("layers_fingerprint", json.dumps(old))
     assert s.ledger.verify() == []
-    s.ledger.load_into(model)
+    load_into(s.ledger, model)
     old[str(LAYERS[0])][1] += 1.0  # a tampered old fingerprint is still caught
     with s.ledger.transaction():
         s.ledger._set_meta("layers_fingerprint", json.dumps(old))
     s.ledger._expected = None
     with pytest.raises(LedgerMismatch):
-        s.ledger.load_into(model)
+        load_into(s.ledger, model)
     s.ledger.close()
 
 

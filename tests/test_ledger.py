@@ -14,6 +14,7 @@ from editors.models import fingerprint
 from editors.state import EditorState
 from memory.export import export
 from memory.ledger import MIGRATIONS, FeedMark, Ledger, LedgerError, LedgerMismatch
+from memory.model_sync import attach, commit_applied, rollback, rollback_to
 from memory.record import FactRecord
 
 LAYERS = [1, 2]
@@ -48,7 +49,7 @@ class Session:
         self.ledger = Ledger(root)
         self.model = model
         self.state = EditorState(layers=LAYERS)
-        self.ledger.attach(model, LAYERS)
+        attach(self.ledger, model, LAYERS)
 
     def commit(self, n_facts: int, seed: int) -> int:
         ids = self.ledger.add_facts([fact(seed * 100 + j) for j in range(n_facts)])
@@ -56,7 +57,7 @@ class Session:
         delta, keys = recompute_for(self.model)(facts)
         delta.apply(self.model)
         self.state.add_keys(keys)
-        return self.ledger.commit(facts, delta, keys, {"after": {"efficacy": 1.0}}, "encore", model=self.model)
+        return commit_applied(self.ledger, self.model, facts, delta, keys, {"after": {"efficacy": 1.0}}, "encore")
 
 
 def recompute_for(model):
@@ -128,7 +129,7 @@ def test_rollback_latest_restores_weights_and_state_exactly(tmp_path, model):
     after1, state1 = layers_of(model), kkt(s.state)
     b2 = s.commit(2, seed=2)
     assert rel_err(weight_view(model, 1), after1[1]) > 1e-3  # batch 2 really changed the layer
-    report = s.ledger.rollback(b2, model, s.state, reason="bad edit")
+    report = rollback(s.ledger, b2, model, s.state, reason="bad edit")
     assert report.replayed == []
     assert_layers_equal(model, after1)
     for layer in LAYERS:
@@ -136,7 +137,7 @@ def test_rollback_latest_restores_weights_and_state_exactly(tmp_path, model):
     rolled = s.ledger.batch_facts(b2)
     assert {f.status for f in rolled} == {"rolled_back"} and all("bad edit" in f.reason for f in rolled)
     assert [b.status for b in s.ledger.history()] == ["committed", "rolled_back"]
-    s.ledger.rollback(b1, model, s.state)
+    rollback(s.ledger, b1, model, s.state)
     assert_layers_equal(model, base, tol=0.0)  # rebuilt from the stored base copy: bit-exact
 
 
@@ -145,9 +146,9 @@ def test_rollback_middle_batch_replays_later_ones(tmp_path, tok):
     s = Session(tmp_path, model)
     b1, b2, b3 = s.commit(2, seed=1), s.commit(2, seed=2), s.commit(2, seed=3)
     with pytest.raises(LedgerError, match="not the latest"):
-        s.ledger.rollback(b2, model, s.state)
+        rollback(s.ledger, b2, model, s.state)
     facts3 = s.ledger.batch_facts(b3)
-    report = s.ledger.rollback(b2, model, s.state, recompute=recompute_for(model), reason="wrong source")
+    report = rollback(s.ledger, b2, model, s.state, recompute=recompute_for(model), reason="wrong source")
     ((old, new),) = report.replayed
     assert old == b3 and "replayed" in report.message
     # reference: a fresh base model with batch 1 and the recomputed batch 3 applied, nothing else
@@ -168,7 +169,7 @@ def test_rollback_middle_batch_replays_later_ones(tmp_path, tok):
     assert any(e.kind == "replay" for e in s.ledger.events())
     # the rebuilt state on a fresh open matches what is in memory
     fresh = make_tiny_llama(len(tok))
-    Ledger(tmp_path).attach(fresh, LAYERS)
+    attach(Ledger(tmp_path), fresh, LAYERS)
     assert_layers_equal(fresh, layers_of(model), tol=0.0)
 
 
@@ -179,10 +180,10 @@ def test_rollback_to_restores_base(tmp_path, model):
     after1 = layers_of(model)
     s.commit(1, seed=2)
     s.commit(1, seed=3)
-    reports = s.ledger.rollback_to(b1, model, s.state)
+    reports = rollback_to(s.ledger, b1, model, s.state)
     assert len(reports) == 2
     assert_layers_equal(model, after1)
-    s.ledger.rollback_to(0, model, s.state)
+    rollback_to(s.ledger, 0, model, s.state)
     assert_layers_equal(model, base, tol=0.0)
     assert all(t.abs().max() < 1e-9 for t in s.state.kkt.values())
     assert {f.status for f in s.ledger.facts()} == {"rolled_back"}
@@ -195,14 +196,14 @@ def test_reopen_rebuilds_model_from_base_and_deltas(tmp_path, tok):
     s.commit(2, seed=2)
     s.ledger.close()
     fresh = make_tiny_llama(len(tok))
-    Ledger(tmp_path).attach(fresh, LAYERS)
+    attach(Ledger(tmp_path), fresh, LAYERS)
     assert_layers_equal(fresh, layers_of(model), tol=0.0)
 
 
 def test_attach_refuses_another_base_model(tmp_path, tok):
     Session(tmp_path, make_tiny_llama(len(tok))).commit(1, seed=1)
     with pytest.raises(LedgerMismatch, match="another model"):
-        Ledger(tmp_path).attach(make_tiny_llama(len(tok), seed=5), LAYERS)
+        attach(Ledger(tmp_path), make_tiny_llama(len(tok), seed=5), LAYERS)
 
 
 def test_commit_refuses_model_without_the_delta(tmp_path, tok):
@@ -211,7 +212,7 @@ def test_commit_refuses_model_without_the_delta(tmp_path, tok):
     facts = s.ledger.facts(ids=s.ledger.add_facts([fact(1)]))
     delta, keys = recompute_for(model)(facts)
     with pytest.raises(LedgerMismatch, match="differs"):
-        s.ledger.commit(facts, delta, keys, model=model)  # delta never applied
+        commit_applied(s.ledger, model, facts, delta, keys)  # delta never applied
     assert s.ledger.history() == [] and s.ledger.facts()[0].status == "pending"
 
 
@@ -229,11 +230,11 @@ def test_crash_between_files_and_db_leaves_no_batch(tmp_path, tok, monkeypatch):
 
     monkeypatch.setattr(Ledger, "_record_batch", crash)
     with pytest.raises(KeyboardInterrupt):
-        s.ledger.commit(facts, delta, keys, model=model)
+        commit_applied(s.ledger, model, facts, delta, keys)
     monkeypatch.undo()
     ledger = Ledger(tmp_path)
     fresh = make_tiny_llama(len(tok))
-    ledger.attach(fresh, LAYERS)
+    attach(ledger, fresh, LAYERS)
     assert_layers_equal(fresh, committed, tol=0.0)
     assert len(ledger.history()) == 1 and ledger.fact(facts[0].id).status == "pending"
     assert ledger.verify() == []
@@ -253,7 +254,7 @@ def test_verify_detects_tampered_delta_file(tmp_path, tok):
     problems = s.ledger.verify()
     assert len(problems) == 1 and f"batch {b1}" in problems[0] and "tampered" in problems[0]
     with pytest.raises(LedgerMismatch, match="tampered"):
-        Ledger(tmp_path).attach(make_tiny_llama(len(tok)), LAYERS)
+        attach(Ledger(tmp_path), make_tiny_llama(len(tok)), LAYERS)
 
 
 def test_verify_detects_db_pointing_at_missing_file_and_bad_fact_status(tmp_path, tok):
@@ -276,9 +277,9 @@ def test_supersede_marks_on_commit_and_unmarks_on_rollback(tmp_path, tok):
     facts = s.ledger.facts(ids=[new_id])
     delta, keys = recompute_for(model)(facts)
     delta.apply(model)
-    b2 = s.ledger.commit(facts, delta, keys, model=model)
+    b2 = commit_applied(s.ledger, model, facts, delta, keys)
     assert s.ledger.fact(old.id).status == "superseded"
-    s.ledger.rollback(b2, model, s.state)
+    rollback(s.ledger, b2, model, s.state)
     assert s.ledger.fact(old.id).status == "applied" and s.ledger.fact(old.id).superseded_by is None
 
 

@@ -15,6 +15,7 @@ from editors.delta import EditDelta, LayerDelta
 from memory import planner
 from memory.index import FactMemory
 from memory.ledger import Ledger
+from memory.model_sync import attach, commit_applied
 from memory.record import FactRecord, StoredFact
 
 
@@ -38,7 +39,7 @@ def commit_pending(ledger: Ledger, model) -> int:
     w = weight_view(model, 1)
     delta = EditDelta([LayerDelta(1, 0.01 * torch.randn(w.shape[0], 1), torch.randn(w.shape[1], 1))])
     delta.apply(model)
-    return ledger.commit(facts, delta, {1: torch.randn(w.shape[1], len(facts))}, model=model)
+    return commit_applied(ledger, model, facts, delta, {1: torch.randn(w.shape[1], len(facts))})
 
 
 def test_exact_duplicates_dropped_and_counted(memory, ledger):
@@ -97,7 +98,7 @@ def test_later_fact_in_same_chunk_wins(memory):
 
 def test_new_target_supersedes_applied_fact_on_top(memory, ledger, tok):
     model = make_tiny_llama(len(tok))
-    ledger.attach(model, [1])
+    attach(ledger, model, [1])
     (old,) = memory.add([f("Eiffel Tower")]).added
     commit_pending(ledger, model)
     plan = memory.add([f("Eiffel Tower", target="Rome")])

@@ -39,6 +39,7 @@ import torch
 from agent.workspace import Workspace
 from editors.delta import EditDelta
 from memory.ledger import MIGRATIONS, Ledger, LedgerError, LedgerMismatch
+from memory.model_sync import check_model, load_into
 from test_reliability_support import (LAYERS, PHASES, STOP_MARK, Phase, _patched, base_layers, committed_weights,
                                       max_rel_err, one_thread, run, shared_workspace)
 
@@ -153,7 +154,7 @@ def check_invariants(ws: Path, feed: Path, base: dict[int, torch.Tensor], model)
         history = ledger.history()
         members = {b.id: [f.id for f in ledger.batch_facts(b.id)] for b in history}
         orphans = {p.name for p in ledger.orphan_files()}
-        ledger.load_into(model)
+        load_into(ledger, model)
     read, pos = [], 0
     for raw in feed.read_bytes().splitlines(keepends=True):
         pos += len(raw)
@@ -447,7 +448,7 @@ def assert_load_refused(ws: Path, model_dir: Path, expect: str) -> None:
         problems = ledger.verify()
         assert any(expect in p and "batch 1" in p for p in problems), problems
         with pytest.raises(LedgerMismatch):
-            ledger.load_into(AutoModelForCausalLM.from_pretrained(model_dir))
+            load_into(ledger, AutoModelForCausalLM.from_pretrained(model_dir))
     res = run("ask", "Town000 is the capital of", "--workspace", ws)
     assert res.exit_code == 1 and res.output.startswith("Error: ") and res.output.count("\n") == 1, res.output
 
@@ -617,7 +618,7 @@ def test_disk_full_while_writing_a_delta_aborts_the_batch_cleanly(shared, edited
         ledger.gc()  # complete files no batch refers to (keys-file: the delta; database: both)
         assert ledger.orphan_files() == []
         model = AutoModelForCausalLM.from_pretrained(shared[0])
-        ledger.load_into(model)
+        load_into(ledger, model)
     assert max_rel_err(model, committed_weights(ledger_root, base_layers(shared[0]))) < 1e-6
 
     with one_thread():  # the disk has room again: the same facts are applied, nothing was lost
@@ -674,7 +675,7 @@ def test_disk_full_leaves_the_running_session_consistent(edited, monkeypatch):
             run_batch(session, facts, {})
         monkeypatch.undo()
         assert failed
-        session.ledger.check_model(session.model)
+        check_model(session.ledger, session.model)
         assert state.n_edits == n_edits
         assert all(torch.allclose(state.kkt[layer], kkt[layer], rtol=1e-12, atol=1e-9) for layer in kkt)
         out = run_batch(session, facts, {})

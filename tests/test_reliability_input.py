@@ -25,6 +25,7 @@ from conftest import load_script, make_tiny_llama, rand_delta
 from agent.workspace import Workspace
 from editors.arch import weight_view
 from memory.ledger import Ledger
+from memory.model_sync import attach, commit_applied, load_into, rollback_to
 from memory.record import BadRecord, FactRecord, parse_line
 from test_reliability_support import _patched, one_thread, run, shared_workspace
 
@@ -451,14 +452,14 @@ def test_rollback_of_j_of_k_batches_equals_applying_k_minus_j(tmp_path_factory, 
     base = {layer: weight_view(model, layer).clone() for layer in LAYERS}
     deltas = [rand_delta(model, LAYERS, s, r) for s, r in zip(seeds, ranks)]
     with Ledger(root) as ledger:
-        ledger.attach(model, LAYERS)
+        attach(ledger, model, LAYERS)
         for i, delta in enumerate(deltas):
             ids = ledger.add_facts([FactRecord(subject=f"E{i}", prompt="{} is in", target="X")])
             delta.apply(model)
             g = torch.Generator().manual_seed(i)
             keys = {layer: torch.randn(weight_view(model, layer).shape[1], 1, generator=g) for layer in LAYERS}
-            ledger.commit(ledger.facts(ids=ids), delta, keys, model=model)
-        ledger.rollback_to(k - j, model)
+            commit_applied(ledger, model, ledger.facts(ids=ids), delta, keys)
+        rollback_to(ledger, k - j, model)
         assert ledger.verify() == []
         kept = [b.id for b in ledger.history() if b.status == "committed"]
     assert kept == list(range(1, k - j + 1))
@@ -471,7 +472,7 @@ def test_rollback_of_j_of_k_batches_equals_applying_k_minus_j(tmp_path_factory, 
         assert float((got - expected[layer]).norm() / expected[layer].norm()) < 1e-6
     fresh = make_tiny_llama(80)  # a reload gives the same weights
     with Ledger(root) as ledger:
-        ledger.load_into(fresh)
+        load_into(ledger, fresh)
     for layer in LAYERS:
         assert torch.equal(weight_view(fresh, layer), weight_view(model, layer))
 

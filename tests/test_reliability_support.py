@@ -153,7 +153,7 @@ PHASES = [
           "a batch's transaction committed, the run's next batch not started"),
     Phase("rollback-tx", "memory.ledger", "Ledger._record_rollback", "commit", "rollback",
           "batch and fact statuses and fingerprints of a rollback written, COMMIT not issued"),
-    Phase("between-rollbacks", "memory.ledger", "Ledger.rollback", "committed", "rollback",
+    Phase("between-rollbacks", "memory.ledger", "Ledger.undo", "committed", "rollback",
           "rollback --to over two batches: the first one's transaction committed, its event and the second not"),
 ]
 PHASE_BY_NAME = {p.name: p for p in PHASES}

@@ -22,6 +22,7 @@ from agent.workspace import Workspace
 from conftest import make_tiny_llama, rand_delta, toy_tokenizer
 from editors.arch import weight_view
 from memory.ledger import Ledger
+from memory.model_sync import attach, commit_applied, rollback
 from memory.record import FactRecord
 
 LAYERS = [1, 2]
@@ -40,7 +41,7 @@ def commit(ledger: Ledger, model, ids: list[int], seed: int) -> int:
     keys = {layer: torch.randn(weight_view(model, layer).shape[1], len(ids)) for layer in LAYERS}
     after = {"known_acc": 0.8 - 0.01 * seed, "perplexity": 20 + seed, "retention": 1.0, "efficacy": 0.9,
              "norm_ratio.1": 1 + 0.01 * seed, "norm_drift.1": 0.01 * seed, "within_mean": 0.1, "prior_mean": 0.05}
-    return ledger.commit(ledger.facts(ids=ids), delta, keys, {"after": after}, model=model)
+    return commit_applied(ledger, model, ledger.facts(ids=ids), delta, keys, {"after": after})
 
 
 @pytest.fixture
@@ -49,13 +50,13 @@ def ws(tmp_path) -> Path:
     root = Workspace.create(tmp_path / "ws", AgentConfig(model="tiny")).root
     model = make_tiny_llama(len(toy_tokenizer()))
     with Ledger(root / "ledger") as ledger:
-        ledger.attach(model, LAYERS)
+        attach(ledger, model, LAYERS)
         ids = ledger.add_facts([record(i) for i in range(8)])
         for n, seed in ((0, 1), (2, 2), (4, 3)):
             commit(ledger, model, ids[n:n + 2], seed)
         ledger.log_event("bisect", "bisecting 4 facts: perplexity 31.2 > 1.05 x baseline 20", data={"facts": ids[6:]})
         ledger.quarantine([ids[6]], "probe: perplexity 31.2 > 1.05 x baseline 20")
-        ledger.rollback(3, model, reason="wrong source")
+        rollback(ledger, 3, model, reason="wrong source")
         ledger.log_event("consolidated", "consolidated batches 1, 2 into batch 4", data={"batches": [1, 2]})
         ledger.add_probes(1, [{"fact_id": ids[0], "kind": TOOK_PROBE, "prompt": "p", "expected": "Land0",
                                "output": "Land0", "correct": True},

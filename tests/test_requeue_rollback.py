@@ -14,6 +14,7 @@ from agent.batch import BatchOutcome
 from agent.loop import WatchSummary, batch_line
 from editors.arch import weight_view
 from memory.ledger import Ledger
+from memory.model_sync import attach, commit_applied, rollback
 from memory.record import FactRecord
 
 LAYERS = [1, 2]
@@ -42,13 +43,13 @@ def commit(ledger: Ledger, model, ids: list[int]) -> int:
     facts = ledger.facts(ids=ids)
     delta, keys = recompute(model)(facts)
     delta.apply(model)
-    return ledger.commit(facts, delta, keys, model=model)
+    return commit_applied(ledger, model, facts, delta, keys)
 
 
 def test_rolling_back_the_older_batch_leaves_a_requeued_fact_with_the_batch_that_holds_it(tmp_path, tok):
     model = make_tiny_llama(len(tok))
     ledger = Ledger(tmp_path)
-    ledger.attach(model, LAYERS)
+    attach(ledger, model, LAYERS)
     a, b, c = ledger.add_facts([FactRecord(subject=f"Entity{i}", prompt="{} is located in", target="Paris")
                                 for i in range(3)])
     b1 = commit(ledger, model, [a, b])
@@ -56,7 +57,7 @@ def test_rolling_back_the_older_batch_leaves_a_requeued_fact_with_the_batch_that
     b2 = commit(ledger, model, [a, c])
     assert {f.id for f in ledger.batch_facts(b1)} == {a, b} and ledger.fact(a).batch_id == b2
 
-    report = ledger.rollback(b1, model, recompute=recompute(model), reason="wrong source")
+    report = rollback(ledger, b1, model, recompute=recompute(model), reason="wrong source")
 
     assert report.fact_ids == [b]
     ((old, new),) = report.replayed
