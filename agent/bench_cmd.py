@@ -81,12 +81,14 @@ def _variants(_ctx, _param, texts: tuple[str, ...]) -> list:
 @click.option("--specificity-n", type=click.IntRange(0), default=200, show_default=True,
               help="Edited CounterFact records (a fixed-seed sample) asked about their subjects' other facts and in "
                    "other prompt forms: specificity and reach columns (0: skip).")
+@click.option("--known-only", is_flag=True, help="CounterFact: edit only records whose true answer the unedited "
+              "model gives first (--start/--n count those).")
 @click.option("--forms/--no-forms", default=True, show_default=True,
               help="Train each CounterFact edit on its other forms with its subject's other relations held, as the "
                    "agent does (--no-forms: the edit prompt alone, as before).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
 def bench(facts, fmt, start, n, batch_size, methods, model, device, dtype, device_map, stats_corpus, order, sets,
-          consolidate_every, variants, specificity_n, forms, json_out) -> None:
+          consolidate_every, variants, specificity_n, known_only, forms, json_out) -> None:
     """Benchmark editors on sequential edits: quality, side effects and speed."""
     from editors.models import pick_device
     from evaluators.bench import BenchConfig, run_bench, table
@@ -95,7 +97,7 @@ def bench(facts, fmt, start, n, batch_size, methods, model, device, dtype, devic
     cfg = BenchConfig(facts=facts, format=fmt, start=start, n=n, batch_size=batch_size, methods=methods,
                       model=model, device=device, dtype=dtype, device_map=device_map, stats_corpus=stats_corpus,
                       order=order, overrides=sets, consolidate_every=consolidate_every, variants=variants,
-                      specificity_n=specificity_n, forms=forms)
+                      specificity_n=specificity_n, known_only=known_only, forms=forms)
 
     def save(rows) -> None:  # after every row: a run of hours that dies keeps what it finished
         if json_out:

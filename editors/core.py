@@ -174,9 +174,9 @@ class Editor:
     def value_stamp(self) -> tuple:
         """What target values depend on: the weights (always the base ones with values_on="base") and the settings
         of the value optimisation, not those of the solve (so variants of the solve can share values)."""
-        settings = self.hp.model_dump_json(include={"lr", "max_steps", "clamp_factor", "kl_factor", "keep_factor", "memory_site", "answer_margin",
-                                                    "weight_decay",
-                                                    "stop", "nll_stop", "mpes_patience", "n_context",
+        settings = self.hp.model_dump_json(include={"lr", "max_steps", "clamp_factor", "kl_factor", "keep_factor",
+                                                    "memory_site", "answer_margin", "answer_discriminant",
+                                                    "weight_decay", "stop", "nll_stop", "mpes_patience", "n_context",
                                                     "context_tokens", "value_chunk"})
         weights = ("base",) if self.hp.values_on == "base" else self.weights_stamp()
         return weights, settings, self.hp.value_layer, tuple(self.state.context_templates)
@@ -259,7 +259,7 @@ class Editor:
         for s in subjects:
             n_pos, n_neg = len(texts[s][0]), len(texts[s][1])
             keys[s] = keys_and_radii(states[at: at + n_pos], states[at + n_pos: at + n_pos + n_neg],
-                                     self.hp.answer_margin)
+                                     self.hp.answer_margin, self.hp.answer_discriminant)
             at += n_pos + n_neg
         return stack_keys(subjects, keys)
 

@@ -108,14 +108,24 @@ def last_states(model: nn.Module, tok, texts: Sequence[str], layer: int, batch_s
     return torch.nn.functional.normalize(torch.cat(out), dim=1) if out else torch.zeros(0)
 
 
-def keys_and_radii(positive: torch.Tensor, negative: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+def keys_and_radii(positive: torch.Tensor, negative: torch.Tensor, margin: float,
+                   discriminant: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """An answer-site slot's keys (one per prompt that must fire it: the edit's forms) and radii: each key's
     nearest prompt that must not fire it (the subject's other relations and descriptions), plus `margin` of the
-    way from there to the key itself."""
+    way from there to the key itself. With `discriminant` (a share), one more key: the direction from the mean of
+    the prompts that must not fire to the mean of those that must (what tells the edited relation from the
+    subject's others), its radius `discriminant` of the way from the highest negative to the mean positive along it."""
     if len(negative) == 0:
         return positive, torch.full((len(positive),), 0.5)
     hardest = (positive @ negative.T).max(1).values
-    return positive, hardest + margin * (1 - hardest)
+    keys, radii = positive, hardest + margin * (1 - hardest)
+    if discriminant is not None:
+        w = torch.nn.functional.normalize(positive.mean(0) - negative.mean(0), dim=0)
+        lo, mean = float((negative @ w).max()), float((positive @ w).mean())
+        if mean > lo:
+            keys = torch.cat([keys, w[None]])
+            radii = torch.cat([radii, torch.tensor([lo + discriminant * (mean - lo)], dtype=radii.dtype)])
+    return keys, radii
 
 
 def _json_bytes(value) -> torch.Tensor:

@@ -25,6 +25,9 @@ class EditHParams(BaseModel):
     #   token's state at the memory's layer is within the slot's radius of its key (the edit's forms), "answer"
     answer_margin: float = Field(0.25, ge=0, le=1)  # memory_site="answer": a key's radius lies this share of the way
     #   from its nearest must-not-fire prompt (the subject's other relations) towards the key
+    answer_discriminant: float | None = Field(None, ge=0, le=1)  # memory_site="answer": also key the direction from
+    #   the must-not-fire prompts' mean to the forms' mean, firing this share of the way from the highest must-not-fire
+    #   prompt to the forms' mean along it (None: per-form keys only)
     keep_factor: float = 0.0  # weight of the mean KL(new || old) on a request's `keep` prompts (its subject's other
     #   relations and description): what holds the subject's other facts in place
     weight_decay: float = 0.5  # weight of ||delta||^2 / ||h0||^2

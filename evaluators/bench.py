@@ -98,6 +98,8 @@ class BenchConfig(BaseModel):
     consolidate_every: int = 0  # re-solve all edits jointly from the base weights every K batches (0 = never)
     variants: list[Variant] = []  # further rows after `methods`; values_on="base" rows share their target values
     specificity_n: int = 200  # edited records sampled for specificity and reach (CounterFact; 0 = not measured)
+    known_only: bool = False  # CounterFact: edit only records whose true answer the unedited model gives first
+    #   (greedy first token at the edit prompt), the n after `start` of them: what "preserve what it knew" is about
     forms: bool = True  # CounterFact edits trained on their other forms with the subject's other relations held, as
     #   the agent trains them (evaluators/edit_forms.py); the record's rephrase prompt is not trained on (it is measured)
 
@@ -168,6 +170,14 @@ def edit_set(records: list, n: int, fmt: str, path: Path) -> list:
     return kept[:n]
 
 
+def known(model, tok, records: list) -> list:
+    """The CounterFact records whose true answer the unedited model gives as its greedy first token."""
+    hits = greedy_matches(model, tok, [r.prompt for r in records], [r.ground_truth for r in records],
+                          first_token_only=True, progress=True)
+    log.info("%d of %d records are known to the unedited model", int(hits.sum()), len(records))
+    return [r for r, h in zip(records, hits.tolist()) if h]
+
+
 def with_forms(records: list, requests: list[EditRequest], tok) -> list[EditRequest]:
     """CounterFact requests with the forms and keep prompts the agent gives a fact (no paraphrases: PS measures
     the record's rephrase prompt)."""
@@ -186,7 +196,9 @@ class _Task:
         self.cfg = cfg
         end = cfg.start + cfg.n
         if cfg.format == "counterfact":
-            self.records = edit_set(counterfact.load_counterfact(cfg.facts), end, "counterfact", cfg.facts)[cfg.start:]
+            records = counterfact.load_counterfact(cfg.facts)
+            pool = edit_set(records, len(records) if cfg.known_only else end, "counterfact", cfg.facts)
+            self.records = (known(model, tok, pool) if cfg.known_only else pool)[cfg.start: end]
             self.requests = counterfact.to_requests(self.records)
             if cfg.forms:
                 self.requests = with_forms(self.records, self.requests, tok)

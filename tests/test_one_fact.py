@@ -175,3 +175,19 @@ def test_cues_key_the_relations_other_train_phrasings_and_are_never_trained_or_m
     assert not cued & {t for t, _ in req.forms} and "The capital of {} is" not in cued
     assert req.key == enrich(EditRequest("The capital of {} is", "France", "Lyon"), bank, tok,
                              FormSettings(phrasings=1, cues=0), "P36").key  # keys only: the value does not change
+
+
+def test_the_discriminant_key_fires_on_new_forms_of_the_relation_and_never_on_a_negative():
+    from editors.entity_memory import keys_and_radii
+
+    g = torch.Generator().manual_seed(1)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    # states share the subject's direction; the relation asked moves them a little
+    subject, relation, others = (unit(torch.randn(n, 32, generator=g)) for n in (1, 1, 4))
+    pos = unit(subject + 0.5 * relation + 0.3 * torch.randn(8, 32, generator=g))  # phrasings of the edited relation
+    neg = unit(subject + 0.5 * others.repeat(2, 1) + 0.3 * torch.randn(8, 32, generator=g))  # its other relations
+    new = unit(subject + 0.5 * relation + 0.3 * torch.randn(50, 32, generator=g))  # phrasings no key was made from
+    fired = lambda k, r, x: int(((x @ k.T) >= r).any(1).sum())  # noqa: E731
+    keys, radii = keys_and_radii(pos, neg, 0.25, discriminant=0.25)
+    assert len(keys) == len(pos) + 1 and not ((neg @ keys.T) >= radii).any()
+    assert fired(keys, radii, new) >= 40 > 10 >= fired(*keys_and_radii(pos, neg, 0.25), new)

@@ -234,3 +234,16 @@ def test_a_fact_whose_value_is_never_optimised_fails_with_the_models_answer(ws, 
     (failed,) = facts_with(ws, "failed")
     assert f"the model answers '{edit['target']}" in failed["reason"] and "did not take after 3 tries" in failed["reason"]
     assert run("check", "--workspace", ws).output.strip().endswith("0 of 0 applied fact(s) answer their target")
+
+
+def test_bench_known_only_keeps_the_records_whose_true_answer_the_model_gives(model_and_tok):
+    from types import SimpleNamespace
+
+    from evaluators.bench import known
+
+    model, tok = model_and_tok
+    facts = [json.loads(line) for line in (TINY_FACT_MODEL / "known_facts.jsonl").read_text().splitlines()[:6]]
+    right = [SimpleNamespace(prompt=f["prompt"], ground_truth=f["target"]) for f in facts]
+    wrong = [SimpleNamespace(prompt=f["prompt"], ground_truth="Zzyzx") for f in facts]
+    mixed = [r for pair in zip(right, wrong) for r in pair]
+    assert known(model, tok, mixed) == right
