@@ -1,8 +1,8 @@
 """The served model: a workspace's model holding exactly its committed edits, kept current while `kagent serve` runs.
 
 `ServedModel.open` loads the configured model once, checks it is the ledger's base model, and writes the committed
-edits into it through the ledger (`Ledger.load_into`: base + committed weight deltas; `Ledger.memory_write`: the
-committed entity-memory slots, attached with `EntityMemory.attached`), as `kagent ask` and `check` do. No editor,
+edits into it (`memory.model_sync.load_into`: base + committed weight deltas; `Ledger.memory_write`: the committed
+entity-memory slots, attached with `EntityMemory.attached`), as `kagent ask` and `check` do. No editor,
 covariance statistics or fact index is built: serving needs none of them.
 
 Live edits. `kagent watch` (another process) commits, rolls back and consolidates batches while the server runs. A
@@ -29,6 +29,7 @@ from agent.workspace import Workspace
 from editors.entity_memory import EntityMemory
 from editors.models import LoadedModel, dtype_name, fingerprint, load_model
 from memory.ledger import Ledger, LedgerError, LedgerMismatch
+from memory.model_sync import load_into
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class ServedModel:
         memory = EntityMemory.from_write(self.tok, write)
         facts, tiers = status_counts(ledger), tier_counts(ledger)
         with self.lock.writing():
-            ledger.load_into(self.model)  # checks the stored fingerprints, then copies the cached layers
+            load_into(ledger, self.model)  # checks the stored fingerprints, then copies the cached layers
             self._memory_hooks.close()
             if memory is not None:
                 self._memory_hooks.enter_context(memory.attached(self.model))

@@ -12,9 +12,8 @@ between leaves orphan files and no batch. Rollback never counter-edits: edited l
 rebuilt from the stored base copies plus the remaining stack; rolling back an older batch
 replays the later ones through a caller-supplied `recompute`.
 
-The ledger stores; it does not touch a model (bar `load_into`, a forwarding shim kept for
-agent/served.py). memory/model_sync.py brings a model to the weights the ledger rebuilds, checks a
-model against them before a commit, and carries out rollbacks. This module holds the connection,
+The ledger stores; it does not touch a model. memory/model_sync.py brings a model to the weights the
+ledger rebuilds, checks a model against them before a commit, and carries out rollbacks. This module holds the connection,
 migrations and transactions; each job is a mixin beside it: ledger_facts.py (facts, statuses, feed
 offsets, batch attempts), ledger_events.py (events, metrics, probes), ledger_weights.py (tensor files,
 fingerprints, rebuilt weights), ledger_batches.py (commit, consolidation, the record of a rollback),

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-from torch import nn  # only for the load_into shim's signature
 
 from editors.delta import EditDelta, add_low_rank
 from editors.entity_memory import MemoryWrite, merge_writes
@@ -154,10 +153,3 @@ class WeightsMixin:
         for d in delta.layers:
             _add_delta(weights[d.layer], d.u, d.v)
         return weights
-
-    def load_into(self, model: nn.Module) -> None:
-        """Kept only for agent/served.py until it calls memory.model_sync.load_into(ledger, model), which this
-        forwards to: the ledger itself writes nothing into a model."""
-        from memory.model_sync import load_into  # memory/model_sync.py imports this module
-
-        load_into(self, model)
