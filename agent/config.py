@@ -1,9 +1,12 @@
 """The workspace configuration: a pydantic model written to and read from `config.toml`.
 
 Each field carries a description; `to_toml` writes it as a comment above the field so the file documents itself.
+A key an older kagent wrote under another name (`RENAMED_KEYS`) is read under its new name with a warning, and the
+file says the new name once the workspace next saves its config (`to_toml` writes only the fields as named now).
 """
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from editors.models import DEFAULT_MODEL, DTYPE_CHOICES
 from editors.registry import METHODS
+
+log = logging.getLogger(__name__)
+
+# config.toml keys renamed since a kagent version that wrote them: old name -> name now
+RENAMED_KEYS = {
+    "memory_budget_mb": "ram_budget_mb",  # issue 29: "memory" also names the fact store and the entity memory
+}
 
 
 class ConfigError(ValueError):
@@ -107,11 +117,12 @@ class AgentConfig(BaseModel):
     max_neighbor_target_tokens: int = Field(16, ge=1, description="most model tokens of each neighbour's target")
     max_aliases: int = Field(8, ge=0, description="most aliases (other names of the subject) a feed line may carry")
     max_alias_tokens: int = Field(16, ge=1, description="most model tokens of each alias")
-    memory_budget_mb: float = Field(
-        0.0, ge=0, description="peak resident memory (MiB) a batch may bring the process to; a batch estimated over "
-        "it is split, a fact over it alone is quarantined; 0 = a sixth of total RAM (~4 GB on 24 GiB)")
+    ram_budget_mb: float = Field(
+        0.0, ge=0, description="peak RAM (resident set, MiB) a batch may bring the process to; a batch estimated over "
+        "it is split, a fact over it alone is quarantined; 0 = a sixth of total RAM (~4 GB on 24 GiB); on CUDA the "
+        "GPU's free RAM bounds a batch instead")
     crash_isolate_after: int = Field(
-        2, ge=1, description="runs that died (killed, out of memory, crashed) while a fact's batch was applied, "
+        2, ge=1, description="runs that died (killed, out of RAM, crashed) while a fact's batch was applied, "
         "after which the fact is attempted alone")
     crash_quarantine_after: int = Field(
         1, ge=1, description="further deaths while the fact was attempted alone, after which it is quarantined")
@@ -216,11 +227,26 @@ def load_config(path: Path) -> AgentConfig:
 
 
 def checked_config(values: dict[str, Any], where: str = "config") -> AgentConfig:
-    """AgentConfig from `values`, or a one-line ConfigError naming the first bad setting."""
+    """AgentConfig from `values` (old key names renamed), or a one-line ConfigError naming the first bad setting."""
+    values = renamed_keys(values, where)
     try:
         return AgentConfig.model_validate(values)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {_describe(exc.errors()[0])}") from None
+
+
+def renamed_keys(values: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """`values` with each old key of `RENAMED_KEYS` under its new name, logged; both names set is a ConfigError."""
+    out = dict(values)
+    for old, new in RENAMED_KEYS.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{where}: both {old} (the old name) and {new} are set; keep only {new}")
+        log.warning("%s: config key %s is now %s; read as %s, written so when the workspace next saves its config",
+                    where, old, new, new)
+        out[new] = out.pop(old)
+    return out
 
 
 def _describe(err: dict) -> str:
