@@ -1,4 +1,4 @@
-"""Admitting a planned batch to the editor: the checks again, the crash-loop breaker and the memory budget.
+"""Admitting a planned batch to the editor: the checks again, the crash-loop breaker and the RAM budget.
 
 `run_admitted` is what the watch loop calls for each planned batch, around agent/batch.py's `run_batch`:
 
@@ -6,9 +6,10 @@
 2. facts stored before the intake checks existed, or before a limit was lowered, are checked again (text hygiene,
    memory/hygiene.py; token limits, agent/limits.py) and quarantined with the reason intake would have given;
 3. the breaker quarantines facts that stopped the editor too often and sets aside those to be attempted alone;
-4. the memory budget (agent/budget.py) splits the rest into groups that fit, and quarantines a fact too big alone;
-5. each group runs through `run_batch` inside an attempt record; its estimated and measured peak memory are
-   stored as the committed batches' `memory` metrics and shown on the watch line.
+4. the RAM budget (agent/budget.py) splits the rest into groups that fit, and quarantines a fact too big alone;
+5. each group runs through `run_batch` inside an attempt record; its estimated and measured peak RAM (on CUDA: the
+   GPU's) are stored as the committed batches' `memory` metrics (the ledger's phase name, kept for the ledgers
+   already written) and shown on the watch line.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 from agent import breaker
 from agent.batch import BatchOutcome, run_batch
-from agent.budget import MemoryBudget, Split
+from agent.budget import RamBudget, Split
 from agent.session import Session
 from editors.devices import cuda_devices, peak_gpu_mb, reset_gpu_peak
 from editors.footprint import peak_mb, reset_peak
@@ -29,14 +30,16 @@ LABEL_CHARS = 60  # of a fact's prompt shown in a quarantine line
 
 @dataclass
 class AdmittedOutcome(BatchOutcome):
-    estimates: list[float] = field(default_factory=list)  # estimated process peak (MiB) of each group applied
-    peaks: list[float] = field(default_factory=list)  # measured peak RSS (MiB) while each group was applied
+    estimates: list[float] = field(default_factory=list)  # estimated peak (MiB) of each group applied
+    peaks: list[float] = field(default_factory=list)  # measured peak (MiB) while each group was applied
+    gpu: bool = False  # estimates and peaks are of the model's GPUs' RAM (CUDA), not the process's RSS
 
-    def memory_note(self) -> str:
-        """"  memory est E MiB, peak P MiB" over the groups applied ("" when none was)."""
+    def ram_note(self) -> str:
+        """"  RAM est E MiB, peak P MiB" ("GPU RAM" on CUDA) over the groups applied ("" when none was)."""
         if not self.estimates:
             return ""
-        return f"  memory est {max(self.estimates):.0f} MiB, peak {max(self.peaks):.0f} MiB"
+        where = "GPU RAM" if self.gpu else "RAM"
+        return f"  {where} est {max(self.estimates):.0f} MiB, peak {max(self.peaks):.0f} MiB"
 
 
 def label(fact: StoredFact) -> str:
@@ -77,7 +80,7 @@ def merge(out: BatchOutcome, got: BatchOutcome) -> None:
 
 def apply_group(session: Session, group: list[StoredFact], estimate: float, defers: dict[int, int],
                 max_defers: int, out: AdmittedOutcome) -> None:
-    """`run_batch` on one group inside an attempt record, with its peak memory measured and stored (on CUDA the
+    """`run_batch` on one group inside an attempt record, with its peak RAM measured and stored (on CUDA the
     model's GPUs' allocator peak, which the estimate is counted against; else the process's peak RSS)."""
     gpu = bool(cuda_devices(session.model))
     if gpu:
@@ -93,26 +96,28 @@ def apply_group(session: Session, group: list[StoredFact], estimate: float, defe
     merge(out, got)
     out.estimates.append(estimate)
     out.peaks.append(peak)
+    out.gpu = gpu
 
 
 def log_split(session: Session, split: Split) -> None:
     if len(split.groups) > 1:
         ids = [[f.id for f in g] for g in split.groups]
-        session.ledger.log_event("split", f"memory: {sum(map(len, ids))} facts applied as {len(ids)} batches to "
+        where = "GPU RAM" if split.gpu else "RAM"
+        session.ledger.log_event("split", f"{where}: {sum(map(len, ids))} facts applied as {len(ids)} batches to "
                                  f"stay within the budget of {split.limit_mb:.0f} MiB",
                                  data={"groups": ids, "estimates_mb": split.estimates})
 
 
 def run_admitted(session: Session, facts: list[StoredFact], defers: dict[int, int], max_defers: int,
                  echo: Callable[[str], None]) -> AdmittedOutcome:
-    """Apply a planned batch behind the checks, the breaker and the memory budget (module docstring)."""
+    """Apply a planned batch behind the checks, the breaker and the RAM budget (module docstring)."""
     out = AdmittedOutcome()
     breaker.recover(session.ledger)
     facts, bad = recheck(session, facts)
     quarantine(session, bad, out, echo)
     verdicts = breaker.judge(session.ledger, facts, session.cfg)
     quarantine(session, verdicts.quarantine, out, echo)
-    budget = MemoryBudget(session)
+    budget = RamBudget(session)
     for split in (budget.split(verdicts.rest), budget.split(verdicts.alone, alone=True)):
         quarantine(session, split.too_big, out, echo)
         log_split(session, split)

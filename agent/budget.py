@@ -1,16 +1,16 @@
-"""A memory budget for every batch: estimate its peak before computing it, split what would not fit.
+"""A RAM budget for every batch: estimate its peak before computing it, split what would not fit.
 
-The rule: while a batch runs, the process may reach `memory_budget_mb` (config; 0 = a sixth of the machine's RAM,
-or of the cgroup's memory limit when that is lower: about 4 GB on a 24 GiB machine, leaving the rest of it
-usable). Before a batch is computed its peak is estimated as the memory the process holds now (the model with its
+The rule: while a batch runs, the process may reach `ram_budget_mb` (config; 0 = a sixth of the machine's RAM,
+or of the cgroup's limit, memory.max, when that is lower: about 4 GB on a 24 GiB machine, leaving the rest of it
+usable). Before a batch is computed its peak is estimated as the RAM the process holds now (the model with its
 memory-mapped weights paged in, the fact index, the embedder: measured, after freed heap is returned to the OS) plus
 the largest phase of the batch: the editor's (editors/footprint.py, from its token counts) or the probes every
 batch runs once applied (held-out perplexity windows, known facts, superposition whitening) on top of what the
 compute leaves behind. Both are calibrated on SmolLM2 in RELIABILITY.md. A batch over the budget is split into
 consecutive groups that fit, each applied (and committed) on its own; a fact that does not fit even alone is
 quarantined with the estimate and the budget in its reason. Intake limits (agent/limits.py) are chosen so that a
-fact at every limit fits alone. On CUDA the batch's working memory lives on the GPU, so there the estimate is
-counted against GPU memory instead: what this process's tensors hold on the model's GPUs plus the batch, against
+fact at every limit fits alone. On CUDA the batch's working set lives on the GPU, so there the estimate is
+counted against the GPU's RAM instead: what this process's tensors hold on the model's GPUs plus the batch, against
 `GPU_SHARE` of what those GPUs can still give (torch.cuda.mem_get_info, memory_allocated and memory_reserved).
 """
 from __future__ import annotations
@@ -32,12 +32,12 @@ from memory.record import StoredFact
 BUDGET_SHARE = 6  # the default budget is total RAM / BUDGET_SHARE
 PPL_BATCH = 4  # perplexity windows per forward (evaluators.probes.perplexity's default batch_size)
 KNOWN_WIDTH = 48  # tokens allowed for a known-fact probe prompt and its answer
-KEPT_SHARE = 0.5  # of the edit's working memory the process may still hold when the probes run (RELIABILITY.md)
-GPU_SHARE = 0.9  # of the GPU memory usable when a batch is planned that the batch may take (allocator fragmentation)
+KEPT_SHARE = 0.5  # of the edit's working RAM the process may still hold when the probes run (RELIABILITY.md)
+GPU_SHARE = 0.9  # of the GPU RAM usable when a batch is planned that the batch may take (allocator fragmentation)
 
 
 def total_ram_mb() -> float:
-    """Physical memory, or the cgroup (v2) memory limit when it is lower."""
+    """Physical RAM, or the cgroup (v2) limit (memory.max) when it is lower."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
@@ -48,11 +48,11 @@ def total_ram_mb() -> float:
 
 def budget_mb(cfg: AgentConfig) -> float:
     """The configured budget, or total RAM / BUDGET_SHARE."""
-    return cfg.memory_budget_mb or total_ram_mb() / BUDGET_SHARE
+    return cfg.ram_budget_mb or total_ram_mb() / BUDGET_SHARE
 
 
 def probes_mb(dims: Dims, cfg: AgentConfig) -> float:
-    """Peak working memory of the probes run after every batch (agent/batch.py `measure`), one after another."""
+    """Peak working RAM of the probes run after every batch (agent/batch.py `measure`), one after another."""
     width = min(WINDOW, cfg.probe_tokens)
     perplexity = scoring(dims, PPL_BATCH, width, min(LOGIT_ROWS, PPL_BATCH * (width - 1)))
     known_rows = min(cfg.probe_facts, DEFAULT_BATCH)
@@ -68,10 +68,11 @@ class Split:
     estimates: list[float] = field(default_factory=list)  # estimated process peak of each group (MiB)
     too_big: list[tuple[StoredFact, str]] = field(default_factory=list)  # (fact, reason): over the budget alone
     limit_mb: float = 0.0  # the most the process (on CUDA: the model's GPUs) may reach while a group runs
+    gpu: bool = False  # the estimates and the limit are of the model's GPUs' RAM, not the process's
 
 
-class MemoryBudget:
-    """Estimates and splits batches of one session's editor against the budget."""
+class RamBudget:
+    """Estimates and splits batches of one session's editor against the RAM budget (on CUDA: the GPU's RAM)."""
 
     def __init__(self, session: Session):
         self.session = session
@@ -88,7 +89,7 @@ class MemoryBudget:
         return max(edit, self.probes_mb + KEPT_SHARE * edit)
 
     def held(self) -> tuple[float, float, bool]:
-        """(MiB held now where the batch's working memory will go, the most it may reach there, on a GPU?): the
+        """(MiB held now where the batch's working set will go, the most it may reach there, on a GPU?): the
         model's GPUs on CUDA (`GPU_SHARE` of what they can still give), else the process's RAM against the budget."""
         gpu = gpu_memory_mb(self.session.model)
         if gpu is not None:
@@ -102,7 +103,7 @@ class MemoryBudget:
         if not facts:
             return Split()
         resident, limit, gpu = self.held()
-        out, group, sizes = Split(limit_mb=limit), [], []
+        out, group, sizes = Split(limit_mb=limit, gpu=gpu), [], []
         for fact in facts:
             tokens = self.tokens(fact)
             single = resident + self.working_mb([tokens])
@@ -124,9 +125,9 @@ class MemoryBudget:
 
     def _reason(self, peak: float, resident: float, limit: float, gpu: bool) -> str:
         if gpu:
-            return (f"memory: applying it alone would take the GPU memory to ~{peak:.0f} MiB ({resident:.0f} held + "
+            return (f"GPU RAM: applying it alone would take the GPU to ~{peak:.0f} MiB ({resident:.0f} held + "
                     f"{peak - resident:.0f} for the batch), over the {limit:.0f} MiB it can reach ({GPU_SHARE:.0%} "
                     "of what the GPU has free)")
-        return (f"memory: applying it alone would take the process to ~{peak:.0f} MiB ({resident:.0f} resident + "
+        return (f"RAM: applying it alone would take the process to ~{peak:.0f} MiB ({resident:.0f} resident + "
                 f"{peak - resident:.0f} for the batch), over the budget of {limit:.0f} MiB "
-                "(config key memory_budget_mb)")
+                "(config key ram_budget_mb)")

@@ -87,11 +87,11 @@ class Watcher:
         skip: set[int] = set()
         while batches := [b for b in self.plan(skip) if partial or len(b) == self.opts.batch_size]:
             bar = tqdm(batches, desc="batches", unit="batch", leave=False, disable=None)
-            for facts in bar:  # run_batch behind the intake re-checks, crash-loop breaker and memory budget
+            for facts in bar:  # run_batch behind the intake re-checks, crash-loop breaker and RAM budget
                 out = run_admitted(self.session, facts, self.defers, MAX_DEFERS, self.echo)
                 skip |= set(out.deferred)
                 self.summary.batches.append(out)
-                self.echo(batch_line(out) + out.memory_note())
+                self.echo(batch_line(out) + out.ram_note())
 
     def due(self) -> bool:
         """A partial batch is due once the oldest pending fact has waited max_wait seconds."""

@@ -1,4 +1,4 @@
-"""The memory budget (agent/budget.py) and the batch estimate it uses (editors/footprint.py), on the tiny models:
+"""The RAM budget (agent/budget.py) and the batch estimate it uses (editors/footprint.py), on the tiny models:
 the estimate grows with what the value optimisation holds, a batch over the budget is split into consecutive
 groups that fit, a fact over it alone is set aside with the estimate and the budget in its reason. The estimate's
 calibration against measured peak RSS on SmolLM2 is in RELIABILITY.md (scripts/memory_calibration.py)."""
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import agent.budget
-from agent.budget import MemoryBudget, budget_mb, total_ram_mb
+from agent.admission import AdmittedOutcome
+from agent.budget import RamBudget, budget_mb, total_ram_mb
 from agent.config import AgentConfig
 from editors.footprint import Dims, EditTokens, edit_tokens, estimate
 from editors.hparams import EditHParams
@@ -60,12 +61,12 @@ def test_values_are_estimated_per_chunk_as_the_optimiser_sorts_them(dims, tok):
 
 def test_the_default_budget_is_a_sixth_of_the_ram():
     assert budget_mb(AgentConfig()) == pytest.approx(total_ram_mb() / 6)
-    assert budget_mb(AgentConfig(memory_budget_mb=1234)) == 1234
+    assert budget_mb(AgentConfig(ram_budget_mb=1234)) == 1234
 
 
 @dataclass
 class FakeSession:
-    """What MemoryBudget reads of a session: config, tokenizer, model, and the editor's hparams and templates."""
+    """What RamBudget reads of a session: config, tokenizer, model, and the editor's hparams and templates."""
 
     cfg: AgentConfig
     tok: object
@@ -84,7 +85,7 @@ def stored(i: int, prompt: str = "{} is in") -> StoredFact:
 @pytest.fixture
 def budget(tok, tiny_llama, monkeypatch):
     monkeypatch.setattr(agent.budget, "resident_mb", lambda: 100.0)
-    return MemoryBudget(FakeSession(AgentConfig(memory_budget_mb=1e6), tok, tiny_llama))
+    return RamBudget(FakeSession(AgentConfig(ram_budget_mb=1e6), tok, tiny_llama))
 
 
 def test_a_batch_over_the_budget_is_split_into_consecutive_groups_that_fit(budget):
@@ -105,8 +106,9 @@ def test_a_fact_over_the_budget_alone_is_set_aside_with_the_estimate(budget):
     split = budget.split(small[:2] + [big] + small[2:])
     assert [[f.id for f in g] for g in split.groups] == [[0, 1, 2]]
     [(fact, reason)] = split.too_big
-    assert fact.id == 9 and reason.startswith("memory: applying it alone would take the process to ~")
-    assert reason.endswith(f"over the budget of {budget.limit_mb:.0f} MiB (config key memory_budget_mb)")
+    assert fact.id == 9 and reason.startswith("RAM: applying it alone would take the process to ~")
+    assert reason.endswith(f"over the budget of {budget.limit_mb:.0f} MiB (config key ram_budget_mb)")
+    assert not split.gpu
 
 
 def test_an_empty_batch_measures_nothing(budget, monkeypatch):
@@ -153,10 +155,18 @@ def test_on_cuda_the_batch_is_counted_against_the_gpu_memory_not_the_ram(budget,
     room = (two + three) / 2
     fake_cuda(monkeypatch, free_mb=room / agent.budget.GPU_SHARE - 50, allocated_mb=500, reserved_mb=550)
     split = budget.split(facts)
-    assert split.limit_mb == pytest.approx(500 + room)
+    assert split.limit_mb == pytest.approx(500 + room) and split.gpu
     assert [[f.id for f in g] for g in split.groups] == [[0, 1], [2, 3]]
     assert all(500 < e <= split.limit_mb for e in split.estimates)
     fake_cuda(monkeypatch, free_mb=one / 2, allocated_mb=500, reserved_mb=500)  # the GPU is nearly full
     split = budget.split(facts[:1])
     [(fact, reason)] = split.too_big
-    assert reason.startswith("memory: applying it alone would take the GPU memory to ~") and "500 held" in reason
+    assert reason.startswith("GPU RAM: applying it alone would take the GPU to ~") and "500 held" in reason
+
+
+def test_the_watch_line_says_whose_ram_the_estimate_and_peak_are():
+    assert AdmittedOutcome().ram_note() == ""
+    assert AdmittedOutcome(estimates=[900.4, 1200.0], peaks=[800.0, 1000.6]).ram_note() == \
+        "  RAM est 1200 MiB, peak 1001 MiB"
+    on_gpu = AdmittedOutcome(estimates=[300.0], peaks=[250.0], gpu=True)
+    assert on_gpu.ram_note() == "  GPU RAM est 300 MiB, peak 250 MiB"

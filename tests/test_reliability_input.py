@@ -32,7 +32,7 @@ from test_reliability_support import _patched, one_thread, run, shared_workspace
 log = logging.getLogger(__name__)
 
 # FAKE for this module (conftest.every_fact_answers): every fact answers. The workspaces here hold a tiny random model
-# that cannot answer an edited fact; these tests check what bad input and the memory budget do to the agent, not
+# that cannot answer an edited fact; these tests check what bad input and the RAM budget do to the agent, not
 # whether edits take (tests/test_tiny_fact_model.py asks a model that answers).
 pytestmark = pytest.mark.usefixtures("facts_answer")
 
@@ -306,17 +306,18 @@ def test_a_fact_stored_before_the_limits_is_quarantined_when_planned_and_the_res
     assert {"Paris", "Berlin", "Rome"} <= set(applied_subjects(ws))
 
 
-def test_a_batch_over_the_memory_budget_is_applied_as_smaller_batches(ws_with_facts, tmp_path, monkeypatch):
+def test_a_batch_over_the_ram_budget_is_applied_as_smaller_batches(ws_with_facts, tmp_path, monkeypatch):
     """The budget's wiring through `kagent watch`: with the estimate fixed at 100 MiB a fact (nothing resident) and
     a 250 MiB budget, a planned batch of five is applied as 2 + 2 + 1, each with its estimate and measured peak
-    stored as `memory` metrics; a fact estimated over the budget alone is quarantined, saying so."""
+    stored as `memory` metrics (the ledger's phase name); a fact estimated over the budget alone is quarantined,
+    saying so."""
     import agent.budget
 
     ws, _ = ws_with_facts
     w = Workspace.open(ws)
-    w.save_config(w.config().model_copy(update={"memory_budget_mb": 250.0}))
+    w.save_config(w.config().model_copy(update={"ram_budget_mb": 250.0}))
     monkeypatch.setattr(agent.budget, "resident_mb", lambda: 0.0)
-    monkeypatch.setattr(agent.budget.MemoryBudget, "working_mb",
+    monkeypatch.setattr(agent.budget.RamBudget, "working_mb",
                         lambda self, edits: sum(100.0 if e.order < 40 else 300.0 for e in edits))
     feed = tmp_path / "five.jsonl"
     lines = [rec(subject=s, target=t) for s, t in [("Accra", "Ghana"), ("Dakar", "Senegal"), ("Lome", "Togo"),
@@ -325,12 +326,13 @@ def test_a_batch_over_the_memory_budget_is_applied_as_smaller_batches(ws_with_fa
     feed.write_bytes(b"".join(line + b"\n" for line in lines))
     res = run("watch", feed, "--once", "--batch-size", "6", "--workspace", ws)
     assert res.exit_code == 0, res.output
-    assert re.search(r"^quarantined fact \d+ \(Banjul is, as everyone.*\): memory: applying it alone would take the "
+    assert re.search(r"^quarantined fact \d+ \(Banjul is, as everyone.*\): RAM: applying it alone would take the "
                      r"process to ~300 MiB \(0 resident \+ 300 for the batch\), over the budget of 250 MiB", res.output, re.M)
     batch = [l for l in res.output.splitlines() if l.startswith("batch ")]
-    assert len(batch) == 1 and batch[0].endswith("memory est 200 MiB, peak " + batch[0].rsplit("peak ", 1)[1]), batch
+    assert len(batch) == 1 and batch[0].endswith("RAM est 200 MiB, peak " + batch[0].rsplit("peak ", 1)[1]), batch
     with Ledger(ws / "ledger") as ledger:
         [split] = ledger.events("split")
+        assert split.message == "RAM: 5 facts applied as 3 batches to stay within the budget of 250 MiB"
         subjects = {f.id: f.record.subject for f in ledger.facts()}
         assert [[subjects[i] for i in g] for g in split.data["groups"]] == [
             ["Accra", "Dakar"], ["Lome", "Bamako"], ["Niamey"]]

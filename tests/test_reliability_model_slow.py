@@ -1,5 +1,5 @@
 """Slow tier: the hostile-input and kill suites on the embedded SmolLM2-135M, each `kagent` run a separate process
-whose peak RSS (the kernel's, via wait4) must stay under the 4 GB the memory budget keeps on this 24 GiB machine.
+whose peak RSS (the kernel's, via wait4) must stay under the 4 GB the RAM budget keeps on this 24 GiB machine.
 
 - A feed mixing good facts with a hostile line of every kind (over every intake limit, control and bidirectional
   characters, invisible-only text), on a workspace where an older kagent left a pending fact with a prompt of a few
