@@ -1,6 +1,6 @@
 """The crash-loop breaker: a fact whose batch keeps taking the process down is isolated, then quarantined.
 
-A fact that kills the editor (out of memory, a crash in native code, a kernel kill) stays `pending`, so every later
+A fact that kills the editor (out of RAM, a crash in native code, a kernel kill) stays `pending`, so every later
 `watch` and the nightly `refresh` would pick it up and die the same way. So before a batch is applied, `attempt`
 records in the ledger which facts it holds (`Ledger.open_attempt`, committed before any compute), and closes the
 record when the batch ends, committed or rejected. A record still open when the next batch is planned means the
@@ -59,7 +59,7 @@ def judge(ledger: Ledger, facts: Sequence[StoredFact], cfg: AgentConfig) -> Verd
         n, alone = deaths.get(f.id, (0, 0))
         if n >= cfg.crash_isolate_after + cfg.crash_quarantine_after and alone >= cfg.crash_quarantine_after:
             out.quarantine.append((f, f"stopped the editor {n} times (the process died while its batch was "
-                                      f"applied, {alone} time(s) with it alone: killed, out of memory or crashed)"))
+                                      f"applied, {alone} time(s) with it alone: killed, out of RAM or crashed)"))
         elif n >= cfg.crash_isolate_after:
             out.alone.append(f)
         else:

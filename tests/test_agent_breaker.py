@@ -70,7 +70,8 @@ def test_the_rules_follow_the_config(ledger):
     for _ in range(2):
         die_holding(ledger, [1])
         breaker.recover(ledger)
-    assert breaker.judge(ledger, fact, cfg).quarantine[0][1].startswith("stopped the editor 3 times")
+    reason = breaker.judge(ledger, fact, cfg).quarantine[0][1]
+    assert reason.startswith("stopped the editor 3 times") and reason.endswith("killed, out of RAM or crashed)")
 
 
 @pytest.mark.parametrize("error, counted", [(LedgerError("disk full"), False), (OSError(28, "No space left"), False),
