@@ -22,7 +22,7 @@ from pathlib import Path
 from agent.config import AgentConfig
 from agent.probes import WINDOW
 from agent.session import Session
-from editors.devices import gpu_memory_mb
+from editors.devices import gpu_ram_mb
 from editors.footprint import (Dims, EditTokens, edit_tokens, estimate, mib, page_in, resident_mb, scoring,
                                whitening)
 from evaluators.probes import LOGIT_ROWS
@@ -91,7 +91,7 @@ class RamBudget:
     def held(self) -> tuple[float, float, bool]:
         """(MiB held now where the batch's working set will go, the most it may reach there, on a GPU?): the
         model's GPUs on CUDA (`GPU_SHARE` of what they can still give), else the process's RAM against the budget."""
-        gpu = gpu_memory_mb(self.session.model)
+        gpu = gpu_ram_mb(self.session.model)
         if gpu is not None:
             held, usable = gpu
             return held, held + GPU_SHARE * usable, True

@@ -1,10 +1,10 @@
-"""Where a model's tensors live, and the CUDA bookkeeping that timings and memory figures need.
+"""Where a model's tensors live, and the CUDA bookkeeping that timings and GPU RAM figures need.
 
 A model sits on one device, or (loaded with `device_map="auto"`) spread over several: every per-layer
 tensor an editor keeps (C0, key sums, solves) is placed on the device of that layer's edited weight
 (`layer_device`). Timings on CUDA are only true after `synchronize` (kernels run asynchronously); peak
-GPU memory is torch's allocator peak summed over the model's CUDA devices, 0 without CUDA; `gpu_memory_mb` is what
-the memory budget counts on CUDA (held by this process, and still usable).
+GPU RAM is torch's allocator peak summed over the model's CUDA devices, 0 without CUDA; `gpu_ram_mb` is what
+the RAM budget counts on CUDA (held by this process, and still usable).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def peak_gpu_mb(model: nn.Module) -> float:
     return sum(torch.cuda.max_memory_allocated(i) for i in cuda_devices(model)) / 2**20
 
 
-def gpu_memory_mb(model: nn.Module) -> tuple[float, float] | None:
+def gpu_ram_mb(model: nn.Module) -> tuple[float, float] | None:
     """(MiB this process's tensors hold on the model's CUDA devices, MiB still usable there: what each device has
     free plus what torch's caching allocator reserved and has not handed out), summed over those devices; None when
     no part of the model is on CUDA."""

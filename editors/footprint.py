@@ -1,6 +1,6 @@
-"""What a batch of edits costs in memory: its peak estimated from token counts, and the process's measured peak.
+"""What a batch of edits costs in RAM: its peak estimated from token counts, and the process's measured peak.
 
-`estimate(dims, edits, hp)` predicts the working memory (MiB) a batch adds to the process in each of the editor's
+`estimate(dims, edits, hp)` predicts the working RAM (MiB) a batch adds to the process in each of the editor's
 phases, which run one after another:
 
 - Target values (editors/optimise.py + values.py), per chunk of `value_chunk` edits sorted by suffix length as the
@@ -97,7 +97,7 @@ def edit_tokens(tok, request: EditRequest, templates: list[str]) -> EditTokens:
 
 @dataclass(frozen=True)
 class Footprint:
-    """Estimated working memory of a batch (MiB), per phase; the batch needs the largest."""
+    """Estimated working RAM of a batch (MiB), per phase; the batch needs the largest."""
 
     values_mb: float
     keys_mb: float
@@ -156,7 +156,7 @@ def mib(d: Dims, elements: float) -> float:
 
 
 def estimate(d: Dims, edits: list[EditTokens], hp: EditHParams) -> Footprint:
-    """The working memory of editing `edits` as one batch (values chunked as the optimiser chunks them)."""
+    """The working RAM of editing `edits` as one batch (values chunked as the optimiser chunks them)."""
     ordered = sorted(edits, key=lambda e: e.order)
     chunks = [ordered[i: i + hp.value_chunk] for i in range(0, len(ordered), hp.value_chunk)]
     values = max(_value_chunk(d, c, hp.value_layer) for c in chunks)
@@ -168,7 +168,7 @@ def estimate(d: Dims, edits: list[EditTokens], hp: EditHParams) -> Footprint:
 
 @torch.no_grad()
 def page_in(model: nn.Module) -> None:
-    """Read every weight once, so that memory-mapped weights are resident before memory is measured."""
+    """Read every weight once, so that memory-mapped weights are resident before RAM is measured."""
     for p in model.parameters():
         p.sum()
 
@@ -185,7 +185,7 @@ def _hwm_mb() -> float | None:
 
 
 def resident_mb() -> float:
-    """Resident memory now, after returning freed heap to the OS (what the process really holds)."""
+    """Resident RAM (RSS) now, after returning freed heap to the OS (what the process really holds)."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -204,6 +204,6 @@ def reset_peak() -> bool:
 
 
 def peak_mb() -> float:
-    """Peak resident memory since the last `reset_peak` (VmHWM), else since the process started."""
+    """Peak resident RAM since the last `reset_peak` (VmHWM), else since the process started."""
     hwm = _hwm_mb()
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,15 +1,15 @@
-"""Calibrate the batch memory estimate (editors/footprint.py) against measured peak RSS on a real model.
+"""Calibrate the batch RAM estimate (editors/footprint.py) against measured peak RSS on a real model.
 
     python scripts/memory_calibration.py [--cases 1x50s,1x200s,1x400s,1x400p,16x10s,10x60s] [--model smollm2-135m]
                                          [--json out.json]
 
 A case `NxWp` is N edits whose prompt carries W filler words, placed after the subject (`s`: the suffix the value
 optimisation recomputes with gradients grows) or before it (`p`: the prefix grows). Each case runs in a fresh child
-process: load the model and the ENCORE editor (cached statistics), page the weights in, measure resident memory,
+process: load the model and the ENCORE editor (cached statistics), page the weights in, measure resident RAM,
 reset the kernel's peak mark (VmHWM), run `Editor.compute` (two value steps, so one forward and backward pass at
 full size, then keys and solve) and score the batch's prompts as the retention probe does; then, as `kagent watch`
 does after applying a batch, the superposition statistics and the downstream probes (known facts, held-out
-perplexity) with the default probe settings. Reported per case: the tokens of the longest prompt, resident memory
+perplexity) with the default probe settings. Reported per case: the tokens of the longest prompt, resident RAM
 before, the edit's measured peak added and its estimate (calibrated and as counted), measured / estimated, what
 the process keeps after the compute, and the probes' peak added over the same base with the agent's estimate.
 """
