@@ -20,10 +20,10 @@ class Encore(Editor):
     # 2 context prefixes (5 in the paper, 3 until this default): 1,000 hold-out edits at 1.34 instead of 0.98 edits/s
     # on SmolLM2, ES and greedy ES unchanged (.994 / .993), PS .924 against .933 (BENCHMARKS.md, "hold-out table").
     # Answer-site slots: on 24 tuning facts the subject's other answers stay .996 (sure) against .48 for subject-site
-    # slots and .58 with KL on its other relations; the discriminant key moved reach on the relation's held-out
-    # phrasing .35 -> .44 and on the record's paraphrase .08 -> .13 for .992 -> .984 (BENCHMARKS.md, "One edit, one fact")
-    defaults = {"alpha": 10.0, "stop": "mpes", "write": "memory", "n_context": 2, "memory_site": "answer",
-                "answer_discriminant": 0.25}
+    # slots and .58 with KL on its other relations (BENCHMARKS.md, "One edit, one fact"). The discriminant key
+    # (answer_discriminant) stays off: +.09 held-out phrasing reach for -.008 specificity on 24 tuning facts, but
+    # -.05 specificity and no phrasing gain on 21 others
+    defaults = {"alpha": 10.0, "stop": "mpes", "write": "memory", "n_context": 2, "memory_site": "answer"}
 
     def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         A = self.normal_matrix(layer, K)

@@ -32,9 +32,9 @@ from evaluators import counterfact, norms, probes, zsre
 from evaluators.counterfact import harmonic_mean
 from evaluators.edit_forms import FormSettings, enrich
 from evaluators.relations import RelationBank
-from evaluators.relations import RelationBank
 from evaluators.scoring import greedy_matches
-from evaluators.specificity import EditCase, SpecificityConfig, ask, build_plan, score
+from evaluators.specificity import (EditCase, Probe, SpecificityConfig, ask, build_plan, contains, generate_answers,
+                                    score)
 from memory.planner import Order, plan
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,8 @@ class BenchConfig(BaseModel):
     consolidate_every: int = 0  # re-solve all edits jointly from the base weights every K batches (0 = never)
     variants: list[Variant] = []  # further rows after `methods`; values_on="base" rows share their target values
     specificity_n: int = 200  # edited records sampled for specificity and reach (CounterFact; 0 = not measured)
-    known_only: bool = False  # CounterFact: edit only records whose true answer the unedited model gives first
-    #   (greedy first token at the edit prompt), the n after `start` of them: what "preserve what it knew" is about
+    known_only: bool = False  # CounterFact: edit only records whose true answer the unedited model's greedy answer
+    #   to the edit prompt contains (`known`), the n after `start` of them: what "preserve what it knew" is about
     forms: bool = True  # CounterFact edits trained on their other forms with the subject's other relations held, as
     #   the agent trains them (evaluators/edit_forms.py); the record's rephrase prompt is not trained on (it is measured)
 
@@ -170,12 +170,13 @@ def edit_set(records: list, n: int, fmt: str, path: Path) -> list:
     return kept[:n]
 
 
-def known(model, tok, records: list) -> list:
-    """The CounterFact records whose true answer the unedited model gives as its greedy first token."""
-    hits = greedy_matches(model, tok, [r.prompt for r in records], [r.ground_truth for r in records],
-                          first_token_only=True, progress=True)
-    log.info("%d of %d records are known to the unedited model", int(hits.sum()), len(records))
-    return [r for r, h in zip(records, hits.tolist()) if h]
+def known(model, tok, records: list, tokens: int = 8) -> list:
+    """The CounterFact records whose true answer the unedited model's greedy answer (`tokens` new tokens) to the edit
+    prompt contains as whole words: the rule of the measure's native reach, so that it is 1.0 on them."""
+    answers = generate_answers(model, tok, [Probe(r.prompt, tokens) for r in records])
+    hits = [contains(a.text, r.ground_truth) for a, r in zip(answers, records)]
+    log.info("%d of %d records are known to the unedited model", sum(hits), len(records))
+    return [r for r, h in zip(records, hits) if h]
 
 
 def with_forms(records: list, requests: list[EditRequest], tok) -> list[EditRequest]:
@@ -254,8 +255,9 @@ def batches(requests: list[EditRequest], size: int, order: str) -> list[list[Edi
     return [[requests[i] for i in b] for b in plan(range(len(requests)), vectors, size, order)]
 
 
-def _row(cfg, method, quality: dict, base: dict, after: dict, order: str | None = None, **extra) -> MethodResult:
-    return MethodResult(method=method, model=cfg.model, n=cfg.n, batch_size=cfg.batch_size, order=order or cfg.order,
+def _row(cfg, method, quality: dict, base: dict, after: dict, n: int, order: str | None = None,
+         **extra) -> MethodResult:
+    return MethodResult(method=method, model=cfg.model, n=n, batch_size=cfg.batch_size, order=order or cfg.order,
                         **quality, score=harmonic_mean([quality["es"], quality["ps"], quality["ns"]]),
                         ppl_before=base["ppl"],
                         ppl_after=after["ppl"], known_acc_before=base["known"], known_acc_after=after["known"],
@@ -322,7 +324,7 @@ def run_method(cfg: BenchConfig, variant: Variant, base: dict, shared: dict | No
         quality = task.evaluate(lm.model, lm.tok)
         after = _probes(lm.model, lm.tok, cfg)
         quality |= task.specificity(base.get("spec"), task.ask_specificity(lm.model, lm.tok))
-    return _row(cfg, method, quality, base, after, norm_growth=norms.norm_growth(lm.model, w0),
+    return _row(cfg, method, quality, base, after, len(task.records), norm_growth=norms.norm_growth(lm.model, w0),
                 mem_estimate_mb=mem_estimate, edit_peak_rss_mb=edit_peak, **placement(lm.model),
                 peak_gpu_mb=gpu_peak if torch.cuda.is_available() else None,
                 edit_seconds=secs["total"], edits_per_second=len(task.requests) / max(secs["total"], 1e-9),
@@ -349,7 +351,7 @@ def run_bench(cfg: BenchConfig, on_row=None) -> list[MethodResult]:
     task = _Task(cfg, lm.model, lm.tok)
     base = _probes(lm.model, lm.tok, cfg) | {"spec": task.ask_specificity(lm.model, lm.tok)}
     quality = task.evaluate(lm.model, lm.tok) | task.specificity(base["spec"], base["spec"])
-    rows = [_row(cfg, "unedited", quality, base, base, norm_growth=1.0, edit_seconds=0.0,
+    rows = [_row(cfg, "unedited", quality, base, base, len(task.records), norm_growth=1.0, edit_seconds=0.0,
                  edits_per_second=0.0,
                  value_seconds=0.0, value_gflops=0.0, mean_steps=0.0, **placement(lm.model))]
     if on_row:
