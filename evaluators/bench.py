@@ -100,6 +100,8 @@ class BenchConfig(BaseModel):
     specificity_n: int = 200  # edited records sampled for specificity and reach (CounterFact; 0 = not measured)
     known_only: bool = False  # CounterFact: edit only records whose true answer the unedited model's greedy answer
     #   to the edit prompt contains (`known`), the n after `start` of them: what "preserve what it knew" is about
+    case_ids: list[int] | None = None  # CounterFact: edit exactly these records (run_bench resolves known_only to
+    #   them once, so that every row edits the same records without asking the unedited model again)
     forms: bool = True  # CounterFact edits trained on their other forms with the subject's other relations held, as
     #   the agent trains them (evaluators/edit_forms.py); the record's rephrase prompt is not trained on (it is measured)
 
@@ -198,8 +200,12 @@ class _Task:
         end = cfg.start + cfg.n
         if cfg.format == "counterfact":
             records = counterfact.load_counterfact(cfg.facts)
-            pool = edit_set(records, len(records) if cfg.known_only else end, "counterfact", cfg.facts)
-            self.records = (known(model, tok, pool) if cfg.known_only else pool)[cfg.start: end]
+            if cfg.case_ids is not None:
+                by_id = {r.case_id: r for r in records}
+                self.records = [by_id[i] for i in cfg.case_ids]
+            else:
+                pool = edit_set(records, len(records) if cfg.known_only else end, "counterfact", cfg.facts)
+                self.records = (known(model, tok, pool) if cfg.known_only else pool)[cfg.start: end]
             self.requests = counterfact.to_requests(self.records)
             if cfg.forms:
                 self.requests = with_forms(self.records, self.requests, tok)
@@ -351,6 +357,8 @@ def run_bench(cfg: BenchConfig, on_row=None) -> list[MethodResult]:
     task = _Task(cfg, lm.model, lm.tok)
     base = _probes(lm.model, lm.tok, cfg) | {"spec": task.ask_specificity(lm.model, lm.tok)}
     quality = task.evaluate(lm.model, lm.tok) | task.specificity(base["spec"], base["spec"])
+    if cfg.known_only and cfg.format == "counterfact":
+        cfg = cfg.model_copy(update={"case_ids": [r.case_id for r in task.records]})
     rows = [_row(cfg, "unedited", quality, base, base, len(task.records), norm_growth=1.0, edit_seconds=0.0,
                  edits_per_second=0.0,
                  value_seconds=0.0, value_gflops=0.0, mean_steps=0.0, **placement(lm.model))]
