@@ -7,6 +7,7 @@ hyperparameters; `--plain`: the edit prompt alone, no forms or keep prompts), an
 of the true one]. Final figures come from `kagent bench` on counterfact-val, not from this script.
 
     python scripts/one_fact_tune.py --n 24 --pool 1000 --set memory_site='"answer"'
+    python scripts/one_fact_tune.py --n 24 --pool 1000 --ungated      # + the reach with no gate at all
 """
 import argparse
 import json
@@ -31,6 +32,8 @@ ap.add_argument("--set", action="append", default=[])
 ap.add_argument("--forms", default="")  # FormSettings overrides k=v,...
 ap.add_argument("--plain", action="store_true")
 ap.add_argument("--pool", type=int, default=200)
+ap.add_argument("--ungated", action="store_true", help="also measure with every answer-site slot firing at every "
+                "prompt end that names its subject (radii lowered): the reach a perfect gate could give")
 ap.add_argument("--file", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/counterfact/counterfact-train.json"))
 a = ap.parse_args()
 torch.set_num_threads(1)
@@ -119,7 +122,19 @@ for f, lst in forms.items():
     reach = sum(contains(a, sel[i][0].target_new) for (i, _), a in zip(lst, ed_forms[f])) / len(lst)
     native = sum(contains(a, sel[i][0].ground_truth) for (i, _), a in zip(lst, base_forms[f])) / len(lst)
     res[f] = (round(reach, 3), round(native, 3))
-print(json.dumps({"set": a.set, "forms": a.forms, "plain": a.plain, **res}))
+print(json.dumps({"set": a.set, "forms": a.forms, "plain": a.plain, **res}), flush=True)
+if a.ungated:
+    for s, (k, r) in list(editor.memory.keys.items()):
+        editor.memory.keys[s] = (k, r - 10)
+    with editor.memory.attached(model), torch.no_grad():
+        ed_stmt, ed_forms = measure()
+    same = [answer_key(x) == answer_key(y) for x, y in zip(base_stmt, ed_stmt)]
+    same_sure = [s for s, p in zip(same, sure) if p >= .3]
+    ungated = {"ungated": True, "spec_all": round(sum(same) / len(same), 3),
+               "spec_sure": round(sum(same_sure) / max(1, len(same_sure)), 3)}
+    ungated |= {f: round(sum(contains(x, sel[i][0].target_new) for (i, _), x in zip(lst, ed_forms[f])) / len(lst), 3)
+                for f, lst in forms.items()}
+    print(json.dumps(ungated), flush=True)
 # show some changed statements
 bad = [(stmts[k][1].prompt, base_stmt[k], ed_stmt[k]) for k in range(len(same)) if not same[k] and sure[k] >= .3][:8]
 for b in bad: print("  CHANGED", b, file=sys.stderr)
