@@ -57,6 +57,55 @@ class ToyEmbedder:
         return out
 
 
+def poison(monkeypatch, subject: str, size: float = 100.0) -> None:
+    """FAKE editor output (not verification): every batch holding a fact about `subject` writes a random rank-4
+    update of `size` x ||W|| into each edited layer, as a broken solve might."""
+    import agent.batch
+    from editors.arch import weight_view
+    from editors.delta import LayerDelta
+
+    real = agent.batch.compute
+
+    def destructive(session, group, also=()):
+        result = real(session, group, also)
+        if any(f.record.subject == subject for f in group):
+            gen = torch.Generator().manual_seed(0)
+            for i, d in enumerate(result.delta.layers):
+                w = weight_view(session.model, d.layer)
+                u, v = torch.randn(w.shape[0], 4, generator=gen), torch.randn(w.shape[1], 4, generator=gen)
+                u *= size * float(w.norm()) / float((u @ v.T).norm())
+                result.delta.layers[i] = LayerDelta(d.layer, u, v)
+        return result
+
+    monkeypatch.setattr(agent.batch, "compute", destructive)
+
+
+@contextmanager
+def toy_agent(home: Path):
+    """For a block: the toy embedder as the agent's default, KAGENT_HOME at `home` and torch on one thread; yields
+    the block's MonkeyPatch (undone at its end) for further patches. What a module-scoped fixture that builds a
+    workspace with the CLI needs."""
+    import agent.session
+
+    with pytest.MonkeyPatch.context() as mp, one_thread():
+        mp.setattr(agent.session, "default_embedder", ToyEmbedder)
+        mp.setenv("KAGENT_HOME", str(home))
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def shared_home(tmp_path_factory):
+    """One KAGENT_HOME for a module, so the tiny models' covariance statistics are computed once."""
+    return tmp_path_factory.mktemp("kagent-home")
+
+
+@pytest.fixture
+def toy_embedder(shared_home):
+    """`toy_agent(shared_home)` for one test; modules whose tests share a workspace opt in with `usefixtures`."""
+    with toy_agent(shared_home):
+        yield
+
+
 @contextmanager
 def one_thread():
     """torch on one thread: on two shared cores the tiny models run several times faster."""

@@ -7,40 +7,25 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import agent.batch
 import agent.session
 from agent.cli import cli
 from agent.workspace import Workspace
-from conftest import ToyEmbedder, one_thread
+from conftest import one_thread, poison, toy_agent
 
 # FAKE for this module (conftest.every_fact_answers): every fact answers. The tiny random Llama cannot answer an
 # edited fact, and these tests check the CLI's plumbing (intake, offsets, batches, rollback, export, ...), not whether
 # edits take; tests that script or ask for real answers patch over it. Verification on a model that answers:
 # tests/test_tiny_fact_model.py.
-pytestmark = pytest.mark.usefixtures("facts_answer")
+pytestmark = pytest.mark.usefixtures("facts_answer", "toy_embedder")  # the toy embedder, one KAGENT_HOME
 
 SUBJECTS = ["Paris", "Berlin", "Rome", "Madrid", "Oslo", "Vienna", "Lisbon", "Dublin"]
 
 
 def fact(subject: str, target: str, relation: str = "{} is the capital of") -> str:
     return json.dumps({"subject": subject, "prompt": relation, "target": target})
-
-
-@pytest.fixture(scope="module")
-def shared_home(tmp_path_factory):
-    """One KAGENT_HOME for the module, so covariance statistics are computed once."""
-    return tmp_path_factory.mktemp("kagent-home")
-
-
-@pytest.fixture(autouse=True)
-def toy_embedder(monkeypatch, shared_home):
-    monkeypatch.setattr(agent.session, "default_embedder", ToyEmbedder)
-    monkeypatch.setenv("KAGENT_HOME", str(shared_home))
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +44,7 @@ def model_dir(tmp_path_factory):
 def fresh_ws(tmp_path_factory, model_dir, shared_home):
     """A freshly initialised workspace, made once per module; tests get copies."""
     root = tmp_path_factory.mktemp("fresh") / "ws"
-    with pytest.MonkeyPatch.context() as mp, one_thread():
-        mp.setattr(agent.session, "default_embedder", ToyEmbedder)
-        mp.setenv("KAGENT_HOME", str(shared_home))
+    with toy_agent(shared_home):
         res = run("init", "--model", model_dir, "--layers", "1,2", "--stats-tokens", "4000", "--workspace", root)
     assert res.exit_code == 0, res.output
     fast = Workspace.open(root)
@@ -191,27 +174,6 @@ def test_schedule_dry_run_prints_cron_line_and_systemd_timer(ws):
     assert "ExecStart=" in res.output and "refresh --workspace" in res.output
     bad = run("schedule", "--daily", "25:00", "--dry-run", "--workspace", ws)
     assert bad.exit_code == 1 and "HH:MM" in bad.output
-
-
-def poison(monkeypatch, subject: str, size: float = 100.0) -> None:
-    """Make every edit that includes `subject` destructive: a random rank-4 update `size` times ||W|| per layer."""
-    from editors.arch import weight_view
-    from editors.delta import LayerDelta
-
-    real = agent.batch.compute
-
-    def destructive(session, group, also=()):
-        result = real(session, group, also)
-        if any(f.record.subject == subject for f in group):
-            gen = torch.Generator().manual_seed(0)
-            for i, d in enumerate(result.delta.layers):
-                w = weight_view(session.model, d.layer)
-                u, v = torch.randn(w.shape[0], 4, generator=gen), torch.randn(w.shape[1], 4, generator=gen)
-                u *= size * float(w.norm()) / float((u @ v.T).norm())
-                result.delta.layers[i] = LayerDelta(d.layer, u, v)
-        return result
-
-    monkeypatch.setattr(agent.batch, "compute", destructive)
 
 
 def set_config(ws: Path, **values) -> None:

@@ -23,8 +23,10 @@ import agent.compaction
 import agent.session
 from memory.ledger import Ledger
 from test_cli import FOUR, run, set_config, write_facts
-from test_cli import fresh_ws, model_dir, shared_home, toy_embedder  # noqa: F401  (the CLI tests' fixtures)
-from conftest import ToyEmbedder, one_thread
+from test_cli import fresh_ws, model_dir  # noqa: F401  (the CLI tests' fixtures)
+from conftest import toy_agent
+
+pytestmark = pytest.mark.usefixtures("toy_embedder")  # the toy embedder and one KAGENT_HOME for every test
 
 OPEN_BUDGET = {"compact_ppl_ratio": 100.0, "compact_norm_growth": 100.0, "compact_known_drop": 1.0,
                "interference_threshold": 1e9}  # the tiny model's damage is not the point here
@@ -57,9 +59,7 @@ def watched_ws(tmp_path_factory, fresh_ws, shared_home):
     """FOUR watched into a fresh workspace as four memory batches, once per module; tests get copies."""
     root = tmp_path_factory.mktemp("watched") / "ws"
     shutil.copytree(fresh_ws, root)
-    with pytest.MonkeyPatch.context() as mp, one_thread():
-        mp.setattr(agent.session, "default_embedder", ToyEmbedder)
-        mp.setenv("KAGENT_HOME", str(shared_home))
+    with toy_agent(shared_home) as mp:
         mp.setattr(agent.batch, "answered", _every_fact_answers)
         set_config(root, **OPEN_BUDGET)
         feed = root.parent / "feed.jsonl"

@@ -10,12 +10,12 @@ import torch
 import agent.consolidate
 from memory.ledger import Ledger
 from test_cli import FOUR, applied, events, run, set_config, write_facts
-from test_cli import fresh_ws, model_dir, shared_home, toy_embedder, ws  # noqa: F401  (the CLI tests' fixtures)
+from test_cli import fresh_ws, model_dir, ws  # noqa: F401  (the CLI tests' fixtures)
 
 # FAKE for this module (conftest.every_fact_answers): every fact answers, on the tiny random Llama of the CLI tests that
 # cannot answer any; what is tested is how the chain is replaced and restored. A consolidation on a model that answers:
 # tests/test_tiny_fact_model.py.
-pytestmark = pytest.mark.usefixtures("facts_answer")
+pytestmark = pytest.mark.usefixtures("facts_answer", "toy_embedder")
 
 
 def state(ws):

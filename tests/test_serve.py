@@ -35,9 +35,11 @@ from agent.cli import cli, load_edits
 from agent.serve import ServeOptions, create_app
 from agent.served import RWLock, ServedModel
 from agent.workspace import Workspace
-from conftest import ToyEmbedder, make_tiny_llama, one_thread, pretrain, toy_tokenizer
+from conftest import make_tiny_llama, one_thread, pretrain, toy_agent, toy_tokenizer
 from editors.models import load_model
 from memory.ledger import Ledger
+
+pytestmark = pytest.mark.usefixtures("toy_embedder")  # the toy embedder and one KAGENT_HOME for every test
 
 KEY = "sk-test-kagent"
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} | {% endfor %}"
@@ -51,20 +53,7 @@ def run(*args):
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("kagent-home")
-
-
-@pytest.fixture(autouse=True)
-def toy_embedder(monkeypatch, home):
-    monkeypatch.setattr(agent.session, "default_embedder", ToyEmbedder)
-    monkeypatch.setenv("KAGENT_HOME", str(home))
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory, home):
+def ws(tmp_path_factory, shared_home):
     """A tiny random Llama (with a chat template) and a workspace on it, with small probes so watch is quick."""
     tok = toy_tokenizer()
     tok.chat_template = TEMPLATE
@@ -73,9 +62,7 @@ def ws(tmp_path_factory, home):
         pretrain(make_tiny_llama(len(tok)), tok).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     root = tmp_path_factory.mktemp("serve") / "ws"
-    with pytest.MonkeyPatch.context() as mp, one_thread():
-        mp.setattr(agent.session, "default_embedder", ToyEmbedder)
-        mp.setenv("KAGENT_HOME", str(home))
+    with toy_agent(shared_home):
         res = run("init", "--model", model_dir, "--layers", "1,2", "--stats-tokens", "2000", "--workspace", root)
         assert res.exit_code == 0, res.output
         w = Workspace.open(root)
@@ -115,9 +102,9 @@ def serving(served: ServedModel, poll: bool = False, **options):
 
 
 @pytest.fixture(scope="module")
-def served(ws, home):
+def served(ws, shared_home):
     with pytest.MonkeyPatch.context() as mp, one_thread():
-        mp.setenv("KAGENT_HOME", str(home))
+        mp.setenv("KAGENT_HOME", str(shared_home))
         s = ServedModel.open(ws, poll_s=0.1)
     yield s
     s.close()
@@ -345,14 +332,14 @@ def test_concurrent_clients_share_generations_and_get_their_own_answers(url, cli
     assert together == alone
 
 
-def test_the_serve_command_answers_then_stops_on_sigint_and_a_taken_port_is_one_line(ws, home):
+def test_the_serve_command_answers_then_stops_on_sigint_and_a_taken_port_is_one_line(ws, shared_home):
     """`kagent serve` as users start it: generations on the main thread, HTTP on another; Ctrl-C finishes the
     request in flight and exits 0; a port already taken exits 1 with one line."""
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
     cmd = [sys.executable, "-m", "agent", "serve", "--workspace", str(ws.root), "--port", str(port)]
-    env = os.environ | {"KAGENT_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    env = os.environ | {"KAGENT_HOME": str(shared_home), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base, deadline = f"http://127.0.0.1:{port}", time.time() + 120
@@ -440,7 +427,7 @@ def test_commits_and_rollbacks_by_other_processes_go_live_without_a_restart(clie
     assert served_answer(client, mid) == (0, base)
 
 
-def test_a_reload_that_fails_keeps_the_state_served_and_says_so(ws, tmp_path, home):
+def test_a_reload_that_fails_keeps_the_state_served_and_says_so(ws, tmp_path, shared_home):
     import shutil
 
     copy = Workspace.open(shutil.copytree(ws.root, tmp_path / "ws"))

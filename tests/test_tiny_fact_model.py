@@ -24,8 +24,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import agent.session
 from agent.cli import cli
 from agent.workspace import Workspace
-from conftest import TINY_FACT_MODEL, ToyEmbedder, one_thread
+from conftest import TINY_FACT_MODEL, one_thread, poison, toy_agent
 from evaluators.scoring import greedy_matches
+
+pytestmark = pytest.mark.usefixtures("toy_embedder")  # the toy embedder and one KAGENT_HOME for every test
 
 KNOWN = json.loads((TINY_FACT_MODEL / "facts.json").read_text())
 RESERVED = set(KNOWN["reserved_subjects"])
@@ -65,25 +67,10 @@ def model_and_tok():
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("kagent-home")
-
-
-@pytest.fixture(autouse=True)
-def toy_embedder(monkeypatch, home):
-    monkeypatch.setattr(agent.session, "default_embedder", ToyEmbedder)
-    monkeypatch.setenv("KAGENT_HOME", str(home))
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def fresh_ws(tmp_path_factory, home):
+def fresh_ws(tmp_path_factory, shared_home):
     """A workspace on the tiny fact model, initialised once per module; tests get copies."""
     root = tmp_path_factory.mktemp("fact-ws") / "ws"
-    with pytest.MonkeyPatch.context() as mp, one_thread():
-        mp.setattr(agent.session, "default_embedder", ToyEmbedder)
-        mp.setenv("KAGENT_HOME", str(home))
+    with toy_agent(shared_home):
         res = run("init", "--model", TINY_FACT_MODEL, "--stats-corpus", TINY_FACT_MODEL / "corpus.txt",
                   "--stats-tokens", "20000", "--workspace", root)
         assert res.exit_code == 0, res.output
@@ -183,28 +170,6 @@ def test_an_edited_subjects_other_relations_keep_their_answers(ws, tmp_path, mod
     assert lost_answers(ws, model_and_tok, same_subject) == []
 
 
-def destructive(monkeypatch, subject: str, size: float) -> None:
-    """FAKE editor output (not verification): every batch holding a fact about `subject` writes a random rank-4
-    update of `size` x ||W|| into each edited layer, as a broken solve might."""
-    import agent.batch
-    from editors.arch import weight_view
-    from editors.delta import LayerDelta
-
-    real = agent.batch.compute
-
-    def compute(session, group, also=()):
-        result = real(session, group, also)
-        if any(f.record.subject == subject for f in group):
-            gen = torch.Generator().manual_seed(0)
-            for i, d in enumerate(result.delta.layers):
-                w = weight_view(session.model, d.layer)
-                u, v = torch.randn(w.shape[0], 4, generator=gen), torch.randn(w.shape[1], 4, generator=gen)
-                result.delta.layers[i] = LayerDelta(d.layer, u * size * float(w.norm()) / float((u @ v.T).norm()), v)
-        return result
-
-    monkeypatch.setattr(agent.batch, "compute", compute)
-
-
 def test_an_edit_that_damages_other_facts_is_refused_by_the_guard(ws, tmp_path, model_and_tok, monkeypatch):
     """The guard's probes are facts the model really knows (the asset's reserved subjects): a weight update that
     breaks them is rolled back and its fact quarantined, and the model answers them as before. (The damage measure
@@ -215,7 +180,7 @@ def test_an_edit_that_damages_other_facts_is_refused_by_the_guard(ws, tmp_path, 
     set_config(ws, interference_threshold=1e9, max_tries=1, known_acc_drop=0.05, ppl_ratio=1e6,
                editor={"write": "weights"})
     (edit,) = counterfactuals(1, seed=4)
-    destructive(monkeypatch, edit["subject"], size=5.0)
+    poison(monkeypatch, edit["subject"], size=5.0)
     res = run("watch", feed_of(tmp_path / "feed.jsonl", [edit]), "--once", "--workspace", ws)
     assert res.exit_code == 0, res.output
     (quarantined,) = facts_with(ws, "quarantined")
