@@ -246,11 +246,11 @@ class Editor:
         """Per subject, the key and radius of its answer-site slot: its requests' prompts and forms must fire it,
         its keep prompts and description must not (states read on the model without the memory)."""
         texts: dict[str, tuple[list[str], list[str]]] = {s: ([], [f"{s} is a", f"{s} is"]) for s in subjects}
+        contexts = ["{}", *self.state.context_templates]
         for r in requests:
             pos, neg = texts[r.subject]
-            pos += [in_context(c, r.prompt).replace("{}", r.subject, 1) for c in ["{}", *self.state.context_templates]]
+            pos += [in_context(c, t).replace("{}", s, 1) for t, s in [(r.prompt, r.subject), *r.cues] for c in contexts]
             pos += [t.replace("{}", s, 1) for t, s in r.forms]
-            pos += [in_context(c, t).replace("{}", s, 1) for t, s in r.cues for c in ["{}", *self.state.context_templates]]
             neg += [t.replace("{}", r.subject, 1) for t in r.keep]
         flat = [t for s in subjects for part in texts[s] for t in part]
         with self.memory.suspended():
