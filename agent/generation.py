@@ -105,13 +105,20 @@ class TextAssembler:
         return self._upto(len(self.text))
 
 
-class _Halt(StoppingCriteria):
-    """Ends each row once its event is set (a stop string or its max_tokens came, or its client went away)."""
+class Preempted(Exception):
+    """`generate_batch` was cancelled before every row ended (nothing it generated is to be used)."""
 
-    def __init__(self, events: Sequence[threading.Event]):
-        self.events = events
+
+class _Halt(StoppingCriteria):
+    """Ends each row once its event is set (a stop string or its max_tokens came, or its client went away), and
+    every row once `cancel` is set."""
+
+    def __init__(self, events: Sequence[threading.Event], cancel: threading.Event | None = None):
+        self.events, self.cancel = events, cancel
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        if self.cancel is not None and self.cancel.is_set():
+            return torch.ones(len(self.events), dtype=torch.bool, device=input_ids.device)
         return torch.tensor([e.is_set() for e in self.events], dtype=torch.bool, device=input_ids.device)
 
 
@@ -187,9 +194,10 @@ def compatible(a: Sampling, b: Sampling) -> bool:
 
 
 @torch.no_grad()
-def generate_batch(model, tok, rows: Sequence[Row]) -> list[Outcome]:
+def generate_batch(model, tok, rows: Sequence[Row], cancel: threading.Event | None = None) -> list[Outcome]:
     """Generate after each row's prompt in one batch (prompts left-padded, the KV cache shared), handing each row's
-    new text to its `on_text`; rows end on their own (stop string, end of sequence, max_tokens, halt)."""
+    new text to its `on_text`; rows end on their own (stop string, end of sequence, max_tokens, halt). `cancel` set
+    from outside ends the generation at the next step: `Preempted` when a row had not ended by then."""
     eos = eos_ids(model, tok)
     states = [_RowState(r, tok, eos) for r in rows]
     first = rows[0].sampling
@@ -201,7 +209,10 @@ def generate_batch(model, tok, rows: Sequence[Row]) -> list[Outcome]:
     mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], dtype=torch.long)
     dev = input_device(model)
     model.generate(input_ids=x.to(dev), attention_mask=mask.to(dev), streamer=_Tokens([s.on_token for s in states]),
-                   generation_config=config, stopping_criteria=StoppingCriteriaList([_Halt([r.halt for r in rows])]))
+                   generation_config=config,
+                   stopping_criteria=StoppingCriteriaList([_Halt([r.halt for r in rows], cancel)]))
+    if cancel is not None and cancel.is_set() and not all(r.halt.is_set() for r in rows):
+        raise Preempted
     return [s.outcome() for s in states]
 
 

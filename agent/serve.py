@@ -30,7 +30,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from agent.generation import NoChatTemplate, Outcome, Row, Sampling, chat_ids, compatible, generate_batch, prompt_ids
+from agent.generation import (NoChatTemplate, Outcome, Preempted, Row, Sampling, chat_ids, compatible, generate_batch,
+                              prompt_ids)
 from agent.serve_api import (ApiError, ChatRequest, CompletionRequest, chat_choice, chat_delta, envelope, error_body,
                              new_id, parse, sse, text_choice, usage)
 from agent.served import ServedModel, State
@@ -77,6 +78,10 @@ class Run:
         self.emit("text", piece)
 
 
+def _unsent(_piece: str) -> None:
+    """Where a job that is not streamed sends its text as it comes: nowhere (its Outcome holds the text)."""
+
+
 @dataclass
 class Job:
     """A request waiting for the generator."""
@@ -84,6 +89,7 @@ class Job:
     ids: list[int]  # prompt token ids
     sampling: Sampling
     run: Run
+    stream: bool = False  # its text goes to the client as it comes (so it cannot be generated again)
     taken: bool = False  # the worker has taken it into a batch
 
 
@@ -108,11 +114,11 @@ class Engine:
     def waiting(self) -> int:
         return len(self.queue)
 
-    async def start(self, ids: list[int], sampling: Sampling) -> tuple[Run, State]:
-        """Queue a generation (503 when too many wait or it waits too long) and return it, once started, with the
-        committed state it runs under."""
+    async def start(self, ids: list[int], sampling: Sampling, stream: bool = False) -> tuple[Run, State]:
+        """Queue a generation (503 when too many wait or it waits too long) and return it, once started (a streamed
+        one) or done (one that is not), with the committed state it runs under."""
         run = Run(asyncio.get_running_loop())
-        job = Job(ids, sampling, run)
+        job = Job(ids, sampling, run, stream)
         with self.cv:
             if (self.running or self.queue) and len(self.queue) >= self.opts.max_waiting:
                 raise Busy(f"{len(self.queue)} requests are already waiting (--max-waiting {self.opts.max_waiting});"
@@ -160,18 +166,36 @@ class Engine:
                 self.running = 0
 
     def _generate(self, jobs: list[Job]) -> None:
+        """Generate `jobs` under one committed state. A batch with no streamed job gives way to a reload (its jobs
+        go back to the front of the queue and run again under the new edits, so a committed fact is served without
+        waiting for a whole batch on the old edits); a streamed job's text has gone out, so its batch finishes."""
+        cancel = None if any(j.stream for j in jobs) else self.served.preempt
         try:
             with self.served.reading() as state:
                 for job in jobs:
-                    job.run.emit("start", state)
-                rows = [Row(j.ids, j.sampling, j.run.text, j.run.halt) for j in jobs]
-                outs = generate_batch(self.served.model, self.served.tok, rows)
+                    if job.stream:
+                        job.run.emit("start", state)
+                rows = [Row(j.ids, j.sampling, j.run.text if j.stream else _unsent, j.run.halt) for j in jobs]
+                outs = generate_batch(self.served.model, self.served.tok, rows, cancel)
             for job, out in zip(jobs, outs):
+                if not job.stream:
+                    job.run.emit("start", state)
                 job.run.emit("done", out)
+        except Preempted:
+            self._requeue(jobs)
         except Exception as exc:  # a failed generation answers its requests only; the server goes on
             log.exception("serve: generation failed")
             for job in jobs:
                 job.run.emit("error", f"generation failed: {type(exc).__name__}: {exc}")
+
+    def _requeue(self, jobs: list[Job]) -> None:
+        """`jobs` (none streamed) back at the front of the queue, in order, to run again from their prompts."""
+        log.info("serve: %d request(s) give way to a reload and run again under the new edits", len(jobs))
+        with self.cv:
+            for job in reversed(jobs):
+                job.run.halt = threading.Event()  # set by its row's end in the generation that was cut short
+                self.queue.appendleft(job)
+            self.cv.notify()
 
     def close(self) -> None:
         """Stop the worker after the generation in progress; requests still waiting get an error."""
@@ -264,7 +288,7 @@ class Service:
         return await self.respond(req, ids, sampling, "text_completion", "cmpl")
 
     async def respond(self, req, ids: list[int], sampling: Sampling, kind: str, prefix: str):
-        run, state = await self.engine.start(ids, sampling)
+        run, state = await self.engine.start(ids, sampling, stream=bool(req.stream))
         headers = {BATCH_HEADER: str(state.batch)}
         shape = Shape(kind, new_id(prefix), self.model_id, state.batch)
         if req.stream:

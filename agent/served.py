@@ -119,6 +119,8 @@ class ServedModel:
     lock: RWLock = field(default_factory=RWLock)
     state: State | None = None  # what the model holds now
     reload_error: str | None = None  # the last failed reload's reason (the previous state is kept)
+    preempt: threading.Event = field(default_factory=threading.Event)  # set while a reload waits for the generations
+    #   in flight: one that has sent nothing yet may stop and run again under the new edits (agent/serve.py)
     _memory_hooks: ExitStack = field(default_factory=ExitStack)
     _stop: threading.Event = field(default_factory=threading.Event)
     _poller: threading.Thread | None = None
@@ -184,13 +186,17 @@ class ServedModel:
         write = ledger.memory_write()
         memory = EntityMemory.from_write(self.tok, write)
         facts, tiers = status_counts(ledger), tier_counts(ledger)
-        with self.lock.writing():
-            load_into(ledger, self.model)  # checks the stored fingerprints, then copies the cached layers
-            self._memory_hooks.close()
-            if memory is not None:
-                self._memory_hooks.enter_context(memory.attached(self.model))
-            self.state = State(ids, facts, tiers, len(memory.slots) if memory else 0,
-                               memory.layer if memory else None, time.time())
+        self.preempt.set()
+        try:
+            with self.lock.writing():
+                load_into(ledger, self.model)  # checks the stored fingerprints, then copies the cached layers
+                self._memory_hooks.close()
+                if memory is not None:
+                    self._memory_hooks.enter_context(memory.attached(self.model))
+                self.state = State(ids, facts, tiers, len(memory.slots) if memory else 0,
+                                   memory.layer if memory else None, time.time())
+        finally:
+            self.preempt.clear()
 
     def start(self) -> None:
         """Start the poller thread (a daemon; `stop` or `close` stops it)."""

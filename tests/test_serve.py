@@ -322,6 +322,65 @@ def test_requests_generated_together_answer_as_each_does_alone(served):
     assert alone[2].finish_reason == "stop" and alone[2].text == free[:free.index(free[4:6])]
 
 
+def test_a_cancelled_generation_is_preempted_unless_every_row_had_ended(served):
+    from agent.generation import Preempted, Row, Sampling, generate_batch, prompt_ids
+
+    ids = prompt_ids(served.tok, PROMPT)
+    cancel = threading.Event()
+    with served.reading():
+        whole = generate_batch(served.model, served.tok, [Row(ids, Sampling(max_tokens=5), lambda _t: None)], cancel)
+        cancel.set()
+        with pytest.raises(Preempted):
+            generate_batch(served.model, served.tok, [Row(ids, Sampling(max_tokens=5), lambda _t: None)], cancel)
+    assert whole[0].completion_tokens == 5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reload_preempts_a_generation_that_sent_nothing_and_waits_for_a_streamed_one(served, monkeypatch, stream):
+    """A reload waiting on a generation in flight: a request not streamed runs again from its prompt under the new
+    edits (the response names the new batch, its text is whole), a streamed one finishes on the edits it began with.
+    The test holds the generation until the reload has begun (wrapping `generate_batch`, which it then calls as it
+    is) so that the reload surely meets it in flight; the reload here swaps only the served state's batch number."""
+    import agent.serve
+    from dataclasses import replace
+
+    real, started, go, calls = agent.serve.generate_batch, threading.Event(), threading.Event(), []
+
+    def held(model, tok, rows, cancel=None):
+        calls.append(cancel)
+        if len(calls) == 1:
+            started.set()
+            assert go.wait(20)
+        return real(model, tok, rows, cancel)
+
+    monkeypatch.setattr(agent.serve, "generate_batch", held)
+    before = served.state
+    ask = {"model": served.loaded.name, "prompt": PROMPT, "max_tokens": 6, "stream": stream}
+    with serving(served) as base:
+        ask["model"] = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+        answer = {}
+        asker = threading.Thread(target=lambda: answer.update(r=httpx.post(base + "/v1/completions", json=ask,
+                                                                             timeout=60)))
+        asker.start()
+        assert started.wait(20)
+        served.preempt.set()  # what ServedModel._load does before it takes the write lock
+        go.set()
+        with served.lock.writing():
+            served.state = replace(before, committed=before.committed + (999,))
+        served.preempt.clear()
+        asker.join(60)
+    with served.lock.writing():
+        served.state = before
+    r = answer["r"]
+    assert r.status_code == 200
+    expected = str(before.batch) if stream else "999"
+    assert r.headers["x-kagent-batch"] == expected
+    if stream:
+        assert len(calls) == 1 and calls[0] is None  # a streamed batch is never cancelled
+    else:
+        assert len(calls) == 2 and r.json()["usage"]["completion_tokens"] == 6
+
+
 def test_concurrent_clients_share_generations_and_get_their_own_answers(url, client):
     mid = model_id(client)
     prompts = [PROMPT, "Rome", LIVE, "Berlin is", PROMPT, "Rome"]
