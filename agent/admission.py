@@ -8,8 +8,7 @@
 3. the breaker quarantines facts that stopped the editor too often and sets aside those to be attempted alone;
 4. the RAM budget (agent/budget.py) splits the rest into groups that fit, and quarantines a fact too big alone;
 5. each group runs through `run_batch` inside an attempt record; its estimated and measured peak RAM (on CUDA: the
-   GPU's) are stored as the committed batches' `memory` metrics (the ledger's phase name, kept for the ledgers
-   already written) and shown on the watch line.
+   GPU's) are stored as the committed batches' metrics of phase `ram` (RAM_PHASE) and shown on the watch line.
 """
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ from memory.hygiene import record_problem, shown
 from memory.record import StoredFact
 
 LABEL_CHARS = 60  # of a fact's prompt shown in a quarantine line
+RAM_PHASE = "ram"  # ledger metrics phase of a batch's estimated and measured peak RAM (`memory` before m008)
 
 
 @dataclass
@@ -91,8 +91,8 @@ def apply_group(session: Session, group: list[StoredFact], estimate: float, defe
         got = run_batch(session, group, defers, max_defers)
     peak = peak_gpu_mb(session.model) if gpu else peak_mb()
     for bid in got.committed:
-        session.ledger.add_metrics(bid, "memory", {"estimate_mb": estimate,
-                                                   "peak_gpu_mb" if gpu else "peak_rss_mb": peak})
+        session.ledger.add_metrics(bid, RAM_PHASE, {"estimate_mb": estimate,
+                                                    "peak_gpu_mb" if gpu else "peak_rss_mb": peak})
     merge(out, got)
     out.estimates.append(estimate)
     out.peaks.append(peak)

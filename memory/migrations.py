@@ -106,6 +106,14 @@ def _m007_fact_tiers(db: sqlite3.Connection) -> None:
     """)
 
 
+def _m008_ram_metrics_phase(db: sqlite3.Connection) -> None:
+    """A batch's estimated and measured peak RAM (agent/admission.py: `estimate_mb`, `peak_rss_mb` / `peak_gpu_mb`)
+    were stored under the metrics phase `memory`, a word that also names the fact store and the entity memory
+    (issue 29); they are the phase `ram` from here on. A plain UPDATE: a clash on the primary key fails the
+    migration (its transaction rolls back) rather than dropping a row."""
+    db.execute("UPDATE metrics SET phase = 'ram' WHERE phase = 'memory'")
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_initial", _m001_initial),
     ("m002_metrics_and_probes", _m002_metrics_and_probes),
@@ -114,6 +122,7 @@ MIGRATIONS: list[Migration] = [
     ("m005_batch_attempts", _m005_batch_attempts),
     ("m006_consolidations", _m006_consolidations),
     ("m007_fact_tiers", _m007_fact_tiers),
+    ("m008_ram_metrics_phase", _m008_ram_metrics_phase),
 ]
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from agent.admission import RAM_PHASE
 from conftest import make_tiny_gpt2, make_tiny_llama, rand_delta
 from editors.arch import weight_view
 from editors.models import fingerprint
@@ -98,6 +99,23 @@ def test_migration_from_first_schema_keeps_data(tmp_path):
     assert [f.id for f in ledger.facts(status="pending")] == ids
     ledger.add_facts([fact(3)], feed="feed.jsonl", offset=123)
     assert ledger.feed_offset("feed.jsonl") == 123
+
+
+def test_ram_metrics_stored_as_phase_memory_read_back_as_ram(tmp_path):
+    """m008: a ledger written before it stored a batch's peak RAM under the phase `memory`; on open those rows
+    move to `ram` (what agent/admission.py writes now) with their values, and the other phases stay as they are."""
+    before = [name for name, _ in MIGRATIONS].index("m008_ram_metrics_phase")
+    old = Ledger(tmp_path, migrations=MIGRATIONS[:before])
+    old.add_metrics(1, "memory", {"estimate_mb": 512.0, "peak_rss_mb": 480.5})
+    old.add_metrics(1, "after", {"known_acc": 0.9})
+    old.add_metrics(2, "memory", {"estimate_mb": 256.0, "peak_gpu_mb": 300.0})
+    old.close()
+    ledger = Ledger(tmp_path)
+    assert ledger.applied_migrations()[-1] == "m008_ram_metrics_phase"
+    assert ledger.metrics(1) == {"ram": {"estimate_mb": 512.0, "peak_rss_mb": 480.5}, "after": {"known_acc": 0.9}}
+    assert ledger.metrics(2) == {"ram": {"estimate_mb": 256.0, "peak_gpu_mb": 300.0}}
+    assert RAM_PHASE == "ram"
+    ledger.close()
 
 
 def test_facts_and_feed_offset_commit_together(tmp_path):

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import load_script, make_tiny_llama, rand_delta
+from agent.admission import RAM_PHASE
 from agent.workspace import Workspace
 from editors.arch import weight_view
 from memory.ledger import Ledger
@@ -336,8 +337,11 @@ def test_a_batch_over_the_ram_budget_is_applied_as_smaller_batches(ws_with_facts
         subjects = {f.id: f.record.subject for f in ledger.facts()}
         assert [[subjects[i] for i in g] for g in split.data["groups"]] == [
             ["Accra", "Dakar"], ["Lome", "Bamako"], ["Niamey"]]
-        memory = [ledger.metrics(b.id).get("memory") for b in ledger.history()[1:]]
-    assert memory and all(m["estimate_mb"] in (100.0, 200.0) and m["peak_rss_mb"] > 0 for m in memory), memory
+        ram = [ledger.metrics(b.id).get(RAM_PHASE) for b in ledger.history()[1:]]
+        last = ledger.history()[-1].id
+    assert ram and all(m["estimate_mb"] in (100.0, 200.0) and m["peak_rss_mb"] > 0 for m in ram), ram
+    shown = run("show", f"b{last}", "--workspace", ws).output
+    assert re.search(r"^ram: estimate_mb=100 peak_rss_mb=\d", shown, re.M), shown  # `kagent show` names the phase
 
 
 HOSTILE_TEXT = "\u202e\u2066\u0000\u001b\u2028\u200b"  # override, isolate, NUL, ESC, line separator, zero width

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.admission import RAM_PHASE
 from memory.ledger import Ledger
 from memory.record import FactRecord
 
@@ -136,13 +137,13 @@ def test_hostile_feed_twice_on_the_embedded_model(ws, tmp_path):
     with Ledger(ws / "ledger") as ledger:
         facts = ledger.facts()
         assert ledger.verify() == []
-        memory = [ledger.metrics(b.id).get("memory") for b in ledger.history()]
+        ram = [ledger.metrics(b.id).get(RAM_PHASE) for b in ledger.history()]
     good_facts = [f for f in facts if f.id != old_id]
     assert len(good_facts) == 6 and all(f.status == "applied" or (f.status == "quarantined" and own_reason(f.reason))
                                         for f in good_facts), [(f.status, f.reason) for f in good_facts]
-    assert memory and all(m and m["peak_rss_mb"] < PEAK_LIMIT_MB for m in memory), memory
-    log.warning("watch peaks %.0f / %.0f MiB; batches' memory %s; %d of 6 good facts applied", runs[0][1],
-                runs[1][1], memory, sum(f.status == "applied" for f in good_facts))
+    assert ram and all(m and m["peak_rss_mb"] < PEAK_LIMIT_MB for m in ram), ram
+    log.warning("watch peaks %.0f / %.0f MiB; batches' RAM %s; %d of 6 good facts applied", runs[0][1],
+                runs[1][1], ram, sum(f.status == "applied" for f in good_facts))
 
 
 def test_a_fact_that_kills_the_editor_on_the_embedded_model(ws, tmp_path):
