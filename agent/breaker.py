@@ -44,7 +44,7 @@ def recover(ledger: Ledger) -> list[int]:
     held: list[int] = []
     for aid, pid, facts in ledger.close_abandoned_attempts():
         msg = (f"a run (pid {pid}) died while applying a batch of {len(facts)} fact(s) {facts}: killed, out of "
-               "memory or crashed")
+               "RAM or crashed")
         ledger.log_event("crash", msg, data={"attempt": aid, "pid": pid, "facts": facts})
         log.warning(msg)
         held += facts

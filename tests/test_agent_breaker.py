@@ -30,6 +30,7 @@ def test_a_run_that_died_holding_a_batch_is_recorded_once_per_attempt(ledger):
     assert breaker.recover(ledger) == []  # closed as `died`: counted once
     [event] = ledger.events("crash")
     assert event.data["facts"] == [1, 2, 3] and "died while applying a batch of 3 fact(s)" in event.message
+    assert event.message.endswith("killed, out of RAM or crashed")  # RAM, not "memory" (the fact store's word)
     assert ledger.deaths([1, 2, 3, 4]) == {1: (1, 0), 2: (1, 0), 3: (1, 0)}
 
 
