@@ -1,5 +1,7 @@
 """The HTML report as a browser shows it: facts table (status, took, reason), event timeline, every plot decoding,
-rendered by headless Chromium into a screenshot that is not blank. Skips where no Chromium is installed."""
+rendered by headless Chromium into a screenshot that is not blank (the Chromium test skips where none is installed).
+The page is a Jinja2 template shipped as package data: every section must be on the page, ledger text escaped, and
+pyproject must ship each template file."""
 from __future__ import annotations
 
 import base64
@@ -7,6 +9,8 @@ import io
 import re
 import shutil
 import subprocess
+import tomllib
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ from PIL import Image, ImageStat
 from agent.cli import cli
 from agent.config import AgentConfig
 from agent.probes import TOOK_PROBE
-from agent.report import MAX_EVENT_ROWS, EventRow, ReportData, event_table
+from agent.report import MAX_EVENT_ROWS, TEMPLATE, EventRow, FactRow, ReportData, ReportRow, render_report
 from agent.workspace import Workspace
 from conftest import make_tiny_llama, rand_delta, toy_tokenizer
 from editors.arch import weight_view
@@ -26,6 +30,9 @@ from memory.model_sync import attach, commit_applied, rollback
 from memory.record import FactRecord
 
 LAYERS = [1, 2]
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("<h1>kagent report: tiny</h1>", "<div id='plots'>", "<h2 id='batches'>Batches</h2>",
+            "<h2 id='facts'>Facts</h2>", "<h2 id='events'>Events</h2>", "committed batches</span>")
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
@@ -70,7 +77,11 @@ def make_report(ws: Path, tmp_path: Path) -> tuple[Path, str]:
     res = CliRunner().invoke(cli, ["report", "--out", str(out), "--workspace", str(ws)])
     assert res.exit_code == 0, res.output
     assert res.output == f"wrote {out} (2 batches, 8 of 8 facts, 7 events)\n"
-    return out, out.read_text(encoding="utf-8")
+    page = out.read_text(encoding="utf-8")
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>"), page[:200]
+    missing = [s for s in SECTIONS if s not in page]
+    assert not missing, f"the rendered page lacks {missing}"
+    return out, page
 
 
 def row_of(page: str, fact: str) -> str:
@@ -94,9 +105,30 @@ def test_report_lists_facts_with_status_took_and_reason_and_the_events(ws, tmp_p
 
 def test_the_event_table_is_capped():
     events = [EventRow(float(i), "defer", None, f"deferred fact {i}") for i in range(MAX_EVENT_ROWS + 5)]
-    table = event_table(events)
-    assert table.count("<tr>") == MAX_EVENT_ROWS + 1
-    assert f"deferred fact {MAX_EVENT_ROWS + 4}" in table and "deferred fact 4<" not in table
+    page = render_report(ReportData("capped", [], events=events))
+    table = page[page.index("id='events'"):]
+    assert table.count("<tr>") == MAX_EVENT_ROWS + 1  # the header and the newest MAX_EVENT_ROWS
+    assert f"deferred fact {MAX_EVENT_ROWS + 4}<" in table and "deferred fact 4<" not in table
+
+
+def test_ledger_text_is_escaped_and_numbers_formatted():
+    rows = [ReportRow(1, "2026-01-01 00:00:00", 1, 1, "committed", "encore<b>", {"known_acc": 0.876543})]
+    fact = FactRow(1, "<script>alert('x')</script> is", "Pa'ris & co", "applied", 1, None, took=True,
+                   answer="Pa\u202eris")
+    page = render_report(ReportData("r <i>", rows, facts=[fact], facts_total=1))
+    assert "<script>" not in page and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; is" in page
+    assert "Pa&#39;ris &amp; co" in page and "encore&lt;b&gt;" in page and "<title>r &lt;i&gt;</title>" in page
+    assert "\u202e" not in page and "(Pa\\u202eris)" in page  # shown() before escaping
+    assert "<td class='num'>0.8765</td>" in page
+
+
+def test_pyproject_ships_every_template():
+    """An editable install reads the templates from the source tree; a wheel holds only what package-data names."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = config["tool"]["setuptools"]["package-data"]["agent"]
+    templates = [p.relative_to(ROOT / "agent").as_posix() for p in (ROOT / "agent" / "templates").iterdir()]
+    assert f"templates/{TEMPLATE}" in templates
+    assert [t for t in templates if not any(fnmatch(t, pat) for pat in patterns)] == []
 
 
 def plots(page: str) -> list[bytes]:
@@ -119,12 +151,15 @@ def test_headless_chromium_renders_the_report_and_decodes_every_plot(ws, tmp_pat
         assert img.width > 300 and img.height > 150
     # the browser's own decoding: a copy of the page writes each image's decoded width into the DOM
     probe = tmp_path / "probe.html"
+    # and the style sheet applied: a status badge's text is white on its colour
     probe.write_text(page.replace("</body>", "<script>document.body.setAttribute('data-widths', Array.from("
-                                  "document.images, i => i.complete ? i.naturalWidth : -1).join(','))</script></body>"),
-                     encoding="utf-8")
+                                  "document.images, i => i.complete ? i.naturalWidth : -1).join(','));"
+                                  "document.body.setAttribute('data-badge', getComputedStyle("
+                                  "document.querySelector('.badge')).color)</script></body>"), encoding="utf-8")
     dom = chromium("--dump-dom", probe.as_uri(), user_dir=tmp_path / "profile-dom")
     widths = [int(w) for w in re.search(r'data-widths="([-\d,]*)"', dom.stdout).group(1).split(",")]
     assert len(widths) == 4 and all(w > 300 for w in widths), widths
+    assert re.search(r'data-badge="([^"]*)"', dom.stdout).group(1) == "rgb(255, 255, 255)"
     shot = tmp_path / "report.png"
     res = chromium(f"--screenshot={shot}", "--window-size=1400,2600", out.as_uri(), user_dir=tmp_path / "profile")
     assert shot.exists(), res.stderr[-2000:]
