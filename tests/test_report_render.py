@@ -20,11 +20,11 @@ from PIL import Image, ImageStat
 
 from agent.cli import cli
 from agent.config import AgentConfig
-from agent.probes import TOOK_PROBE
 from agent.report import MAX_EVENT_ROWS, TEMPLATE, EventRow, FactRow, ReportData, ReportRow, render_report
 from agent.workspace import Workspace
 from conftest import make_tiny_llama, rand_delta, toy_tokenizer
 from editors.arch import weight_view
+from evaluators.probes.suite import TOOK_PROBE
 from memory.ledger import Ledger
 from memory.model_sync import attach, commit_applied, rollback
 from memory.record import FactRecord
