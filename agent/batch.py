@@ -20,16 +20,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent import guard, same_subject
+from agent import guard
 from agent.guard import Verdict
-from agent.monitors import norm_metrics, predicted_interference, superposition_metrics, trend_metrics
-from agent.probes import TOOK_PROBE, Reading, asked_again
 from agent.session import Session
-from agent.tiers import memory_alarms, memory_monitors
 from editors.core import EditResult
 from editors.delta import NonFiniteDelta
 from editors.delta import EditDelta
 from editors.entity_memory import EntityMemory, MemoryWrite, merge_writes
+from evaluators.monitors.interference import predicted_interference
+from evaluators.monitors.memory_tier import memory_alarms, memory_monitors
+from evaluators.monitors.norms import norm_metrics
+from evaluators.monitors.superposition import superposition_metrics
+from evaluators.monitors.trend import trend_metrics
+from evaluators.probes import same_subject
+from evaluators.probes.answers import asked_again
+from evaluators.probes.suite import TOOK_PROBE, Reading
 from evaluators.scoring import greedy_answers, greedy_matches
 from memory.model_sync import commit_applied
 from memory.record import StoredFact, normalise
@@ -185,8 +190,8 @@ def verify(session: Session, group: list[StoredFact], result: EditResult) -> tup
 
 def hold_subjects(session: Session, group: list[StoredFact], result: EditResult, failed: dict[int, str],
                   readings: dict[int, same_subject.SubjectReading]) -> tuple[EditResult, dict[int, str]]:
-    """The same-subject check (agent/same_subject.py): facts that change their subject's other answers are
-    optimised again with a stronger hold, then failed with the changed answers quoted (and their slots dropped)."""
+    """The same-subject check (evaluators/probes/same_subject.py): facts that change their subject's other answers
+    are optimised again with a stronger hold, then failed with the changed answers quoted (and their slots dropped)."""
     floor = session.cfg.specificity_floor
     live = [f for f in group if f.id not in failed]
     same_subject.read_after(session, readings, [f.id for f in live])

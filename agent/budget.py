@@ -20,17 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import AgentConfig
-from agent.probes import WINDOW
 from agent.session import Session
 from editors.devices import gpu_ram_mb
 from editors.footprint import (Dims, EditTokens, edit_tokens, estimate, mib, page_in, resident_mb, scoring,
                                whitening)
-from evaluators.probes import LOGIT_ROWS
+from evaluators.probes.perplexity import LOGIT_ROWS
+from evaluators.probes.suite import WINDOW
 from evaluators.scoring import DEFAULT_BATCH
 from memory.record import StoredFact
 
 BUDGET_SHARE = 6  # the default budget is total RAM / BUDGET_SHARE
-PPL_BATCH = 4  # perplexity windows per forward (evaluators.probes.perplexity's default batch_size)
+PPL_BATCH = 4  # perplexity windows per forward (evaluators.probes.perplexity.perplexity's default batch_size)
 KNOWN_WIDTH = 48  # tokens allowed for a known-fact probe prompt and its answer
 KEPT_SHARE = 0.5  # of the edit's working RAM the process may still hold when the probes run (RELIABILITY.md)
 GPU_SHARE = 0.9  # of the GPU RAM usable when a batch is planned that the batch may take (allocator fragmentation)

@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from agent.monitors import norm_metrics, predicted_interference
 from agent.session import Session
 from agent.tiers import weights_answer
 from editors.arch import weight_view
 from editors.core import EditResult
 from editors.delta import EditDelta
 from editors.entity_memory import MemoryWrite
+from evaluators.monitors.interference import predicted_interference
+from evaluators.monitors.norms import norm_metrics
 from memory.record import StoredFact
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from agent.batch import answered, dense
 from agent.compaction import at_base_plus, compact, kept_slots
 from agent.session import Session
-from agent.tiers import memory_alarms, memory_monitors
 from editors.core import EditResult
 from editors.delta import EditDelta
+from evaluators.monitors.memory_tier import memory_alarms, memory_monitors
 from memory.model_sync import consolidate_applied
 from memory.record import StoredFact
 

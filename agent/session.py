@@ -19,8 +19,6 @@ from safetensors.torch import load_file, save_file
 
 from agent.config import AgentConfig, ConfigError
 from agent.limits import LimitChecker, checker_for
-from agent.monitors import base_weights
-from agent.probes import ProbeSuite
 from agent.workspace import Baseline, Workspace
 from editors.arch import n_layers
 from editors.core import Editor
@@ -30,9 +28,11 @@ from editors.registry import make_editor
 from editors.state import EditorState
 from editors.user_corpus import UserCorpus
 from evaluators.edit_forms import EditForms
+from evaluators.monitors.memory_tier import HeldOut
+from evaluators.monitors.norms import base_weights
+from evaluators.monitors.superposition import whitener
+from evaluators.probes.suite import ProbeSuite
 from evaluators.relations import RelationBank
-from evaluators.memory_health import HeldOut
-from evaluators.superposition import whitener
 from memory.index import Embedder, FactMemory, MiniLMEmbedder
 from memory.ledger import Ledger
 from memory.model_sync import attach, restore
@@ -54,7 +54,7 @@ class Session:
     _probe_keys: dict[int, torch.Tensor] | None = None  # layer -> keys of the known-fact probes, computed once
     hooks: ExitStack = field(default_factory=ExitStack)  # the entity memory's hooks while the session is open
     limits: LimitChecker | None = None  # feed-line limits in the model's tokens (agent/limits.py)
-    held_out: HeldOut | None = None  # held-out lines and residual norm for the memory tier's monitors (agent/tiers.py)
+    held_out: HeldOut | None = None  # held-out lines and residual norm for the memory tier's monitors (memory_tier.py)
     forms: EditForms | None = None  # turns facts into edit requests with their forms and keep prompts
 
     @property

@@ -13,9 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from editors.corpus import heldout_text
 from editors.models import LoadedModel, source_gguf
-from evaluators.memory_health import held_out, memory_health
 from evaluators.scoring import greedy_matches
 from memory.export import export
 from memory.ledger import Ledger
@@ -41,25 +39,3 @@ def export_tiers(loaded: LoadedModel, ledger: Ledger, out_dir: Path, fmt: str, m
     path = export(loaded.model, loaded.tok, ledger, out_dir, fmt, answers, source_gguf(model_name), gguf_type)
     log.info("export: the weights alone answer %d of %d applied fact(s)", sum(answers.values()), len(answers))
     return path, answers
-
-
-def memory_monitors(session) -> dict[str, float]:
-    """The memory tier's monitors (evaluators/memory_health.py) of the session's entity memory as it is now; the
-    held-out lines and the residual norm at the memory's layer are measured once per session (memory off)."""
-    memory = session.editor.memory
-    if session.held_out is None or session.held_out.layer != memory.layer:
-        with memory.suspended():
-            session.held_out = held_out(session.model, session.tok, heldout_text(), memory.layer)
-    return memory_health(memory, session.held_out).metrics
-
-
-def memory_alarms(metrics: dict[str, float], cfg) -> list[str]:
-    """The memory monitors over their `config.toml` thresholds, as sentences (empty: all within)."""
-    out = []
-    if metrics.get("memory_slot_norm", 0.0) > cfg.memory_slot_norm_max:
-        out.append(f"a slot's norm is {metrics['memory_slot_norm']:.2f}x the residual norm at its layer "
-                   f"(memory_slot_norm_max {cfg.memory_slot_norm_max})")
-    if metrics.get("memory_fire_rate", 0.0) > cfg.memory_fire_rate_max:
-        out.append(f"slots fire in {metrics['memory_fire_rate']:.1%} of held-out lines "
-                   f"(memory_fire_rate_max {cfg.memory_fire_rate_max:.1%})")
-    return out

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
-from agent import same_subject
-from agent.probes import TOOK_PROBE
 from agent.report import EventRow, FactRow, ReportData, ReportRow, lane
 from agent.workspace import Baseline
+from evaluators.probes import same_subject
+from evaluators.probes.suite import TOOK_PROBE
 from memory.ledger import BatchInfo, Event, Ledger
 from memory.hygiene import shown
 from memory.record import StoredFact

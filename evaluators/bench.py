@@ -28,9 +28,13 @@ from editors.models import DEFAULT_MODEL, dtype_name, load_model
 from editors.prompts import EditRequest
 from editors.registry import METHODS, make_editor
 from editors.user_corpus import UserCorpus
-from evaluators import counterfact, norms, probes, zsre
+from evaluators import counterfact, zsre
 from evaluators.counterfact import harmonic_mean
 from evaluators.edit_forms import FormSettings, enrich
+from evaluators.monitors import norms
+from evaluators.probes.answers import known_fact_accuracy
+from evaluators.probes.facts import ZSRE, reserved
+from evaluators.probes.perplexity import perplexity
 from evaluators.relations import RelationBank
 from evaluators.scoring import greedy_matches
 from evaluators.specificity import (EditCase, Probe, SpecificityConfig, ask, build_plan, contains, generate_answers,
@@ -159,13 +163,13 @@ def _peak_rss_mb() -> float:
 
 
 def edit_set(records: list, n: int, fmt: str, path: Path) -> list:
-    """The first `n` records that hold none of the guard's probe facts (evaluators.probes.reserved): CounterFact by
-    case id, the shipped zsRE file by position."""
+    """The first `n` records that hold none of the guard's probe facts (evaluators.probes.facts.reserved):
+    CounterFact by case id, the shipped zsRE file by position."""
     if fmt == "counterfact":
-        held = probes.reserved("counterfact")
+        held = reserved("counterfact")
         kept = [r for r in records if r.case_id not in held]
     else:
-        held = probes.reserved(probes.ZSRE) if Path(path).stem == probes.ZSRE else set()
+        held = reserved(ZSRE) if Path(path).stem == ZSRE else set()
         kept = [r for i, r in enumerate(records) if i not in held]
     if len(kept) < len(records):
         log.info("left out %d %s records that hold probe facts", len(records) - len(kept), fmt)
@@ -271,7 +275,7 @@ def _row(cfg, method, quality: dict, base: dict, after: dict, n: int, order: str
 
 
 def _probes(model, tok, cfg) -> dict:
-    return {"ppl": probes.perplexity(model, tok, max_tokens=cfg.ppl_tokens), "known": probes.known_fact_accuracy(model, tok)}
+    return {"ppl": perplexity(model, tok, max_tokens=cfg.ppl_tokens), "known": known_fact_accuracy(model, tok)}
 
 
 def batch_estimate_mb(lm, editor, batch: list[EditRequest]) -> float:

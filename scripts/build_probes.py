@@ -15,8 +15,8 @@ Run: python scripts/build_probes.py --val ../shared/data/counterfact/counterfact
          --train ../shared/data/counterfact/counterfact-train.json
 
 `--set damage` builds the guard's probe facts (evaluators/data/probe_facts.jsonl, the damage measure of
-evaluators.probes): every known fact above, plus the same scan over the CounterFact train records in
-RESERVED_TRAIN (positions in the train file; no benchmark edits them, evaluators.probes.reserved) and over
+evaluators/probes/damage.py): every known fact above, plus the same scan over the CounterFact train records in
+RESERVED_TRAIN (positions in the train file; no benchmark edits them, evaluators.probes.facts.reserved) and over
 the zsRE file's questions (src and rephrase, answered by answers[0]); candidates mentioning a subject of
 the other train records are dropped here too. Each fact carries the unedited model's margin.
 """
@@ -34,7 +34,8 @@ import torch
 from pydantic import BaseModel
 
 from evaluators.counterfact import CounterFactRecord, load_counterfact
-from evaluators.probes import CF_TRAIN, CF_VAL, PROBE_FACTS_FILE, ZSRE, ProbeFact, fact_margins
+from evaluators.probes.damage import fact_margins
+from evaluators.probes.facts import CF_TRAIN, CF_VAL, PROBE_FACTS_FILE, ZSRE, ProbeFact
 from evaluators.scoring import greedy_matches
 from evaluators.zsre import ZsreRecord, load_zsre
 

@@ -41,13 +41,13 @@ def measure(case: str, model: str) -> dict:
 
     from agent.budget import probes_mb
     from agent.config import AgentConfig
-    from agent.monitors import superposition_metrics
-    from agent.probes import ProbeSuite
     from editors.footprint import (CALIBRATION, SLACK_MB, Dims, edit_tokens, estimate, page_in, peak_mb, reset_peak,
                                    resident_mb)
     from editors.models import load_model
     from editors.registry import make_editor
-    from evaluators.probes import retention
+    from evaluators.monitors.superposition import superposition_metrics
+    from evaluators.probes.answers import retention
+    from evaluators.probes.suite import ProbeSuite
 
     lm = load_model(model)
     editor = make_editor("encore", lm.model, lm.tok, max_steps=2, stop="nll", nll_stop=-1.0)

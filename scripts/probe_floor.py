@@ -31,8 +31,11 @@ from editors.corpus import heldout_text
 from editors.delta import EditDelta
 from editors.models import DEFAULT_MODEL, load_model
 from editors.registry import make_editor
-from evaluators import probes
 from evaluators.counterfact import load_counterfact, to_requests
+from evaluators.probes.answers import known_fact_accuracy
+from evaluators.probes.damage import MARGIN_BATCH, damage, fact_margins, layer_norms_of, random_update
+from evaluators.probes.facts import load_known_facts, load_probe_facts
+from evaluators.probes.perplexity import perplexity
 from evaluators.scoring import answer_margins
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,7 @@ KINDS = ("mean", "first", "min", "logprob")
 def margins_all(model, tok, facts) -> dict[str, torch.Tensor]:
     """The four margin definitions per fact from one teacher-forced pass."""
     m, lp = answer_margins(model, tok, [f.prompt for f in facts], [f.target for f in facts],
-                           batch_size=probes.MARGIN_BATCH)
+                           batch_size=MARGIN_BATCH)
     return {"mean": torch.stack([x.double().mean() for x in m]), "first": torch.stack([x[0].double() for x in m]),
             "min": torch.stack([x.double().min() for x in m]), "logprob": torch.stack([x.double().sum() for x in lp])}
 
@@ -59,9 +62,9 @@ class Meter:
     def read(self, known: bool = True) -> dict:
         model, tok = self.lm.model, self.lm.tok
         out = {"margins": margins_all(model, tok, self.facts),
-               "ppl": probes.perplexity(model, tok, self.text, max_tokens=self.tokens, window=256)}
+               "ppl": perplexity(model, tok, self.text, max_tokens=self.tokens, window=256)}
         if known:
-            out["known_acc"] = probes.known_fact_accuracy(model, tok, self.known)
+            out["known_acc"] = known_fact_accuracy(model, tok, self.known)
         return out
 
 
@@ -70,14 +73,14 @@ def write(out: Path, report: dict) -> None:
 
 
 def damages(before: dict, after: dict) -> dict:
-    return {k: vars(probes.damage(before["margins"][k], after["margins"][k])) for k in KINDS}
+    return {k: vars(damage(before["margins"][k], after["margins"][k])) for k in KINDS}
 
 
 def random_reads(meter: Meter, before: dict, norms: dict[int, float], draws: int, rank: int, seed: int) -> list[dict]:
     """Damage and perplexity of `draws` random updates with per-layer norms `norms`, each applied and reverted."""
     out = []
     for d in range(draws):
-        delta = probes.random_update(meter.lm.model, norms, torch.Generator().manual_seed(seed + d), rank)
+        delta = random_update(meter.lm.model, norms, torch.Generator().manual_seed(seed + d), rank)
         delta.apply(meter.lm.model)
         try:
             after = meter.read(known=False)
@@ -119,14 +122,14 @@ def main(train_path, n, batch_size, big, draws, scales, scale_draws, ppl_tokens,
     cache.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     lm = load_model(DEFAULT_MODEL)
-    facts = probes.load_probe_facts()
-    known = probes.load_known_facts()[:40]
+    facts = load_probe_facts()
+    known = load_known_facts()[:40]
     meter = Meter(lm, facts, known, heldout_text()[: ppl_tokens * 8], ppl_tokens)
     editor = make_editor("encore", lm.model, lm.tok)
     report: dict = {"facts": len(facts), "threads": threads, "load_avg_start": os.getloadavg()}
 
     t = time.perf_counter()
-    probes.fact_margins(lm.model, lm.tok, facts)
+    fact_margins(lm.model, lm.tok, facts)
     margin_s = time.perf_counter() - t
     t = time.perf_counter()
     meter.read(known=False)
@@ -146,7 +149,7 @@ def main(train_path, n, batch_size, big, draws, scales, scale_draws, ppl_tokens,
     for b, start in enumerate(range(0, n, batch_size)):
         group = reqs[start: start + batch_size]
         delta, keys = cached_compute(editor, group, cache / f"seq{batch_size}-b{b}.safetensors")
-        norms = probes.layer_norms_of(delta)
+        norms = layer_norms_of(delta)
         rand = random_reads(meter, before, norms, draws, len(group), seed=1000 * (b + 1))
         delta.apply(lm.model)
         editor.state.add_keys(keys)
@@ -185,7 +188,7 @@ def main(train_path, n, batch_size, big, draws, scales, scale_draws, ppl_tokens,
     # 3. one big batch on the unedited model
     if big:
         delta, _ = cached_compute(editor, reqs[:big], cache / f"big{big}.safetensors")
-        norms = probes.layer_norms_of(delta)
+        norms = layer_norms_of(delta)
         rand = random_reads(meter, base, norms, draws, big, seed=99)
         delta.apply(lm.model)
         after = meter.read()

@@ -30,8 +30,9 @@ from editors.models import DEFAULT_MODEL, load_model
 from editors.optimise import ValueResult, optimise_values
 from editors.registry import METHODS, make_editor
 from editors.stats import LayerStats
-from evaluators import probes
 from evaluators.counterfact import evaluate_counterfact, load_counterfact, to_requests
+from evaluators.probes.answers import known_fact_accuracy
+from evaluators.probes.perplexity import perplexity
 
 # the data sets live in shared/ beside the repository (../shared from its root), wherever this runs from
 DEFAULT_FACTS = Path(__file__).resolve().parent.parent.parent / "shared/data/counterfact/counterfact-train.json"
@@ -69,8 +70,8 @@ def sweep(model_name: str, facts: str, n: int, method: str, overrides: list[dict
         result.delta.apply(lm.model)
         try:
             cf = evaluate_counterfact(lm.model, lm.tok, records, progress=False)
-            known = probes.known_fact_accuracy(lm.model, lm.tok)
-            ppl = probes.perplexity(lm.model, lm.tok)
+            known = known_fact_accuracy(lm.model, lm.tok)
+            ppl = perplexity(lm.model, lm.tok)
         finally:
             result.delta.revert(lm.model)
         fro = [float(torch.linalg.matrix_norm(d.u @ d.v.T)) for d in result.delta.layers]

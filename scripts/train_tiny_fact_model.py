@@ -11,7 +11,7 @@ after a space, as the entity memory's subject matching needs.
 Written to OUT (default tests/assets/tiny_fact_model/): model.safetensors, config.json, generation_config.json,
 tokenizer files (with a chat template), facts.json (every fact it was trained on, the templates and object sets),
 known_facts.jsonl and probe_facts.jsonl (facts of subjects reserved from tests' edits, in the format of
-evaluators/probes.py, for a workspace's `probe_file` / `damage_file`), corpus.txt (text for `--stats-corpus`) and
+evaluators/probes/facts.py, for a workspace's `probe_file` / `damage_file`), corpus.txt (text for `--stats-corpus`) and
 training_log.json (seed, settings, loss curve, accuracy, seconds).
 
     python scripts/train_tiny_fact_model.py [--out DIR] [--steps 1600] [--seed 0]
@@ -247,7 +247,8 @@ def train(model, docs, wiki, tok, facts, s: Settings) -> list[dict]:
 
 def probe_files(model, tok, facts: list[dict], reserved: set[str], out: Path) -> dict:
     """Known-fact and damage probe sets from the reserved subjects' facts the model answers (prompt and paraphrases)."""
-    from evaluators.probes import KnownFact, ProbeFact, fact_margins
+    from evaluators.probes.damage import fact_margins
+    from evaluators.probes.facts import KnownFact, ProbeFact
 
     rows = [(f, src, p) for f in facts if f["subject"] in reserved
             for src, p in [("prompt", f["prompt"]), *(("rephrase", q) for q in f["paraphrases"])]]

@@ -17,9 +17,13 @@ from editors import corpus
 from editors.arch import weight_view
 from editors.prompts import EditRequest
 from evaluators.counterfact import CounterFactRecord, evaluate_counterfact, harmonic_mean, result_from_nll, to_requests
-from evaluators.norms import layer_norms, norm_growth, snapshot
-from evaluators import probes
-from evaluators.probes import KnownFact, known_fact_accuracy, load_known_facts, perplexity, retention, windows
+from evaluators.monitors.norms import layer_norms, norm_growth, snapshot
+from evaluators.probes import facts as probe_sets
+from evaluators.probes.answers import known_fact_accuracy, retention
+from evaluators.probes.damage import damage, fact_margins, layer_norms_of, random_update
+from evaluators.probes.facts import (CF_TRAIN, CF_VAL, ZSRE, KnownFact, ProbeFact, load_known_facts, load_probe_facts,
+                                     reserved)
+from evaluators.probes.perplexity import perplexity, windows
 from evaluators.scoring import greedy_matches, greedy_next_tokens, target_nll, top1_tokens_correct
 from evaluators.zsre import ZsreRecord, evaluate_zsre, locality_predictions
 from evaluators.zsre import to_requests as zsre_requests
@@ -212,73 +216,73 @@ def test_known_facts_and_retention_on_the_models_own_answers(varied_llama, tok):
 def test_fact_margins_are_positive_exactly_on_the_models_answers_and_see_forward_hooks(varied_llama, tok):
     prompts, answers = greedy_facts(varied_llama, tok)
     facts = [KnownFact(prompt=p, subject=p[:3], target=a, case_id=i) for i, (p, a) in enumerate(zip(prompts, answers))]
-    margins = probes.fact_margins(varied_llama, tok, facts, batch_size=3)
+    margins = fact_margins(varied_llama, tok, facts, batch_size=3)
     assert margins.dtype == torch.float64 and (margins > 0).all()
     wrong = [f.model_copy(update={"target": f.target[:1] + "?" + f.target[1:]}) for f in facts]
-    assert (probes.fact_margins(varied_llama, tok, wrong) < margins).all()
+    assert (fact_margins(varied_llama, tok, wrong) < margins).all()
     layer = varied_llama.model.layers[1].mlp
     handle = layer.register_forward_hook(lambda mod, args, out: out + 3.0 * torch.randn_like(out))
     try:
-        hooked = probes.fact_margins(varied_llama, tok, facts)
+        hooked = fact_margins(varied_llama, tok, facts)
     finally:
         handle.remove()
     assert not torch.allclose(hooked, margins)  # what runs is the model as it stands, hooks included
-    assert torch.equal(probes.fact_margins(varied_llama, tok, facts), margins)
+    assert torch.equal(fact_margins(varied_llama, tok, facts), margins)
 
 
 def test_damage_is_the_paired_mean_drop_with_its_standard_error():
     before = torch.tensor([3.0, 2.0, 1.0, 4.0], dtype=torch.float64)
     after = before - torch.tensor([1.0, 0.0, 2.0, 1.0], dtype=torch.float64)
-    d = probes.damage(before, after)
+    d = damage(before, after)
     assert (d.mean, d.n) == (1.0, 4) and d.se == pytest.approx(math.sqrt(2 / 3) / 2)
-    assert probes.damage(before, before + 5).mean == -5.0 and probes.damage(before, before + 5).se == 0.0
+    assert damage(before, before + 5).mean == -5.0 and damage(before, before + 5).se == 0.0
     with pytest.raises(ValueError, match="not paired"):
-        probes.damage(before, after[:3])
+        damage(before, after[:3])
 
 
 @pytest.mark.parametrize("rank", [0, 3])
 def test_random_update_has_the_requested_norm_and_rank_per_layer(tiny_llama, rank):
     norms = {1: 0.5, 2: 2.0}
-    delta = probes.random_update(tiny_llama, norms, torch.Generator().manual_seed(0), rank)
+    delta = random_update(tiny_llama, norms, torch.Generator().manual_seed(0), rank)
     for d in delta.layers:
         assert torch.linalg.matrix_norm(d.dense()).item() == pytest.approx(norms[d.layer], rel=1e-5)
         assert d.dense().shape == weight_view(tiny_llama, d.layer).shape
         assert torch.linalg.matrix_rank(d.dense()).item() == (rank or min(d.dense().shape))
-    assert probes.layer_norms_of(delta) == pytest.approx(norms, rel=1e-5)
-    again = probes.random_update(tiny_llama, norms, torch.Generator().manual_seed(0), rank)
+    assert layer_norms_of(delta) == pytest.approx(norms, rel=1e-5)
+    again = random_update(tiny_llama, norms, torch.Generator().manual_seed(0), rank)
     assert all(torch.equal(a.u, b.u) for a, b in zip(delta.layers, again.layers))
 
 
 def test_shipped_probe_facts_are_many_answered_and_reserved_from_edits():
-    facts = probes.load_probe_facts()
+    facts = load_probe_facts()
     assert len(facts) >= 300 and len({(f.prompt, f.target) for f in facts}) == len(facts)
-    assert {f.dataset for f in facts} <= {probes.CF_VAL, probes.CF_TRAIN, probes.ZSRE}
+    assert {f.dataset for f in facts} <= {CF_VAL, CF_TRAIN, ZSRE}
     train_positions = range(7500, 10000)  # scripts/build_probes.py RESERVED_TRAIN
     train = SHARED / "counterfact" / "counterfact-train.json"
     if train.exists():
         ids = [r["case_id"] for r in json.loads(train.read_text())]
         reserved_ids = {ids[i] for i in train_positions}
-        assert {f.record for f in facts if f.dataset == probes.CF_TRAIN} <= reserved_ids
+        assert {f.record for f in facts if f.dataset == CF_TRAIN} <= reserved_ids
     assert all(f.margin > 0 and f.target for f in facts)
-    cf = probes.reserved("counterfact", facts)
-    assert cf == {f.record for f in facts if f.dataset != probes.ZSRE}
-    assert probes.reserved(probes.ZSRE, facts) == {f.record for f in facts if f.dataset == probes.ZSRE}
+    cf = reserved("counterfact", facts)
+    assert cf == {f.record for f in facts if f.dataset != ZSRE}
+    assert reserved(ZSRE, facts) == {f.record for f in facts if f.dataset == ZSRE}
 
 
 def test_benchmark_edit_sets_leave_out_every_record_holding_a_probe_fact(monkeypatch):
     from evaluators.bench import edit_set
 
-    def fact(dataset: str, record: int) -> probes.ProbeFact:
-        return probes.ProbeFact(prompt="p", subject="s", target="t", dataset=dataset, record=record, source="prompt",
+    def fact(dataset: str, record: int) -> ProbeFact:
+        return ProbeFact(prompt="p", subject="s", target="t", dataset=dataset, record=record, source="prompt",
                                 margin=1.0)
 
-    held = [fact(probes.CF_VAL, 5), fact(probes.CF_TRAIN, 7), fact(probes.ZSRE, 1)]
-    monkeypatch.setattr(probes, "load_probe_facts", lambda path=None: held)
+    held = [fact(CF_VAL, 5), fact(CF_TRAIN, 7), fact(ZSRE, 1)]
+    monkeypatch.setattr(probe_sets, "load_probe_facts", lambda path=None: held)
     records = [CounterFactRecord(case_id=c, prompt="S x", subject="S", target_new="a", ground_truth="b",
                                  rephrase_prompt="r", locality_prompt="l", locality_ground_truth="c")
                for c in [5, 1, 7, 2, 3]]
     assert [r.case_id for r in edit_set(records, 2, "counterfact", Path("x.json"))] == [1, 2]
-    assert edit_set(list("abcd"), 3, "zsre", Path(f"/d/{probes.ZSRE}.json")) == ["a", "c", "d"]
+    assert edit_set(list("abcd"), 3, "zsre", Path(f"/d/{ZSRE}.json")) == ["a", "c", "d"]
     assert edit_set(list("abcd"), 3, "zsre", Path("/d/other.json")) == ["a", "b", "c"]  # only the shipped file
 
 

@@ -1,11 +1,11 @@
-"""The memory tier's monitors (evaluators/memory_health.py) on a toy tokenizer: slot norm against the residual norm,
+"""The memory tier's monitors (evaluators/monitors/memory_tier.py) on a toy tokenizer: slot norm against the residual norm,
 firing on held-out lines, subjects inside other subjects and common-word subjects."""
 from __future__ import annotations
 
 import torch
 
 from editors.entity_memory import EntityMemory, MemoryWrite
-from evaluators.memory_health import HeldOut, collisions, memory_health
+from evaluators.monitors.memory_tier import HeldOut, collisions, memory_health
 
 
 def test_monitors_count_firing_norms_and_collisions(tok):

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from agent.monitors import (base_weights, buildup, is_flash, lowrank_norm, norm_metrics, predicted_interference,
-                            trend_metrics)
 from editors.arch import weight_view
 from editors.delta import EditDelta, LayerDelta
-from evaluators.superposition import overlap_stats, superposition, whitener
+from evaluators.monitors.interference import predicted_interference
+from evaluators.monitors.norms import base_weights, lowrank_norm, norm_metrics
+from evaluators.monitors.superposition import overlap_stats, superposition, whitener
+from evaluators.monitors.trend import buildup, is_flash, trend_metrics
 
 
 def test_flash_is_a_robust_outlier_over_history():

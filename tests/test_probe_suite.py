@@ -1,13 +1,14 @@
-"""The agent's probe suite: the noise floor leaves the model exactly as it was; damage and excess are paired drops."""
+"""The probe suite the agent reads every batch: the noise floor leaves the model exactly as it was; damage and excess are paired drops."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from agent.probes import ProbeSuite, random_drops
 from conftest import rand_delta
 from editors.arch import weight_view
-from evaluators.probes import ProbeFact
+from evaluators.probes.damage import random_drops
+from evaluators.probes.facts import ProbeFact
+from evaluators.probes.suite import ProbeSuite
 
 PROMPTS = ["abc def", "ghi jk", "lmn op q", "rs tu", "vw xyz", "the cat"]
 
@@ -55,8 +56,7 @@ def test_damage_and_excess_are_paired_drops_against_the_reference(tiny_llama, to
 def test_known_acc_after_a_slot_batch_asks_only_facts_naming_its_subjects_and_equals_a_full_read(tiny_llama, tok,
                                                                                                   monkeypatch):
     from editors.entity_memory import EntityMemory, MemoryWrite
-    from evaluators import probes
-    from evaluators.probes import KnownFact
+    from evaluators.probes.facts import KnownFact
     from evaluators.scoring import greedy_answers
 
     asked = []
@@ -65,7 +65,7 @@ def test_known_acc_after_a_slot_batch_asks_only_facts_naming_its_subjects_and_eq
         asked.extend(f.prompt for f in facts)
         return torch.tensor([greedy_answers(model, tok, [f.prompt], 2)[0] == f.target for f in facts])
 
-    monkeypatch.setattr(probes, "known_fact_hits", hits)
+    monkeypatch.setattr("evaluators.probes.suite.known_fact_hits", hits)
     prompts = ["We met in Cairo", "The cat sat", "abc def", "Rome and"]
     known = [KnownFact(prompt=p, subject=p.split()[-1], target=a, case_id=i)
              for i, (p, a) in enumerate(zip(prompts, greedy_answers(tiny_llama, tok, prompts, 2)))]

@@ -12,7 +12,9 @@
   "Apple", "Python").
 
 `HeldOut` tokenises the held-out lines and measures the residual norm once; `memory_health` is then a pass over
-token ids with the memory's own matcher (no forward pass).
+token ids with the memory's own matcher (no forward pass). `memory_monitors` reads them for an agent session (any
+object with `editor.memory`, `model`, `tok` and a `held_out` attribute it may fill: agent/session.py's `Session`),
+and `memory_alarms` says which are over their `config.toml` thresholds.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from editors.corpus import heldout_text
 from editors.entity_memory import EntityMemory, subject_variants
 from evaluators.scoring import model_device
 
@@ -93,3 +96,25 @@ def memory_health(memory: EntityMemory | None, text: HeldOut, common_share: floa
                          "memory_fires_per_1k": 1000.0 * fires / tokens,
                          "memory_collisions": float(len(pairs)), "memory_common": float(len(common))},
                         dict(firing), pairs, common)
+
+
+def memory_monitors(session) -> dict[str, float]:
+    """The memory tier's monitors (above) of the session's entity memory as it is now; the held-out lines and the
+    residual norm at the memory's layer are measured once per session (memory off) and kept in `session.held_out`."""
+    memory = session.editor.memory
+    if session.held_out is None or session.held_out.layer != memory.layer:
+        with memory.suspended():
+            session.held_out = held_out(session.model, session.tok, heldout_text(), memory.layer)
+    return memory_health(memory, session.held_out).metrics
+
+
+def memory_alarms(metrics: dict[str, float], cfg) -> list[str]:
+    """The memory monitors over their `config.toml` thresholds, as sentences (empty: all within)."""
+    out = []
+    if metrics.get("memory_slot_norm", 0.0) > cfg.memory_slot_norm_max:
+        out.append(f"a slot's norm is {metrics['memory_slot_norm']:.2f}x the residual norm at its layer "
+                   f"(memory_slot_norm_max {cfg.memory_slot_norm_max})")
+    if metrics.get("memory_fire_rate", 0.0) > cfg.memory_fire_rate_max:
+        out.append(f"slots fire in {metrics['memory_fire_rate']:.1%} of held-out lines "
+                   f"(memory_fire_rate_max {cfg.memory_fire_rate_max:.1%})")
+    return out

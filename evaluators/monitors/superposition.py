@@ -4,10 +4,11 @@ Keys k (inputs of an edited module at the subject's last token) are whitened wit
 the module's uncentred input covariance, then normalised; the overlap of two keys is the cosine of their whitened
 forms. Orthogonal (non-superposed) knowledge gives overlaps concentrated at 0; heavy tails (large excess kurtosis,
 tail mass, max) mean edits share directions and can interfere. We measure a batch's keys against each other and
-against the stored keys of earlier edits.
+against the stored keys of earlier edits (`superposition_metrics`: at the last edited layer, the batch's metric row).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -77,3 +78,15 @@ def superposition(keys: torch.Tensor, prior: torch.Tensor | None, c0: torch.Tens
     else:
         out |= EMPTY.as_dict("prior_")
     return out
+
+
+def superposition_metrics(keys: dict[int, torch.Tensor], prior: dict[int, torch.Tensor],
+                          c0: dict[int, torch.Tensor], whiteners: Callable[[int], torch.Tensor] | None = None
+                          ) -> dict[str, float]:
+    """Superposition statistics at the last edited layer that has a covariance (where target values live);
+    `whiteners(layer)` gives C0^-1/2 when it is cached (agent.session), else it is computed here."""
+    layers = [l for l in sorted(keys) if l in c0]
+    if not layers:
+        return {}
+    layer = layers[-1]
+    return superposition(keys[layer], prior.get(layer), c0[layer], whiteners(layer) if whiteners else None)

@@ -9,6 +9,7 @@ slots a radius halfway closer to its keys), up
 to `max_tries` optimisations; one that still changes them is `failed`, its reason quoting the changed answers, and
 in the entity memory its slot is dropped (the fact is not answered, and nothing else about its subject changes).
 The measure asks the bank's *test* templates instead (evaluators/specificity.py), so the guard never tunes on them.
+`session` below is the agent's session (agent/session.py): these read its `forms`, `model`, `tok` and `editor.memory`.
 """
 from __future__ import annotations
 
