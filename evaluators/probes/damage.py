@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from editors.arch import weight_view
 from editors.delta import EditDelta, LayerDelta
+from evaluators.monitors.norms import lowrank_norm
 from evaluators.probes.facts import KnownFact, ProbeFact
 from evaluators.scoring import answer_margins
 
@@ -56,11 +57,7 @@ def damage(before: torch.Tensor, after: torch.Tensor) -> Damage:
 
 def layer_norms_of(delta: EditDelta) -> dict[int, float]:
     """||U V^T||_F of every layer of `delta`, without forming the product."""
-    out = {}
-    for d in delta.layers:
-        u, v = d.u.double(), d.v.double()
-        out[d.layer] = float(torch.sqrt(((u.T @ u) * (v.T @ v)).sum().clamp_min(0)))
-    return out
+    return {d.layer: lowrank_norm(d.u, d.v) for d in delta.layers}
 
 
 def random_update(model: nn.Module, norms: dict[int, float], generator: torch.Generator,
@@ -74,7 +71,7 @@ def random_update(model: nn.Module, norms: dict[int, float], generator: torch.Ge
         if rank:
             u = torch.randn(o, rank, generator=generator, dtype=torch.float64)
             v = torch.randn(i, rank, generator=generator, dtype=torch.float64)
-            scale = norm / float(torch.sqrt(((u.T @ u) * (v.T @ v)).sum()))
+            scale = norm / lowrank_norm(u, v)
         else:
             u = torch.randn(o, i, generator=generator, dtype=torch.float64)
             v = torch.eye(i, dtype=torch.float64)
