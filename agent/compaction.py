@@ -1,16 +1,19 @@
 """Compaction: facts move from the entity memory (tier 1) into the MLP weights (tier 2) by ENCORE's norm-constrained
 solve from the base weights, as many as the damage budget allows.
 
-Rounds: the candidate facts (every applied fact, those already in the weights included: the solve starts from the
-base weights) are solved jointly (`Editor.rebase` with `write = "weights"`: target values optimised at the last edited
+Rounds: the candidate facts (every applied fact, those already in the weights included: the solve starts from the base
+weights) are solved jointly (`Editor.rebase` with `write = "weights"`: target values optimised at the last edited
 layer on the base model, cached between rounds), the memory is taken off and each fact is asked greedily. A round is
-within budget when known-fact accuracy, held-out perplexity, norm growth and the predicted interference on the
-known-fact probes' keys stay inside the `compact_*` thresholds of `config.toml` (and `interference_threshold`). The
-next round keeps only the facts the weights answered (misses add damage and answer nothing) or, over budget, half of
-those; the round within budget whose weights answer the most facts wins. Its answered facts get tier `weights` and
-give up their slot when no other fact of the subject stays in memory; every other fact keeps its slot (tier
-`memory`). The result is checked with both tiers on: every fact that answered before must still answer, else nothing
-is committed. Nothing reaches the ledger before that: a failed or interrupted compaction leaves the chain as it was.
+within budget when known-fact accuracy, held-out perplexity, norm growth and the predicted interference on the known-
+fact probes' keys stay inside the `compact_*` thresholds of `config.toml` (and `interference_threshold`), and the
+facts the weights answer keep their subject's other answers (the statements their batch's same-subject check stored)
+on average as well as their slots did, within `compact_specificity_drop`; a fact whose own subject the weights change
+more than its slot did does not count as answered. The next round keeps only the facts the weights answered (misses
+add damage and answer nothing; over budget by specificity alone, the same) or, over budget, half of those; the round
+within budget whose weights answer the most facts wins. Its answered facts get tier `weights` and give up their slot
+when no other fact of the subject stays in memory; every other fact keeps its slot (tier `memory`). The result is
+checked with both tiers on: every fact that answered before must still answer, else nothing is committed. Nothing
+reaches the ledger before that: a failed or interrupted compaction leaves the chain as it was.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from editors.delta import EditDelta
 from editors.entity_memory import MemoryWrite
 from evaluators.monitors.interference import predicted_interference
 from evaluators.monitors.norms import norm_metrics
+from evaluators.probes import same_subject
 from memory.record import StoredFact
 
 log = logging.getLogger(__name__)
@@ -43,11 +47,21 @@ class Round:
     result: EditResult  # the weight delta (relative to the base weights) and its keys
     answers: dict[int, bool]  # fact id -> the weights answer it with the memory off (every applied fact)
     metrics: dict[str, float]  # damage readings of the weights alone
+    kept: dict[int, tuple[float | None, float | None]] = field(default_factory=dict)  # answering fact id -> its
+    #   subject's specificity (same_subject.kept_by_fact) at its check, with the memory tier, and with these weights
+    drop: float = 0.0  # compact_specificity_drop
     over: str = ""  # why the round is over the damage budget ("" = within)
+    over_specificity: bool = False  # over the budget by same-subject specificity alone
+
+    def specific(self, f: StoredFact) -> bool:
+        """The weights change f's subject's other answers no more than its slot did (within `drop`)."""
+        at_check, now = self.kept.get(f.id, (None, None))
+        return at_check is None or now is None or now >= at_check - self.drop - 1e-9
 
     @property
     def answered(self) -> list[StoredFact]:
-        return [f for f in self.facts if self.answers[f.id]]
+        """The facts the weights answer with the memory off and that keep their subject's other answers."""
+        return [f for f in self.facts if self.answers[f.id] and self.specific(f)]
 
 
 @dataclass
@@ -93,9 +107,28 @@ def over_budget(session: Session, before: dict[str, float], m: dict[str, float])
     return ""
 
 
+def specificity(session: Session, r: Round) -> None:
+    """The same-subject specificity of the round's answering facts with the weights alone (`r.kept`, the round's
+    `specificity` and `memory_specificity` means, and the over-budget reason when its mean is lower than the memory
+    tier's by more than `compact_specificity_drop`)."""
+    solved = [f for f in r.facts if r.answers[f.id]]
+    r.kept = same_subject.kept_by_fact(session.model, session.tok, solved, session.ledger.probes())
+    pairs = [v for v in r.kept.values() if None not in v]
+    if not pairs:
+        return
+    r.metrics["memory_specificity"] = sum(m for m, _ in pairs) / len(pairs)
+    r.metrics["specificity"] = sum(w for _, w in pairs) / len(pairs)
+    r.metrics["unspecific"] = float(sum(not r.specific(f) for f in solved))
+    limit = r.metrics["memory_specificity"] - r.drop
+    if not r.over and r.metrics["specificity"] < limit - 1e-9:
+        r.over, r.over_specificity = (f"same-subject specificity {r.metrics['specificity']:.3f} < the memory tier's "
+                                      f"{r.metrics['memory_specificity']:.3f} - {r.drop}"), True
+
+
 def run_round(session: Session, facts: list[StoredFact], live: list[StoredFact],
               before: dict[str, float]) -> Round:
-    """Solve `facts`, put base + that delta (no memory) in the model, ask every live fact and probe the damage."""
+    """Solve `facts`, put base + that delta (no memory) in the model, ask every live fact, probe the damage and
+    the same-subject specificity of the facts that answer."""
     t0 = time.perf_counter()
     result = solve(session, facts)
     result.delta.check_finite()
@@ -108,18 +141,22 @@ def run_round(session: Session, facts: list[StoredFact], live: list[StoredFact],
     metrics = session.probes.downstream(session.model, session.tok) | {
         "norm_growth": growth, "delta_ratio": norms["delta_ratio"], "interference": interference,
         "seconds": time.perf_counter() - t0}
-    r = Round(facts, result, answers, metrics)
+    r = Round(facts, result, answers, metrics, drop=session.cfg.compact_specificity_drop)
     r.over = over_budget(session, before, metrics)
-    log.info("compaction round: %d fact(s) solved, %d answer without the memory, known %.3f, perplexity %.2f, "
-             "norm growth %.4f%s", len(facts), len(r.answered), metrics.get("known_acc", float("nan")),
-             metrics["perplexity"], growth, f"; over budget: {r.over}" if r.over else "")
+    specificity(session, r)
+    log.info("compaction round: %d fact(s) solved, %d answer without the memory and keep their subject, known %.3f, "
+             "perplexity %.2f, norm growth %.4f, same-subject specificity %.3f (memory tier %.3f)%s", len(facts),
+             len(r.answered), metrics.get("known_acc", float("nan")), metrics["perplexity"], growth,
+             metrics.get("specificity", float("nan")), metrics.get("memory_specificity", float("nan")),
+             f"; over budget: {r.over}" if r.over else "")
     return r
 
 
 def next_candidates(r: Round) -> list[StoredFact]:
-    """Within budget: the facts the weights answered. Over it: the first half of those (or of the round's facts)."""
+    """Within budget, or over it by same-subject specificity alone: the facts the weights answered that keep their
+    subject. Over it otherwise: the first half of those (or of the round's facts)."""
     kept = r.answered
-    if not r.over:
+    if not r.over or r.over_specificity:
         return kept
     pool = kept if len(kept) < len(r.facts) else r.facts
     return pool[: len(pool) // 2]

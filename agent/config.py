@@ -100,6 +100,9 @@ class AgentConfig(BaseModel):
                                      "of the perplexity before it")
     compact_norm_growth: float = Field(1.05, ge=1, description="max ||W||_F growth of any edited layer a compaction may "
                                        "bring, against the base weights")
+    compact_specificity_drop: float = Field(0.0, ge=0, le=1, description="how much lower than with the memory tier a "
+                                            "fact's same-subject specificity may be with its edit in the weights (0: "
+                                            "no lower); a fact below it keeps its slot and leaves the next round's solve")
     memory_slot_norm_max: float = Field(1.0, gt=0, description="memory-tier monitor: max norm of a slot as a multiple of "
                                         "the mean residual norm at the memory's layer on held-out text (an event says "
                                         "when a batch or compaction exceeds it)")

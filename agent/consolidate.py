@@ -147,7 +147,8 @@ def compact_memory(session: Session, chain: list[int], live: list[StoredFact], m
     counts = {t: sum(v == t for v in plan.tiers.values()) for t in ("weights", "memory")}
     metrics |= {"weights_tier": float(counts["weights"]), "memory_tier": float(counts["memory"]),
                 "rounds": float(len(plan.rounds)), "compaction_seconds": time.perf_counter() - t0}
-    metrics |= {f"after_{k}": plan.best[k] for k in ("norm_growth", "interference", "delta_ratio")}
+    metrics |= {f"after_{k}": plan.best[k] for k in ("norm_growth", "interference", "delta_ratio", "specificity",
+                                                      "memory_specificity") if k in plan.best}
     metrics |= memory_monitors(session)  # the memory tier that stays (the model holds base + the compaction)
     for alarm in memory_alarms(metrics, session.cfg):
         session.ledger.log_event("monitor", f"memory tier after compaction: {alarm}", data={"covers": chain})

@@ -196,20 +196,12 @@ def check_rows(model, tok, facts: list[StoredFact], probes: list[dict] | None = 
     specificity: the share of its subject's other statements (stored by the batch's same-subject check) whose
     answer is still the unedited model's (None where none was stored)."""
     from evaluators.scoring import greedy_answers, greedy_matches
-    from evaluators.specificity import Probe, generate_answers
 
     hits = greedy_matches(model, tok, [f.record.text for f in facts], [f.record.target for f in facts],
                           progress=True).tolist() if facts else []
     missed = [f for f, hit in zip(facts, hits) if not hit]
     says = dict(zip([f.id for f in missed], greedy_answers(model, tok, [f.record.text for f in missed], 8)))
-    stored = {f.id: same_subject.stored_probes(probes or [], f.id) for f in facts}
-    flat = [r["prompt"] for rows in stored.values() for r in rows]
-    answers = [a.text for a in generate_answers(model, tok, [Probe(p, same_subject.ANSWER_TOKENS) for p in flat])] \
-        if flat else []
-    kept, at = {}, 0
-    for fid, rows in stored.items():
-        kept[fid] = same_subject.kept_now(rows, answers[at: at + len(rows)])
-        at += len(rows)
+    kept = {fid: now for fid, (_, now) in same_subject.kept_by_fact(model, tok, facts, probes or []).items()}
     return [{"fact": f.id, "batch": f.batch_id, "prompt": f.record.text, "target": f.record.target, "took": hit,
              "answer": None if hit else says[f.id].strip(), "specificity": kept[f.id]}
             for f, hit in zip(facts, hits)]

@@ -130,6 +130,30 @@ def test_a_round_over_budget_halves_the_set_and_the_best_round_within_it_wins(ws
     assert sorted(tiers(ws).values()) == ["memory", "memory", "weights", "weights"]
 
 
+def test_a_fact_whose_subject_the_weights_change_more_than_its_slot_did_keeps_its_slot(ws, monkeypatch):
+    """Same-subject specificity in the compaction budget: the weights answer every fact, but with them the first
+    subject keeps half of its other answers where its slot kept them all. That fact stays in the memory tier and out
+    of the next round's solve (FAKE: the specificity readings are scripted; the tiny random model has no statements
+    a relation bank knows, and what is tested is the selection)."""
+    from evaluators.probes import same_subject
+
+    subjects = [s for s, _ in FOUR]
+    script_answers(monkeypatch, set(subjects))
+    seen = []
+
+    def readings(model, tok, facts, probes):
+        seen.append(len(facts))
+        return {f.id: (1.0, 0.5 if f.record.subject == subjects[0] else 1.0) for f in facts}
+
+    monkeypatch.setattr(same_subject, "kept_by_fact", readings)
+    done = json.loads(run("consolidate", "--json", "--workspace", ws).output)
+    assert [r["facts"] for r in done["rounds"]] == [4, 3] and seen == [4, 3]
+    assert done["rounds"][0]["over"].startswith("same-subject specificity 0.875 < the memory tier's 1.000")
+    assert done["rounds"][0]["unspecific"] == 1 and done["rounds"][1]["over"] == ""
+    assert tiers(ws) == {s: "memory" if s == subjects[0] else "weights" for s in subjects}
+    assert set(slots(ws)) == {subjects[0]}
+
+
 def test_nothing_within_budget_merges_the_slots_and_keeps_every_fact_in_memory(ws, tmp_path, monkeypatch):
     script_answers(monkeypatch, {s for s, _ in FOUR})
     monkeypatch.setattr(agent.compaction, "over_budget", lambda *a: "over")

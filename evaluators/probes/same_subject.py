@@ -111,6 +111,11 @@ def stored_probes(probes: list[dict], fact_id: int) -> list[dict]:
     return [p for p in rows if (p["batch_id"] or 0) == last]
 
 
+def counted(rows: list[dict]) -> list[dict]:
+    """The stored statements that count: those the unedited model is sure of (all of them when it is sure of none)."""
+    return [r for r in rows if r["kind"] == SUBJECT_PROBE] or rows
+
+
 def kept_now(rows: list[dict], answers: list[str]) -> float | None:
     """Share of the stored statements (sure ones; all when none is sure) whose answer `answers` still equals the
     answer before the edit; None without statements."""
@@ -119,3 +124,18 @@ def kept_now(rows: list[dict], answers: list[str]) -> float | None:
     if not counted:
         return None
     return sum(answer_key(r["expected"]) == answer_key(a) for r, a in counted) / len(counted)
+
+
+def kept_by_fact(model, tok, facts: list[StoredFact], probes: list[dict]) -> dict[int, tuple[float | None, float | None]]:
+    """Per fact, (kept at its check, kept by `model` as it is now): the share of its subject's stored statements (its
+    latest check's) whose answer is the unedited model's, as the check found it and as `model` answers them now
+    (None, None where the check stored none)."""
+    stored = {f.id: counted(stored_probes(probes, f.id)) for f in facts}
+    flat = [r["prompt"] for rows in stored.values() for r in rows]
+    answers = [a.text for a in generate_answers(model, tok, [Probe(p, ANSWER_TOKENS) for p in flat])] if flat else []
+    out, at = {}, 0
+    for fid, rows in stored.items():
+        out[fid] = (kept_now(rows, [r["output"] for r in rows]), kept_now(rows, answers[at: at + len(rows)]))
+        at += len(rows)
+    return out
+
