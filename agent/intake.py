@@ -1,7 +1,7 @@
-"""Reading a feed into the fact memory: validation, bad-line records, and the feed position in one transaction.
+"""Reading a feed into the fact store: validation, bad-line records, and the feed position in one transaction.
 
 Lines are read in chunks of at most CHUNK_LINES. For each chunk, in one ledger transaction: the valid facts go
-through the memory (dedup, supersede) and are stored as pending with the feed's byte offset; every bad line becomes
+through the fact index (dedup, supersede) and are stored as pending with the feed's byte offset; every bad line becomes
 a `bad_line` event with its line number and reason; a `feed` event records the position (offset, line number,
 inode) so a restart resumes exactly there, following rotation that happened while kagent was stopped. A `check`
 (the watch loop passes agent/limits.py's token limits) turns a schema-valid record it objects to into a bad line.
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.feed import FeedFollower, FeedLine, FeedPosition
-from memory.index import FactMemory
+from memory.index import FactIndex
 from memory.ledger import Ledger
 from memory.record import BadRecord, FactRecord, parse_line
 
@@ -78,15 +78,15 @@ def read_chunk(follower: FeedFollower, final: bool) -> list[FeedLine]:
     return out
 
 
-def store_chunk(memory: FactMemory, key: str, items: list[FeedLine], position: FeedPosition,
+def store_chunk(index: FactIndex, key: str, items: list[FeedLine], position: FeedPosition,
                 check: RecordCheck | None = None) -> IntakeStats:
     """Facts, bad lines and the new feed position of one chunk, atomically."""
     parsed = [parse(i, check) for i in items]
     facts = [p for p in parsed if isinstance(p, FactRecord)]
     bad = [p for p in parsed if isinstance(p, BadRecord)]
-    ledger = memory.ledger
+    ledger = index.ledger
     with ledger.transaction():
-        plan = memory.add(facts, feed=key, offset=position.offset)
+        plan = index.add(facts, feed=key, offset=position.offset)
         for b in bad:
             ledger.log_event("bad_line", f"{Path(key).name}: {b}", data={"feed": key, "lineno": b.lineno,
                                                                      "field": b.field, "reason": b.reason})
@@ -99,11 +99,11 @@ def store_chunk(memory: FactMemory, key: str, items: list[FeedLine], position: F
                        len(plan.dropped_pending) + len(plan.supersedes) + plan.dropped_in_chunk, [str(b) for b in bad])
 
 
-def intake(memory: FactMemory, follower: FeedFollower, final: bool, check: RecordCheck | None = None) -> IntakeStats:
-    """Read everything available now (chunk by chunk) into the memory; `check` may refuse valid records."""
+def intake(index: FactIndex, follower: FeedFollower, final: bool, check: RecordCheck | None = None) -> IntakeStats:
+    """Read everything available now (chunk by chunk) into the fact store; `check` may refuse valid records."""
     total = IntakeStats()
     key = str(follower.path)
     while items := read_chunk(follower, final):
-        total.merge(store_chunk(memory, key, items, follower.position, check))
-        memory.checkpoint()  # the chunk is committed: the fact index may take a snapshot now
+        total.merge(store_chunk(index, key, items, follower.position, check))
+        index.checkpoint()  # the chunk is committed: the fact index may take a snapshot now
     return total

@@ -1,4 +1,4 @@
-"""The watch loop: follow a feed, take facts into memory, and apply them in guarded batches.
+"""The watch loop: follow a feed, take facts into the fact store, and apply them in guarded batches.
 
 A batch is formed when `batch_size` facts are pending, or with fewer once the oldest pending fact has waited
 `max_wait` seconds; `once` reads what is there, applies everything (partial batches included) and returns.
@@ -75,9 +75,9 @@ class Watcher:
         self.waiting_since: float | None = None
 
     def plan(self, skip: set[int]) -> list[list[StoredFact]]:
-        facts = [f for f in self.session.memory.pending() if f.id not in skip]
+        facts = [f for f in self.session.fact_index.pending() if f.id not in skip]
         cfg = self.session.cfg
-        vecs = self.session.memory.vectors([f.id for f in facts]) if cfg.order in ("cluster", "spread") and facts else None
+        vecs = self.session.fact_index.vectors([f.id for f in facts]) if cfg.order in ("cluster", "spread") and facts else None
         by_id = {f.id: f for f in facts}
         groups = planner.plan([f.id for f in facts], vecs, self.opts.batch_size, cfg.order, cfg.seed)
         return [[by_id[i] for i in g] for g in groups]
@@ -95,20 +95,20 @@ class Watcher:
 
     def due(self) -> bool:
         """A partial batch is due once the oldest pending fact has waited max_wait seconds."""
-        if not self.session.memory.pending():
+        if not self.session.fact_index.pending():
             self.waiting_since = None
             return False
         self.waiting_since = self.waiting_since or time.monotonic()
         return time.monotonic() - self.waiting_since >= self.opts.max_wait
 
     def step(self, final: bool) -> None:
-        got = intake(self.session.memory, self.follower, final, self.session.limits.problem)  # agent/limits.py
+        got = intake(self.session.fact_index, self.follower, final, self.session.limits.problem)  # agent/limits.py
         self.summary.intake.merge(got)
         for bad in got.bad:
             self.echo(f"skipped bad {bad}")
         self.flush(partial=final or self.due())
         if final:
-            while any(self.defers.get(f.id, 0) for f in self.session.memory.pending()):
+            while any(self.defers.get(f.id, 0) for f in self.session.fact_index.pending()):
                 self.flush(partial=True)
 
     def run(self) -> WatchSummary:

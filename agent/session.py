@@ -33,7 +33,7 @@ from evaluators.monitors.norms import base_weights
 from evaluators.monitors.superposition import whitener
 from evaluators.probes.suite import ProbeSuite
 from evaluators.relations import RelationBank
-from memory.index import Embedder, FactMemory, MiniLMEmbedder
+from memory.index import Embedder, FactIndex, MiniLMEmbedder
 from memory.ledger import Ledger
 from memory.model_sync import attach, restore
 
@@ -47,7 +47,7 @@ class Session:
     loaded: LoadedModel
     ledger: Ledger
     editor: Editor
-    memory: FactMemory
+    fact_index: FactIndex  # the FAISS index over the ledger's facts (dedup, supersede, planning vectors)
     probes: ProbeSuite
     w0: dict[int, torch.Tensor]  # base weights of the edited layers
     prior_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> keys of committed edits (d, m)
@@ -174,7 +174,7 @@ def keep_memory_layer(editor: Editor, stored: MemoryWrite | None) -> None:
 
 
 def default_embedder() -> Embedder:
-    """The fact memory's embedder (tests replace this function to use a toy one)."""
+    """The fact index's embedder (tests replace this function to use a toy one)."""
     return MiniLMEmbedder()
 
 
@@ -182,8 +182,8 @@ def open_ledger(ws: Workspace) -> Ledger:
     return Ledger(ws.ledger_dir)
 
 
-def open_memory(ws: Workspace, ledger: Ledger) -> FactMemory:
-    return FactMemory(ledger, default_embedder(), index_path=ws.index_dir / "facts.faiss")
+def open_fact_index(ws: Workspace, ledger: Ledger) -> FactIndex:
+    return FactIndex(ledger, default_embedder(), index_path=ws.index_dir / "facts.faiss")
 
 
 def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
@@ -196,7 +196,7 @@ def open_session(ws: Workspace, loaded: LoadedModel | None = None) -> Session:
     ledger = open_ledger(ws)
     attach(ledger, loaded.model, editor.hp.layers)
     probes = ProbeSuite.shipped(cfg.probe_facts, cfg.probe_tokens, cfg.probe_file, cfg.damage_file, cfg.damage_facts)
-    session = Session(ws, cfg, loaded, ledger, editor, open_memory(ws, ledger), probes, w0,
+    session = Session(ws, cfg, loaded, ledger, editor, open_fact_index(ws, ledger), probes, w0,
                       limits=checker_for(cfg, loaded.tok, loaded.model.config),
                       forms=EditForms(RelationBank.load(), loaded.tok))
     try:

@@ -4,7 +4,7 @@ Layout (all under the workspace root):
     config.toml     AgentConfig (see agent.config)
     ledger/         the edit ledger (memory.Ledger: ledger.db and its tensor files)
     editor_state.safetensors  context templates of the editor (its key sums are rebuilt from the ledger)
-    index/          the fact memory's FAISS index
+    index/          the fact index (memory/index.py: FAISS snapshot + vector log)
     cache/          per-workspace caches (probe keys, ...)
     baseline.json   probe baselines measured on the unedited model at `kagent init`
     .lock           held by the one process allowed to write

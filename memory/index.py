@@ -1,4 +1,5 @@
-"""The fact memory: deduplication and supersession over a FAISS index, and the pending facts to plan.
+"""The fact index: a FAISS index over every fact the ledger (the fact store) holds, and what needs it - deduplication
+and supersession of incoming facts, the pending facts to plan and their vectors.
 
 Every fact the ledger has ever stored is in the index under its ledger id, embedded by its
 relation text (prompt template with the subject removed) on the unit sphere, so inner
@@ -91,7 +92,7 @@ class MiniLMEmbedder:
 
 @dataclass
 class Plan:
-    """What `FactMemory.add` did with a chunk of incoming facts."""
+    """What `FactIndex.add` did with a chunk of incoming facts."""
 
     added: list[int] = field(default_factory=list)  # ledger ids of the new pending facts
     duplicates: int = 0  # exact duplicates (same normalised subject, template, target) dropped
@@ -150,8 +151,9 @@ def _flat_contents(idx: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     return faiss.vector_to_array(mapped.id_map).astype(np.int64), mapped.index.reconstruct_n(0, mapped.ntotal)
 
 
-class FactMemory:
-    """Dedup / supersede incoming facts against the ledger; list pending facts and their vectors for planning.
+class FactIndex:
+    """The FAISS index over the ledger's facts: dedup / supersede incoming facts against the ledger; list pending facts
+    and their vectors for planning.
 
     The index holds the vectors of the first `count` ledger facts in id order (facts are never deleted, so those
     are exactly the facts with ids up to the last one held)."""
@@ -185,7 +187,7 @@ class FactMemory:
         self._idx, self._held = None, _Held()
 
     def sync(self) -> faiss.Index:
-        """The index, brought up to the ledger if the ledger gained facts behind the memory's back (they are
+        """The index, brought up to the ledger if the ledger gained facts behind the index's back (they are
         embedded and appended) or lost some it holds (a chunk's transaction rolled back: reloaded from disk)."""
         idx = self.index()
         last = self.ledger.last_fact_id()

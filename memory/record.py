@@ -124,7 +124,7 @@ class FactRecord(BaseModel):
 
     @property
     def relation(self) -> str:
-        """The relation text: template with the subject removed (what the fact memory embeds)."""
+        """The relation text: template with the subject removed (what the fact index embeds)."""
         return re.sub(r"\s+", " ", self.template.replace(PLACEHOLDER, " ")).strip()
 
     @property

@@ -1,8 +1,8 @@
-"""The fact memory's append-only vector log: every embedding added since the last FAISS snapshot, with its fact id.
+"""The fact index's append-only vector log: every embedding added since the last FAISS snapshot, with its fact id.
 
     <index>.log   header (magic, version, dim, base position, embedder tag), then fixed-size records (id, vector)
 
-Record i of the file is the vector at position base + i of the fact memory (position = order of addition, which is
+Record i of the file is the vector at position base + i of the fact index (position = order of addition, which is
 ledger id order). Appending a chunk costs only that chunk, so intake stays linear in the feed however large the
 index grows; the FAISS snapshot is rewritten only now and then (memory/index.py), and the log restarts empty after
 each one. Writes are flushed, not fsynced: the ledger is the source of truth, and whatever a crash loses here is
@@ -34,7 +34,7 @@ def record_dtype(dim: int) -> np.dtype:
 @dataclass
 class LogHeader:
     dim: int  # vector dimension
-    base: int  # fact-memory position of the first record
+    base: int  # fact-index position of the first record
     tag: bytes  # embedder_tag of the embedder that made the vectors
 
 

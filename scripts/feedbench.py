@@ -1,4 +1,4 @@
-"""Feed ingestion memory benchmark: does reading a long feed keep memory bounded?
+"""Feed ingestion RAM benchmark: does reading a long feed keep RAM bounded?
 
     python scripts/feedbench.py --lines 10000,100000 [--stage read,intake] [--distinct N] [--tracemalloc]
                                 [--json out.json]
@@ -8,7 +8,7 @@ subject, 3% bad lines of several kinds) and each stage runs in a fresh child pro
 stage alone:
 
 - `read`: `FeedFollower` + `agent.intake.parse` over the whole file (reading and validation, nothing stored);
-- `intake`: `agent.intake.intake` into a fresh ledger and fact memory (SQLite + FAISS), as `kagent watch` does
+- `intake`: `agent.intake.intake` into a fresh ledger and fact index (SQLite + FAISS), as `kagent watch` does
   before batching; the embedder is a 64-dim hashed-trigram one, so the model and MiniLM are not measured.
 
 `--distinct N` makes every valid line a re-send of one of N facts, so the stores stop growing after N facts and
@@ -17,7 +17,7 @@ only the length of the file changes.
 Reported per run: peak RSS over the run minus RSS before it (what the stage added) and the time; with
 `--tracemalloc`, also the tracemalloc peak of Python allocations, from a second run (tracemalloc slows the
 stage about 3x and its bookkeeping inflates RSS). The stores grow by design (every fact stays in the ledger and
-its vector in the FAISS index, which lives in memory); the question is whether anything else grows with the
+its vector in the FAISS index, which lives in RAM); the question is whether anything else grows with the
 file, so the intake stage also reports the index's serialised size and the RSS still held once the index is
 let go.
 """
@@ -95,19 +95,19 @@ def _rss_mb() -> float:
 
 
 def run_stage(stage: str, feed: Path, work: Path, trace: bool = False) -> dict:
-    """One stage over `feed`, in this process; memory is measured from just before it starts. With `trace`,
+    """One stage over `feed`, in this process; RAM is measured from just before it starts. With `trace`,
     tracemalloc runs too (its bookkeeping inflates RSS, so RSS figures come from a run without it)."""
     from agent.feed import FeedFollower, FeedPosition
     from agent.intake import intake, parse
-    from memory.index import FactMemory
+    from memory.index import FactIndex
     from memory.ledger import Ledger
     from memory.record import BadRecord
 
-    ledger = memory = None
+    ledger = fact_index = None
     if stage == "intake":
         ledger = Ledger(work / "ledger")
-        memory = FactMemory(ledger, HashEmbedder(), index_path=work / "facts.faiss")
-        memory.index()
+        fact_index = FactIndex(ledger, HashEmbedder(), index_path=work / "facts.faiss")
+        fact_index.index()
     rss0 = resident_mb()  # garbage collected and freed heap given back first
     reset = reset_peak()
     if trace:
@@ -124,7 +124,7 @@ def run_stage(stage: str, feed: Path, work: Path, trace: bool = False) -> dict:
                     good += 1
             out |= {"lines": good + bad, "valid": good, "bad": bad}
         else:
-            stats = intake(memory, follower, final=True)
+            stats = intake(fact_index, follower, final=True)
             out |= {"lines": stats.lines, "added": stats.added, "duplicates": stats.duplicates,
                     "superseding": stats.superseding, "bad": len(stats.bad)}
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -136,10 +136,10 @@ def run_stage(stage: str, feed: Path, work: Path, trace: bool = False) -> dict:
     if stage == "intake":
         import faiss
 
-        index = memory.index()
+        index = fact_index.index()
         out |= {"index_vectors": index.ntotal, "index_mb": round(len(faiss.serialize_index(index)) / 2**20, 1),
                 "ledger_db_mb": round((work / "ledger" / "ledger.db").stat().st_size / 2**20, 1)}
-        memory.release_index()  # what is left once the index is let go
+        fact_index.release_index()  # what is left once the index is let go
         del index
         ledger.close()
         out["rss_kept_without_index_mb"] = round(resident_mb() - rss0, 1)

@@ -1,5 +1,5 @@
 """Child side of tests/test_index_kill.py (not a test module): imports kagent once, then for each job forks a run of
-`agent.intake.intake` over a feed into a ledger + fact memory that SIGKILLs itself at a named point, and forks the
+`agent.intake.intake` over a feed into a ledger + fact index that SIGKILLs itself at a named point, and forks the
 recovery run that reads the rest of the feed. Prints one JSON line per job.
 
     python tests/index_kill_child.py JOBS.json     (a list of {"phase", "dir", "feed", "hit"})
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from agent.feed import FeedFollower
 from agent.intake import intake, resume_position
-from memory.index import FactMemory
+from memory.index import FactIndex
 from memory.ledger import Ledger
 from memory.vectors import VectorLog
 
@@ -73,25 +73,25 @@ def arm(phase: str, hit: int) -> None:
     owner, name, when = {
         "log-appended": (VectorLog, "append", "after"),  # inside the chunk's transaction, COMMIT not issued
         "chunk-committed": (agent.intake, "store_chunk", "after"),  # committed, no snapshot taken
-        "index-renamed": (FactMemory, "_write_meta", "before"),  # new snapshot file, previous meta
+        "index-renamed": (FactIndex, "_write_meta", "before"),  # new snapshot file, previous meta
         "meta-written": (VectorLog, "clear", "before"),  # snapshot and meta written, the log not restarted
     }[phase]
     wrap(owner, name, when)
 
 
 def run(workdir: Path, feed: Path) -> dict:
-    """Read the whole feed (from the stored position) into the ledger and memory in `workdir`."""
+    """Read the whole feed (from the stored position) into the ledger and fact index in `workdir`."""
     ledger = Ledger(workdir / "ledger")
-    memory = FactMemory(ledger, HashEmbedder(), index_path=workdir / "facts.faiss")
+    fact_index = FactIndex(ledger, HashEmbedder(), index_path=workdir / "facts.faiss")
     embedded = {"n": 0}
-    real = memory._embed_ids
+    real = fact_index._embed_ids
 
     def counting(ids):
         embedded["n"] += len(ids)
         real(ids)
-    memory._embed_ids = counting
+    fact_index._embed_ids = counting
     with FeedFollower(resume_position(ledger, feed)) as follower:
-        stats = intake(memory, follower, final=True)
+        stats = intake(fact_index, follower, final=True)
     ledger.close()
     return {"lines": stats.lines, "added": stats.added, "reembedded": embedded["n"]}
 

@@ -118,7 +118,7 @@ def test_an_empty_batch_measures_nothing(budget, monkeypatch):
 
 def test_every_fact_at_the_intake_limits_fits_the_default_budget_alone_on_smollm2_dimensions():
     """The defaults are chosen together: a fact at every token limit fits alone on the embedded model, probes
-    included, with the weights and the fact memory resident."""
+    included, with the weights and the fact index resident."""
     from editors.hparams import SMOLLM2
 
     cfg = AgentConfig()

@@ -1,4 +1,4 @@
-"""The fact index across SIGKILLs: a feed read into a ledger + fact memory is killed at each point where the vector
+"""The fact index across SIGKILLs: a feed read into a ledger + fact index is killed at each point where the vector
 log, the snapshot and the ledger disagree, then read to the end. Nothing is lost or stored twice (the ledger equals
 an uninterrupted run's), the index holds exactly the ledger's facts with the right vectors, and recovery re-embeds
 nothing the log or the snapshot still held. The runs are forked from one child process (tests/index_kill_child.py)
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import load_script
-from memory.index import FactMemory
+from memory.index import FactIndex
 from memory.ledger import Ledger
 
 CHILD = Path(__file__).resolve().parent / "index_kill_child.py"
@@ -68,8 +68,8 @@ def test_after_recovery_the_index_holds_exactly_the_ledgers_facts(runs, phase):
     real = embedder.embed
     embedder.embed = lambda texts: calls.append(len(texts)) or real(texts)
     with Ledger(base / phase / "ledger") as ledger:
-        memory = FactMemory(ledger, embedder, index_path=base / phase / "facts.faiss")
+        fact_index = FactIndex(ledger, embedder, index_path=base / phase / "facts.faiss")
         facts = ledger.facts()
-        assert memory.index().ntotal == len(facts) and calls == []  # loaded, not embedded
+        assert fact_index.index().ntotal == len(facts) and calls == []  # loaded, not embedded
         expected = real([f.record.relation for f in facts])
-        assert np.allclose(memory.vectors([f.id for f in facts]), expected, atol=1e-6)
+        assert np.allclose(fact_index.vectors([f.id for f in facts]), expected, atol=1e-6)

@@ -666,8 +666,8 @@ def test_disk_full_leaves_the_running_session_consistent(edited, monkeypatch):
     ws, _ = edited
     session = agent.session.open_session(Workspace.open(ws))
     try:
-        session.memory.add([parse_line(fact_line(i), i) for i in (4, 5)])
-        facts = session.memory.pending()
+        session.fact_index.add([parse_line(fact_line(i), i) for i in (4, 5)])
+        facts = session.fact_index.pending()
         state = session.editor.state
         n_edits, kkt = state.n_edits, {layer: t.clone() for layer, t in state.kkt.items()}
         failed = fail_writes(monkeypatch, "rename")
