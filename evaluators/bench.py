@@ -135,7 +135,8 @@ class MethodResult(BaseModel):
     consolidations: int = 0  # joint re-solves from the base weights (their time is in edit_seconds)
     peak_rss_mb: float  # process peak resident memory so far
     shared_values: bool = False  # target values reused from an earlier row of this run (not in edit_seconds)
-    mem_estimate_mb: float = 0.0  # largest estimated peak of a batch: resident before it + editors.footprint estimate
+    ram_estimate_mb: float = 0.0  # largest estimated peak RAM of a batch: resident before it + editors.footprint
+    # estimate (`mem_estimate_mb` in the older bench JSON under docs/runs/, which no code reads back)
     edit_peak_rss_mb: float = 0.0  # measured peak RSS while this method's batches ran (VmHWM reset before them)
     device: str = "cpu"  # where the model ran ("cuda:0", "cpu"; several joined by "," under a device map)
     dtype: str = "float32"  # the model's dtype
@@ -311,13 +312,13 @@ def run_method(cfg: BenchConfig, variant: Variant, base: dict, shared: dict | No
     every = cfg.consolidate_every if variant.consolidate_every is None else variant.consolidate_every
     method = variant.name
     secs = {"total": 0.0, "values": 0.0}
-    flops, steps, done, z, consolidations, mem_estimate = 0.0, [], [], [], 0, 0.0
+    flops, steps, done, z, consolidations, ram_estimate = 0.0, [], [], [], 0, 0.0
     reset_peak()
     reset_gpu_peak(lm.model)
     with editor.memory.attached(lm.model):
         for i, batch in enumerate(tqdm(batches(task.requests, cfg.batch_size, order), desc=f"{method} batches",
                                        unit="batch")):
-            mem_estimate = max(mem_estimate, batch_estimate_mb(lm, editor, batch))
+            ram_estimate = max(ram_estimate, batch_estimate_mb(lm, editor, batch))
             synchronize(lm.model)
             t = time.perf_counter()
             result = editor.edit(batch, progress=True)
@@ -335,7 +336,7 @@ def run_method(cfg: BenchConfig, variant: Variant, base: dict, shared: dict | No
         after = _probes(lm.model, lm.tok, cfg)
         quality |= task.specificity(base.get("spec"), task.ask_specificity(lm.model, lm.tok))
     return _row(cfg, method, quality, base, after, len(task.records), norm_growth=norms.norm_growth(lm.model, w0),
-                mem_estimate_mb=mem_estimate, edit_peak_rss_mb=edit_peak, **placement(lm.model),
+                ram_estimate_mb=ram_estimate, edit_peak_rss_mb=edit_peak, **placement(lm.model),
                 peak_gpu_mb=gpu_peak if torch.cuda.is_available() else None,
                 edit_seconds=secs["total"], edits_per_second=len(task.requests) / max(secs["total"], 1e-9),
                 value_seconds=secs["values"], value_gflops=flops / max(secs["values"], 1e-9) / 1e9,
@@ -379,7 +380,7 @@ def run_bench(cfg: BenchConfig, on_row=None) -> list[MethodResult]:
 
 
 COLUMNS = ["method", "es", "greedy_es", "ps", "greedy_ps", "ns", "score", "ppl_after", "known_acc_after", "norm_growth",
-           "edits_per_second", "value_gflops", "mean_steps", "peak_rss_mb", "mem_estimate_mb", "edit_peak_rss_mb"]
+           "edits_per_second", "value_gflops", "mean_steps", "peak_rss_mb", "ram_estimate_mb", "edit_peak_rss_mb"]
 SPEC_COLUMNS = ["specificity_all", "specificity_sure", "neighbours_unchanged"] + [
     f"{kind}_{form}" for form in ("edit", "paraphrase", "phrasing", "question", "chat", "lower") for kind in ("reach", "native")]
 
