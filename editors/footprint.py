@@ -19,7 +19,7 @@ phases, which run one after another:
 `scoring` and `whitening` are public so that the agent can add its own probes (held-out perplexity, superposition)
 to a batch's estimate (agent/budget.py). Counts are elements of the model's dtype; `CALIBRATION` x counts +
 `SLACK_MB` is fitted so that the estimate stays at or above the peak RSS measured on SmolLM2-135M by
-`scripts/memory_calibration.py` (figures in RELIABILITY.md).
+`scripts/ram_calibration.py` (figures in RELIABILITY.md).
 
 The process itself: `page_in` reads every weight once (a checkpoint loaded from safetensors is memory-mapped and
 counts in RSS only once used, so an idle process looks ~0.5 GB lighter than it will be), `resident_mb` is RSS with
@@ -43,7 +43,7 @@ from editors.hparams import EditHParams
 from editors.prompts import EditRequest, key_rows, value_rows
 
 MIB = 2**20
-CALIBRATION = 1.15  # estimate = CALIBRATION * counted bytes + SLACK_MB (scripts/memory_calibration.py)
+CALIBRATION = 1.15  # estimate = CALIBRATION * counted bytes + SLACK_MB (scripts/ram_calibration.py)
 SLACK_MB = 256.0  # allocator and framework temporaries the counts leave out (128 left a long prefix 9% under)
 PROBE_BATCH = 64  # pairs per probe forward (evaluators.scoring.DEFAULT_BATCH)
 

@@ -1,7 +1,7 @@
 """The RAM budget (agent/budget.py) and the batch estimate it uses (editors/footprint.py), on the tiny models:
 the estimate grows with what the value optimisation holds, a batch over the budget is split into consecutive
 groups that fit, a fact over it alone is set aside with the estimate and the budget in its reason. The estimate's
-calibration against measured peak RSS on SmolLM2 is in RELIABILITY.md (scripts/memory_calibration.py)."""
+calibration against measured peak RSS on SmolLM2 is in RELIABILITY.md (scripts/ram_calibration.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,6 +1,6 @@
 """Calibrate the batch RAM estimate (editors/footprint.py) against measured peak RSS on a real model.
 
-    python scripts/memory_calibration.py [--cases 1x50s,1x200s,1x400s,1x400p,16x10s,10x60s] [--model smollm2-135m]
+    python scripts/ram_calibration.py [--cases 1x50s,1x200s,1x400s,1x400p,16x10s,10x60s] [--model smollm2-135m]
                                          [--json out.json]
 
 A case `NxWp` is N edits whose prompt carries W filler words, placed after the subject (`s`: the suffix the value
@@ -97,7 +97,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python scripts/memory_calibration.py", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python scripts/ram_calibration.py", description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated NxW{s,p} cases")
     ap.add_argument("--model", default="smollm2-135m", help="alias, local HF dir or hub name")
     ap.add_argument("--json", help="also write the rows here")
