@@ -1,5 +1,6 @@
 """Compaction: facts move from the entity memory (tier 1) into the MLP weights (tier 2) by ENCORE's norm-constrained
-solve from the base weights, as many as the damage budget allows.
+solve from the base weights (or, with `compact_solve = "nullspace"`, ENCORE's target values written by AlphaEdit's
+null-space solve), as many as the damage budget allows.
 
 Rounds: the candidate facts (every applied fact, those already in the weights included: the solve starts from the base
 weights) are solved jointly (`Editor.rebase` with `write = "weights"`: target values optimised at the last edited
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -27,10 +29,12 @@ from tqdm.auto import tqdm
 
 from agent.session import Session
 from agent.tiers import weights_answer
+from editors.alphaedit import nullspace_projection, nullspace_solve
 from editors.arch import weight_view
 from editors.core import EditResult
 from editors.delta import EditDelta
 from editors.entity_memory import MemoryWrite
+from editors.registry import resolve_hparams
 from evaluators.monitors.interference import predicted_interference
 from evaluators.monitors.norms import norm_metrics
 from evaluators.probes import same_subject
@@ -86,9 +90,26 @@ def at_base_plus(session: Session, delta: EditDelta) -> None:
     session.editor.memory.load(delta.memory)
 
 
+def nullspace_rule(session: Session):
+    """AlphaEdit's null-space solve with AlphaEdit's settings for this model (threshold, ridge), for
+    `Editor.solving_with`: the projector of each layer's base-key covariance is computed once per statistics."""
+    hp = resolve_hparams("alphaedit", session.model.config).hparams
+    stats = session.editor.stats
+
+    def solve(layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        P = stats[layer].cached(("nullspace", hp.nullspace_threshold),
+                                lambda c0: nullspace_projection(c0, hp.nullspace_threshold))
+        return nullspace_solve(P, torch.zeros_like(K @ K.T), K, hp.alphaedit_l2)  # from the base: no earlier keys
+
+    return solve
+
+
 def solve(session: Session, facts: list[StoredFact]) -> EditResult:
-    """`facts` solved jointly into the weights from the base weights by the session's method (ENCORE)."""
-    with session.editor.overriding(write="weights"):
+    """`facts` solved jointly into the weights from the base weights: target values by the session's method
+    (ENCORE), the closed form by it or, with `compact_solve = "nullspace"`, by AlphaEdit's null-space projection."""
+    rule = session.editor.solving_with(nullspace_rule(session)) if session.cfg.compact_solve == "nullspace" \
+        else nullcontext()
+    with session.editor.overriding(write="weights"), rule:
         return session.editor.rebase([f.record.to_request() for f in facts], session.w0,
                                      progress=sys.stderr.isatty())
 

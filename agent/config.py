@@ -92,6 +92,9 @@ class AgentConfig(BaseModel):
     compact: bool = Field(True, description="with the entity memory, `kagent consolidate` moves the facts the damage "
                           "budget allows into the MLP weights (ENCORE's solve from the base weights); false = only "
                           "merge the chain's slots")
+    compact_solve: Literal["method", "nullspace"] = Field(
+        "method", description="the closed form a compaction writes the facts' target values with: the method's own "
+        "(ENCORE's norm-constrained solve) or AlphaEdit's projection onto the null space of the base model's keys")
     compact_rounds: int = Field(4, ge=1, description="joint solves a compaction may try (each keeps the facts the "
                                 "previous one's weights answered, or half of them when it was over budget)")
     compact_known_drop: float = Field(0.05, ge=0, description="max drop of known-fact accuracy a compaction may bring "

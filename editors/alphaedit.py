@@ -22,10 +22,14 @@ class AlphaEdit(Editor):
         return self.state.projections[layer]
 
     def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        P = self.projection(layer)
-        A = P @ (self.state.prev_kkt(layer, K.shape[0]) + K @ K.T)
-        A.diagonal().add_(self.hp.alphaedit_l2)
-        return torch.linalg.solve(A, P @ K)
+        return nullspace_solve(self.projection(layer), self.state.prev_kkt(layer, K.shape[0]), K, self.hp.alphaedit_l2)
+
+
+def nullspace_solve(P: torch.Tensor, prior_kkt: torch.Tensor, K: torch.Tensor, l2: float) -> torch.Tensor:
+    """V (d_in, n) of AlphaEdit's update R V^T: (P (prior_kkt + K K^T) + l2 I)^-1 P K, float64 in and out."""
+    A = P.to(K) @ (prior_kkt + K @ K.T)
+    A.diagonal().add_(l2)
+    return torch.linalg.solve(A, P.to(K) @ K)
 
 
 def nullspace_projection(c0: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -219,6 +219,16 @@ class Editor:
         """A cheap summary of the edited layers' weights (target values depend on them)."""
         return tuple(float(x) for layer in self.hp.layers
                      for w in [weight_view(self.model, layer)] for x in (w.sum(), w.norm()))
+
+    @contextmanager
+    def solving_with(self, solve: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """`solve(layer, K, R)` in place of this method's closed form for the block (e.g. AlphaEdit's null-space
+        solve in a compaction); the target values, their stopping rule and cache stay this method's."""
+        self.solve = solve
+        try:
+            yield
+        finally:
+            del self.solve
 
     @contextmanager
     def overriding(self, **changes) -> Iterator[EditHParams]:
