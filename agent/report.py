@@ -151,7 +151,7 @@ def _has(rows: Sequence[ReportRow], *prefixes: str) -> bool:
 
 
 def tier_plot(rows: Sequence[ReportRow]) -> str:
-    """The memory tier's monitors and the tier split against edits (agent/tiers.py, evaluators/memory_health.py)."""
+    """The memory tier's monitors and the tier split against edits (evaluators/monitors/memory_tier.py)."""
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.2))
     for name in ("memory_slots", "memory_tier", "weights_tier"):
         _plot(a, rows, name, name.replace("_", " "))
