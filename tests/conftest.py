@@ -1,9 +1,10 @@
 """Shared fixtures: tiny random models, a character-level toy tokenizer, the toy embedder (no downloads), the tiny
 trained fact model's location, and the one fake of the verified application (`every_fact_answers`, opt-in per module).
 
-An autouse fixture points KAGENT_HOME at a temp dir so no test touches the user's data. Slow tests that load the
-embedded model can ask for `user_cache`: the user's dequantised SmolLM2 and covariance statistics are linked
-(read-only use) into that temp dir instead of being recomputed.
+An autouse fixture points KAGENT_HOME at a temp dir so no test touches the user's data. Smoke and slow tests that load
+the embedded model ask for `user_cache`: one temp KAGENT_HOME for the whole run (`real_model_home`), into which the
+user's dequantised SmolLM2 and covariance statistics are linked (read-only use) instead of being recomputed, and where
+whatever is missing is computed once for every such test.
 """
 from __future__ import annotations
 
@@ -292,11 +293,42 @@ def link_user_cache(home: Path, source: Path = USER_HOME) -> list[Path]:
     return made
 
 
+STATS_TOKENS = 20_000  # the smoke tier's covariance statistics: the default's code path at a fifth of its cost
+
+
+@pytest.fixture(scope="session")
+def real_model_home(tmp_path_factory) -> Path:
+    """One KAGENT_HOME for every test on the embedded model in a run, shared by the xdist workers, with the user's
+    cached model and statistics linked in (link_user_cache). The first worker to ask dequantises the GGUF and
+    computes the STATS_TOKENS statistics there (`kagent stats`) while the others wait on a file lock, so a machine
+    without the user's cache (CI) pays for them once, not once per test or per worker."""
+    from click.testing import CliRunner
+    from filelock import FileLock
+
+    from agent.cli import cli
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the workers' common temp dir
+    home = root / "real-model-home"
+    with FileLock(str(root / "real-model-home.lock")):
+        if not (home / "prepared").exists():
+            link_user_cache(home)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("KAGENT_HOME", str(home))
+                threads = torch.get_num_threads()
+                torch.set_num_threads(CORES)
+                res = CliRunner().invoke(cli, ["stats", "--tokens", str(STATS_TOKENS)])
+                torch.set_num_threads(threads)
+            assert res.exit_code == 0, res.output
+            (home / "prepared").touch()
+    return home
+
+
 @pytest.fixture
-def user_cache(kagent_home):
-    """The temp KAGENT_HOME with the user's cached model and statistics linked in (see link_user_cache)."""
-    link_user_cache(kagent_home)
-    return kagent_home
+def user_cache(real_model_home, kagent_home, monkeypatch):
+    """KAGENT_HOME for one test on the embedded model: the run's shared real_model_home (over kagent_home's)."""
+    monkeypatch.setenv("KAGENT_HOME", str(real_model_home))
+    return real_model_home
 
 
 @pytest.fixture
