@@ -1,7 +1,8 @@
-"""Slow tier: the editors on the embedded SmolLM2-135M model."""
+"""Slow tier: one ENCORE edit on the embedded SmolLM2-135M model, in each write mode: the entity memory (measured with
+the editor's memory attached to the model, as the agent runs it) and the weight solve (written into the weights)."""
 from __future__ import annotations
 
-import json
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,19 @@ def record():
     return load_counterfact(CF, 1)[0]
 
 
-def test_one_counterfact_edit_flips_the_answer_and_keeps_locality(record, user_cache):
+@pytest.mark.parametrize("write", ["memory", "weights"])
+def test_one_counterfact_edit_flips_the_answer_and_keeps_locality(record, write, user_cache):
     lm = load_model()
-    editor = make_editor("encore", lm.model, lm.tok)
-    before = target_nll(lm.model, lm.tok, [record.locality_prompt] * 2, [record.locality_ground_truth, record.target_new])
+    editor = make_editor("encore", lm.model, lm.tok, write=write)
+    before = target_nll(lm.model, lm.tok, [record.prompt, record.locality_prompt],
+                        [record.target_new, record.locality_ground_truth])
     result = editor.edit(to_requests([record]))
-    new, true = target_nll(lm.model, lm.tok, [record.prompt] * 2, [record.target_new, record.ground_truth])
-    assert new < true
-    loc_true, loc_new = target_nll(lm.model, lm.tok, [record.locality_prompt] * 2,
-                                   [record.locality_ground_truth, record.target_new])
-    assert loc_true < loc_new and before[0] < before[1]
+    assert (result.delta.memory is not None) == (write == "memory")
+    edited = editor.memory.attached(lm.model) if write == "memory" else contextlib.nullcontext()
+    with edited:  # the memory's slots change nothing until attached (the agent keeps them attached)
+        new, true = target_nll(lm.model, lm.tok, [record.prompt] * 2, [record.target_new, record.ground_truth])
+        loc_true, loc_new = target_nll(lm.model, lm.tok, [record.locality_prompt] * 2,
+                                       [record.locality_ground_truth, record.target_new])
+    assert new < true and new < before[0]  # the edit moved the answer to the new target
+    assert loc_true < loc_new and abs(loc_true - before[1]) < 0.5  # another subject's answer kept
     assert result.steps[0] < editor.hp.max_steps  # MPES stopped before the full schedule
