@@ -240,10 +240,10 @@ def poison(subject: str) -> None:
 
     real = agent.batch.compute
 
-    def compute(session, group):
+    def compute(session, group, *rest):  # rest: the retries' `also` (agent.batch.compute)
         if any(f.record.subject == subject for f in group):
             os.write(2, f"{STOP_MARK}poison {subject}]\n".encode())
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(session, group)
+        return real(session, group, *rest)
 
     agent.batch.compute = compute
