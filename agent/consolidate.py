@@ -125,9 +125,10 @@ def commit(session: Session, chain: list[int], live: list[StoredFact], delta: Ed
     return bid
 
 
-def compact_memory(session: Session, chain: list[int], live: list[StoredFact], metrics: dict) -> Consolidation | None:
+def compact_memory(session: Session, chain: list[int], live: list[StoredFact], metrics: dict,
+                   rounds: list[dict]) -> Consolidation | None:
     """Memory -> weights compaction (agent/compaction.py), guarded with both tiers on; None (model restored, a
-    `compaction` event saying why) when no set of facts fits the damage budget."""
+    `compaction` event saying why, its rounds added to `rounds`) when no set of facts fits the damage budget."""
     t0 = time.perf_counter()
     before = {k.removeprefix("before_"): v for k, v in metrics.items()}
     try:
@@ -136,6 +137,7 @@ def compact_memory(session: Session, chain: list[int], live: list[StoredFact], m
         session.restore()
         raise
     if plan.delta is None:
+        rounds.extend(plan.rounds)
         session.restore()
         session.ledger.log_event("compaction", f"no fact moved into the weights: {plan.why_not}; the chain's slots "
                                  "are merged instead", data={"covers": chain, "rounds": plan.rounds})
@@ -165,9 +167,9 @@ def consolidate(session: Session) -> Consolidation:
     if not chain or (len(chain) == 1 and ledger.batch(chain[0]).kind == "consolidated"):
         return Consolidation(None, chain, len(live), "nothing to consolidate: "
                              + ("no committed batch" if not chain else f"batch {chain[0]} is already one"))
-    metrics = reading(session, live, "before")
+    metrics, rounds = reading(session, live, "before"), []
     if session.editor.hp.write == "memory" and session.cfg.compact:
-        done = compact_memory(session, chain, live, metrics)
+        done = compact_memory(session, chain, live, metrics, rounds)
         if done is not None:
             return done
     result = solved(session, live)
@@ -176,6 +178,6 @@ def consolidate(session: Session) -> Consolidation:
     metrics |= reading(session, live, "after")
     why = worse(metrics)
     if why:
-        return kept(session, chain, live, f"the consolidated model probes worse ({why})", metrics)
+        return kept(session, chain, live, f"the consolidated model probes worse ({why})", metrics, rounds)
     bid = commit(session, chain, live, result.delta, result.keys, metrics)
-    return Consolidation(bid, chain, len(live), "", metrics)
+    return Consolidation(bid, chain, len(live), "", metrics, rounds=rounds)
