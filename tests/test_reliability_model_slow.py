@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from agent.admission import RAM_PHASE
+from conftest import STATS_TOKENS
 from memory.ledger import Ledger
 from memory.record import FactRecord
 
@@ -89,16 +90,14 @@ HOSTILE = {  # kind -> (line, field named in the rejection)
 
 
 @pytest.fixture(scope="module")
-def smollm2_workspace(tmp_path_factory):
-    """`kagent init` on the embedded model, once for the module (tests copy it)."""
-    from conftest import link_user_cache
-
-    home = tmp_path_factory.mktemp("kagent-home")
-    link_user_cache(home)
+def smollm2_workspace(real_model_home, tmp_path_factory):
+    """`kagent init` on the embedded model, once for the module (tests copy it), on the statistics real_model_home
+    has ready (the suites test intake and crashes, not the statistics' size)."""
+    home = real_model_home
     root = tmp_path_factory.mktemp("smollm2") / "ws"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KAGENT_HOME", str(home))
-        code, peak, out = kagent(root.parent / "init.log", "init", "--workspace", root)
+        code, peak, out = kagent(root.parent / "init.log", "init", "--stats-tokens", STATS_TOKENS, "--workspace", root)
     assert code == 0, out[-3000:]
     return root, home
 
