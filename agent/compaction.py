@@ -175,12 +175,14 @@ def run_round(session: Session, facts: list[StoredFact], live: list[StoredFact],
 
 def next_candidates(r: Round) -> list[StoredFact]:
     """Within budget, or over it by same-subject specificity alone: the facts the weights answered that keep their
-    subject. Over it otherwise: the first half of those (or of the round's facts)."""
+    subject. Over it otherwise: the first half of those, at least one (or half of the round's facts, when all of them
+    count)."""
     kept = r.answered
     if not r.over or r.over_specificity:
         return kept
-    pool = kept if len(kept) < len(r.facts) else r.facts
-    return pool[: len(pool) // 2]
+    if len(kept) < len(r.facts):
+        return kept[: max(1, len(kept) // 2)]  # a smaller set than this round's, even when one fact is all that counts
+    return r.facts[: len(r.facts) // 2]
 
 
 def choose(session: Session, live: list[StoredFact], before: dict[str, float]) -> tuple[Round | None, list[dict]]:

@@ -155,6 +155,23 @@ def test_a_fact_whose_subject_the_weights_change_more_than_its_slot_did_keeps_it
     assert set(slots(ws)) == {subjects[0]}
 
 
+def test_over_budget_the_next_round_halves_what_counts_down_to_one_fact_and_never_repeats_a_set():
+    from types import SimpleNamespace
+
+    from agent.compaction import Round, next_candidates
+
+    facts = [SimpleNamespace(id=i) for i in range(6)]
+
+    def round_(solved, answering, over="over"):
+        return Round(solved, None, {f.id: f.id in answering for f in facts}, {}, over=over)
+
+    assert [f.id for f in next_candidates(round_(facts, {0, 1, 2, 3}))] == [0, 1]
+    assert [f.id for f in next_candidates(round_(facts, {4}))] == [4]  # 100 solved, 1 counted: that one alone next
+    assert [f.id for f in next_candidates(round_(facts, set(range(6))))] == [0, 1, 2]
+    assert next_candidates(round_(facts[:1], {0})) == []  # one fact over budget alone: nothing smaller to try
+    assert [f.id for f in next_candidates(round_(facts, {1, 5}, over=""))] == [1, 5]
+
+
 def test_the_null_space_solve_writes_the_same_values_with_alphaedits_closed_form(ws, tmp_path, monkeypatch):
     """compact_solve = "nullspace": the same facts move, by another update, which barely moves the base model's
     principal keys (AlphaEdit's null-space projection), where ENCORE's solve moves them."""
