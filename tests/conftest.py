@@ -15,8 +15,8 @@ import os
 # One torch thread per test process. xdist runs a worker per core, and each worker's default intra-op threads on top
 # oversubscribe the cores: small ops then wait on each other's threads (measured with another process busy:
 # test_entity_memory.py's calls took 1.3 s on one thread against 45 s on two). Set before torch is imported so that
-# subprocesses the tests start inherit it; the slow and smoke tiers (the embedded model) get every core back
-# (`all_cores_for_the_real_model`).
+# subprocesses the tests start inherit it; the slow and smoke tiers (the embedded model) get the cores back, shared
+# out among the xdist workers (`all_cores_for_the_real_model`).
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import re
@@ -252,12 +252,18 @@ def monkeypatch():
     agent.batch.answered, agent.consolidate.answered = real
 
 
+def real_model_threads() -> int:
+    """torch threads for a test on the embedded model: the cores shared out among the xdist workers. Each of two
+    workers on two cores taking both oversubscribes them, which slows torch far more than the lost parallelism."""
+    return max(1, CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 @pytest.fixture(autouse=True)
 def all_cores_for_the_real_model(request, monkeypatch):
     if any(request.node.get_closest_marker(m) for m in ("slow", "smoke")):
-        before = torch.get_num_threads()
-        monkeypatch.setenv("OMP_NUM_THREADS", str(CORES))
-        torch.set_num_threads(CORES)
+        before, threads = torch.get_num_threads(), real_model_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
         yield
         torch.set_num_threads(before)
     else:
@@ -316,7 +322,7 @@ def real_model_home(tmp_path_factory) -> Path:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("KAGENT_HOME", str(home))
                 threads = torch.get_num_threads()
-                torch.set_num_threads(CORES)
+                torch.set_num_threads(CORES)  # the other workers wait on the lock
                 res = CliRunner().invoke(cli, ["stats", "--tokens", str(STATS_TOKENS)])
                 torch.set_num_threads(threads)
             assert res.exit_code == 0, res.output
