@@ -64,9 +64,9 @@ def test_plain_from_pretrained_answers_the_weights_tier(compacted, user_cache):
 
 
 @pytest.mark.slow
-def test_llama_cpp_answers_the_weights_tier_of_the_gguf_export(compacted, tmp_path):
+def test_llama_cpp_answers_the_weights_tier_of_the_gguf_export(compacted, tmp_path, user_cache):
     llama_cpp = pytest.importorskip("llama_cpp")
-    _records, ws, out = compacted
+    _records, ws, out = compacted  # user_cache: `export` loads the model the workspace was built on
     gguf_dir = tmp_path / "gguf"
     run("export", gguf_dir, "--format", "gguf", "--workspace", ws)
     manifest = json.loads((gguf_dir / "manifest.json").read_text())
