@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from agent.session import Session
 from agent.tiers import weights_answer
-from editors.alphaedit import nullspace_projection, nullspace_solve
+from editors.alphaedit import nullspace_solve, stats_projection
 from editors.arch import weight_view
 from editors.core import EditResult
 from editors.delta import EditDelta
@@ -96,10 +96,8 @@ def nullspace_rule(session: Session):
     hp = resolve_hparams("alphaedit", session.model.config).hparams
     stats = session.editor.stats
 
-    def solve(layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        P = stats[layer].cached(("nullspace", hp.nullspace_threshold),
-                                lambda c0: nullspace_projection(c0, hp.nullspace_threshold))
-        return nullspace_solve(P, torch.zeros_like(K @ K.T), K, hp.alphaedit_l2)  # from the base: no earlier keys
+    def solve(layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:  # from the base: no earlier keys
+        return nullspace_solve(stats_projection(stats[layer], hp.nullspace_threshold), K, hp.alphaedit_l2)
 
     return solve
 

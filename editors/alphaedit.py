@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from editors.core import Editor
+from editors.stats import LayerStats
 
 
 class AlphaEdit(Editor):
@@ -16,18 +17,23 @@ class AlphaEdit(Editor):
     def projection(self, layer: int) -> torch.Tensor:
         """The null-space projector of C0, computed once with the statistics (on their device) for a threshold."""
         if layer not in self.state.projections:
-            threshold = self.hp.nullspace_threshold
-            self.state.projections[layer] = self.stats[layer].cached(
-                ("nullspace", threshold), lambda c0: nullspace_projection(c0, threshold))
+            self.state.projections[layer] = stats_projection(self.stats[layer], self.hp.nullspace_threshold)
         return self.state.projections[layer]
 
     def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        return nullspace_solve(self.projection(layer), self.state.prev_kkt(layer, K.shape[0]), K, self.hp.alphaedit_l2)
+        return nullspace_solve(self.projection(layer), K, self.hp.alphaedit_l2, self.state.prev_kkt(layer, K.shape[0]))
 
 
-def nullspace_solve(P: torch.Tensor, prior_kkt: torch.Tensor, K: torch.Tensor, l2: float) -> torch.Tensor:
-    """V (d_in, n) of AlphaEdit's update R V^T: (P (prior_kkt + K K^T) + l2 I)^-1 P K, float64 in and out."""
-    A = P.to(K) @ (prior_kkt + K @ K.T)
+def stats_projection(stats: LayerStats, threshold: float) -> torch.Tensor:
+    """The null-space projector of a layer's C0 for `threshold`, computed once per statistics object."""
+    return stats.cached(("nullspace", threshold), lambda c0: nullspace_projection(c0, threshold))
+
+
+def nullspace_solve(P: torch.Tensor, K: torch.Tensor, l2: float, prior_kkt: torch.Tensor | None = None) -> torch.Tensor:
+    """V (d_in, n) of AlphaEdit's update R V^T: (P (prior_kkt + K K^T) + l2 I)^-1 P K, float64 in and out (no
+    `prior_kkt`: no earlier keys)."""
+    kkt = K @ K.T if prior_kkt is None else prior_kkt + K @ K.T
+    A = P.to(K) @ kkt
     A.diagonal().add_(l2)
     return torch.linalg.solve(A, P.to(K) @ K)
 
