@@ -4,10 +4,10 @@ Before a batch is applied, every edited subject's other statements (the relation
 other relations of its kind, and its descriptions: evaluators/relations.py) are answered greedily by the model as it
 is (entity memory off); after the batch is applied and verified they are answered again. A fact whose subject keeps
 fewer than `specificity_floor` of the statements the unedited model is sure of (first answer token at p >= .3; all
-statements when it is sure of none) is optimised again with a stronger hold on them (`keep_factor` x4 per try for subject-site slots; for answer-site
-slots a radius halfway closer to its keys), up
-to `max_tries` optimisations; one that still changes them is `failed`, its reason quoting the changed answers, and
-in the entity memory its slot is dropped (the fact is not answered, and nothing else about its subject changes).
+statements when it is sure of none) is optimised again with a stronger hold on them (`keep_factor` x4 per try for
+subject-site slots; for answer-site slots a radius halfway closer to its keys), up to `max_tries` optimisations; one
+that still changes them is `failed`, its reason quoting the changed answers, and in the entity memory its slot is
+dropped (the fact is not answered, and nothing else about its subject changes).
 The measure asks the bank's *test* templates instead (evaluators/specificity.py), so the guard never tunes on them.
 `session` below is the agent's session (agent/session.py): these read its `forms`, `model`, `tok` and `editor.memory`.
 """
