@@ -55,6 +55,8 @@ import json, os, sys, traceback
 sys.path.insert(0, {str(TESTS)!r})
 import torch
 torch.set_num_threads(1)
+import tqdm
+tqdm.tqdm.monitor_interval = 0  # no tqdm monitor thread: one holding tqdm's lock at a fork left the child deadlocked
 import agent.batch, agent.session, test_reliability_support
 agent.session.default_embedder = test_reliability_support.ToyEmbedder
 agent.batch.answered = lambda session, facts, *_: [True] * len(facts)  # FAKE, as the module's pytestmark says
