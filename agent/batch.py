@@ -194,7 +194,8 @@ def hold_subjects(session: Session, group: list[StoredFact], result: EditResult,
     are optimised again with a stronger hold, then failed with the changed answers quoted (and their slots dropped)."""
     floor = session.cfg.specificity_floor
     live = [f for f in group if f.id not in failed]
-    same_subject.read_after(session, readings, [f.id for f in live])
+    moved = bool(result.delta.layers)
+    same_subject.read_after(session, readings, [f.id for f in live], moved)
     bad, retried = same_subject.below_floor(readings, live, floor), []
     for tries in range(1, session.cfg.max_tries):
         if not bad:
@@ -209,7 +210,7 @@ def hold_subjects(session: Session, group: list[StoredFact], result: EditResult,
         extra.delta.check_finite()
         session.editor.apply(extra)
         result, retried = combine(result, extra), retried + bad
-        same_subject.read_after(session, readings, [f.id for f in bad])
+        same_subject.read_after(session, readings, [f.id for f in bad], moved or bool(extra.delta.layers))
         bad = same_subject.below_floor(readings, bad, floor)
     failed = dict(failed) | {f.id: same_subject.reason(readings[f.id]) for f in bad}
     again = [f for f in {f.id: f for f in retried}.values() if f.id not in failed]  # a fact is not hashable

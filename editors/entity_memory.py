@@ -90,9 +90,11 @@ def last_states(model: nn.Module, tok, texts: Sequence[str], layer: int, batch_s
         raise _Reached
 
     hook = layers_of(model)[layer].register_forward_hook(grab)
+    every = tok(list(texts)).input_ids if texts else []
+    order = sorted(range(len(every)), key=lambda i: len(every[i]))  # similar lengths together: little padding
     try:
-        for start in range(0, len(texts), batch_size):
-            ids = tok(list(texts[start: start + batch_size])).input_ids
+        for start in range(0, len(order), batch_size):
+            ids = [every[i] for i in order[start: start + batch_size]]
             width = max(len(i) for i in ids)
             x = torch.tensor([i + [0] * (width - len(i)) for i in ids])
             mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
@@ -105,7 +107,11 @@ def last_states(model: nn.Module, tok, texts: Sequence[str], layer: int, batch_s
             out.append(grabbed["h"][torch.arange(len(ids)), last.to(grabbed["h"].device)].float().cpu())
     finally:
         hook.remove()
-    return torch.nn.functional.normalize(torch.cat(out), dim=1) if out else torch.zeros(0)
+    if not out:
+        return torch.zeros(0)
+    states = torch.empty(len(texts), out[0].shape[1])
+    states[torch.tensor(order)] = torch.cat(out)
+    return torch.nn.functional.normalize(states, dim=1)
 
 
 def keys_and_radii(positive: torch.Tensor, negative: torch.Tensor, margin: float,
@@ -274,6 +280,17 @@ class EntityMemory:
         h = h.clone()
         h[rows, cols] = h[rows, cols] + add
         return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    def fires(self, ids: Sequence[int], state: torch.Tensor) -> bool:
+        """Whether a forward pass of the prompt `ids` adds any slot, given `state`: the memory layer's output at the
+        prompt's last token (which the memory does not change). Where none fires, the prompt's greedy answer is the
+        model's without the memory, token for token (decoding steps never fire a slot)."""
+        if not (self.enabled and self.slots):
+            return False
+        found = self.matches(ids)
+        if any(s not in self.keys for _, s in found):
+            return True  # a subject-site slot: added wherever its subject is named
+        return bool(self._answer_slot(state[None], found, 0))
 
     def _answer_slot(self, h: torch.Tensor, found: list[tuple[int, str]], last: int) -> list[tuple[int, str]]:
         """The answer-site slot of a subject named in the prompt whose key is nearest the prompt's last state, when

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from editors.arch import layers_of
+from editors.forward import output_tensor
+from editors.hooks import forward_hook
 from evaluators.relations import RelationBank, Statement, form_name
 from evaluators.scoring import model_device, pad_id_of
 
@@ -77,6 +80,8 @@ class Probe:
 class Answer:
     text: str  # the greedy continuation, decoded without special tokens
     first_p: float  # probability of its first token
+    state: torch.Tensor | None = field(default=None, compare=False, repr=False)  # with `state_layer`: that block's
+    #   output at the prompt's last token
 
 
 Generate = Callable[[Sequence[Probe]], list[Answer]]
@@ -213,8 +218,10 @@ def _resolved(bank: RelationBank, case: EditCase) -> str | None:
 
 
 @torch.no_grad()
-def generate_answers(model, tok, probes: Sequence[Probe], batch_size: int = 32) -> list[Answer]:
-    """Greedy answers of `model` to every probe: grouped by (tokens, chat), length-sorted, left-padded batches."""
+def generate_answers(model, tok, probes: Sequence[Probe], batch_size: int = 32,
+                     state_layer: int | None = None) -> list[Answer]:
+    """Greedy answers of `model` to every probe: grouped by (tokens, chat), length-sorted, left-padded batches. With
+    `state_layer`, each answer keeps that block's output at its prompt's last token (read in the same pass)."""
     out: list[Answer | None] = [None] * len(probes)
     groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
     for i, p in enumerate(probes):
@@ -224,23 +231,42 @@ def generate_answers(model, tok, probes: Sequence[Probe], batch_size: int = 32) 
         order = sorted(range(len(idx)), key=lambda j: len(ids[j]))
         for start in range(0, len(order), batch_size):
             chunk = order[start: start + batch_size]
-            for j, answer in zip(chunk, _generate_chunk(model, tok, [ids[j] for j in chunk], tokens)):
+            for j, answer in zip(chunk, _generate_chunk(model, tok, [ids[j] for j in chunk], tokens, state_layer)):
                 out[idx[j]] = answer
     return out  # type: ignore[return-value]
 
 
-def _generate_chunk(model, tok, seqs: list[list[int]], tokens: int) -> list[Answer]:
+def _generate_chunk(model, tok, seqs: list[list[int]], tokens: int, state_layer: int | None = None) -> list[Answer]:
     width, pad = max(len(s) for s in seqs), pad_id_of(tok)
     ids = torch.tensor([[pad] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
     device = model_device(model)
-    gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=tokens,
-                         do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
-                         output_logits=True, return_dict_in_generate=True)
+    states: list[torch.Tensor] = []
+    with _prefill_last_states(model, state_layer, states):
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=tokens,
+                             do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+                             pad_token_id=pad, output_logits=True, return_dict_in_generate=True)
     new = gen.sequences[:, width:]
     first = torch.softmax(gen.logits[0].float(), -1).gather(1, new[:, :1].to(gen.logits[0].device))[:, 0]
     texts = tok.batch_decode(new, skip_special_tokens=True)
-    return [Answer(t, float(p)) for t, p in zip(texts, first.tolist())]
+    rows = states[0] if states else [None] * len(texts)
+    return [Answer(t, float(p), h) for t, p, h in zip(texts, first.tolist(), rows)]
+
+
+@contextmanager
+def _prefill_last_states(model, layer: int | None, into: list[torch.Tensor]) -> Iterator[None]:
+    """Record block `layer`'s output at the last position of the first forward call (the left-padded prompts'
+    prefill) into `into` (nothing when `layer` is None)."""
+    if layer is None:
+        yield
+        return
+
+    def grab(_m, _a, out):
+        if not into:
+            into.append(output_tensor(out)[:, -1].detach().float().cpu())
+
+    with forward_hook(layers_of(model)[layer], grab):
+        yield
 
 
 def ask(model, tok, plan: Plan, cfg: SpecificityConfig, generate: Generate | None = None) -> list[Answer]:

@@ -161,6 +161,32 @@ def test_an_answer_site_slot_fires_at_the_prompts_end_only_where_its_key_matches
     assert torch.equal(stored.keys, keys[None]) and torch.equal(stored.radii, radii[None])
 
 
+def test_the_check_asks_again_only_the_prompts_on_which_a_slot_fires(lm):
+    """The same-subject check skips, after a slots-only batch, each statement on which no slot fires: its answer with
+    the memory must then be the answer without it, token for token, and the state read while answering is the one the
+    gate compares."""
+    from editors.entity_memory import keys_and_radii, last_states
+    from evaluators.specificity import Probe, generate_answers
+
+    model, tok = lm
+    asked, other, elsewhere = "The capital of Paris is", "Paris was built by", "The fox jumps over the"
+    keys, radii = keys_and_radii(*(last_states(model, tok, [t], 1) for t in (asked, other)), margin=0.5)
+    mem = EntityMemory(tok, layer=1)
+    mem.write(MemoryWrite(1, ["Paris"], 2000 * torch.randn(1, 32, generator=torch.Generator().manual_seed(2)),
+                          keys=keys[None], radii=radii[None]))
+    probes = [Probe(t, 4) for t in (asked, other, elsewhere)]
+    with mem.attached(model):
+        with mem.suspended():
+            before = generate_answers(model, tok, probes, state_layer=1)
+        after = generate_answers(model, tok, probes)
+    fires = [mem.fires(tok(p.prompt).input_ids, b.state) for p, b in zip(probes, before)]
+    assert fires == [True, False, False]
+    assert abs(after[0].first_p - before[0].first_p) > 0.1  # where it fires, the slot moves the answer
+    assert [(a.text, round(a.first_p, 5)) for a in after[1:]] == [(b.text, round(b.first_p, 5)) for b in before[1:]]
+    unit = torch.nn.functional.normalize(before[0].state, dim=0)
+    assert torch.allclose(unit, last_states(model, tok, [asked], 1)[0], atol=1e-5)
+
+
 def test_cues_key_the_relations_other_train_phrasings_and_are_never_trained_or_measured(tok):
     from evaluators.edit_forms import FormSettings, enrich
     from evaluators.relations import RelationBank

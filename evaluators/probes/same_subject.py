@@ -22,6 +22,7 @@ SUBJECT_PROBE = "subject"  # probes-table kind: a statement about an edited subj
 UNSURE_PROBE = "subject-unsure"  # the same, for a statement it is not sure of
 SURE_P = 0.3  # a statement is one the unedited model is sure of when its first answer token has this probability
 ANSWER_TOKENS = 6  # new tokens compared per statement
+ASK_BATCH = 128  # statements answered together (32 -> 128: 695 statements in 22 s instead of 32 s on 2 cores)
 
 
 @dataclass
@@ -59,16 +60,18 @@ def statements(session, fact: StoredFact) -> list[str]:
     return [s.prompt for s in forms.bank.statements(fact.record.subject, relation.id, "train", None, others)]
 
 
-def ask(session, prompts: list[str]) -> list[Answer]:
-    return generate_answers(session.model, session.tok, [Probe(p, ANSWER_TOKENS) for p in prompts]) if prompts else []
+def ask(session, prompts: list[str], state_layer: int | None = None) -> list[Answer]:
+    probes = [Probe(p, ANSWER_TOKENS) for p in prompts]
+    return generate_answers(session.model, session.tok, probes, ASK_BATCH, state_layer) if prompts else []
 
 
 def read_before(session, facts: list[StoredFact]) -> dict[int, SubjectReading]:
-    """Per fact, its subject's statements answered by the model before the batch (entity memory off)."""
+    """Per fact, its subject's statements answered by the model before the batch (entity memory off), each with the
+    memory layer's state at its last token (what decides whether a slot fires on it)."""
     asked = {f.id: statements(session, f) for f in facts}
     flat = [p for ps in asked.values() for p in ps]
     with session.editor.memory.suspended():
-        answers = ask(session, flat)
+        answers = ask(session, flat, session.editor.memory.layer)
     out, at = {}, 0
     for fid, ps in asked.items():
         out[fid] = SubjectReading(ps, answers[at: at + len(ps)])
@@ -76,14 +79,21 @@ def read_before(session, facts: list[StoredFact]) -> dict[int, SubjectReading]:
     return out
 
 
-def read_after(session, readings: dict[int, SubjectReading], ids: list[int]) -> None:
-    """Fill `after` of the readings of `ids` with the model as it is now."""
-    flat = [p for fid in ids for p in readings[fid].prompts]
-    answers, at = ask(session, flat), 0
+def read_after(session, readings: dict[int, SubjectReading], ids: list[int], weights_moved: bool = True) -> None:
+    """Fill `after` of the readings of `ids` with the model as it is now. When the batch moved no weight
+    (`weights_moved` False: entity-memory slots only), a statement on which no slot fires is answered exactly as
+    before the batch, so only the statements where one fires are asked again."""
+    prompts = [(fid, i, p) for fid in ids for i, p in enumerate(readings[fid].prompts)]
+    memory = session.editor.memory
+    if not weights_moved:
+        tok = session.tok
+        prompts = [(fid, i, p) for fid, i, p in prompts
+                   if readings[fid].before[i].state is None
+                   or memory.fires(tok(p).input_ids, readings[fid].before[i].state)]
+    answers = dict(zip([(fid, i) for fid, i, _ in prompts], ask(session, [p for _, _, p in prompts])))
     for fid in ids:
-        n = len(readings[fid].prompts)
-        readings[fid].after = answers[at: at + n]
-        at += n
+        r = readings[fid]
+        r.after = [answers.get((fid, i), b) for i, b in enumerate(r.before)]
 
 
 def below_floor(readings: dict[int, SubjectReading], facts: list[StoredFact], floor: float) -> list[StoredFact]:
