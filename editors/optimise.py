@@ -17,7 +17,7 @@ from torch import nn
 
 from editors.hparams import EditHParams
 from editors.devices import input_device
-from editors.prompts import EditRequest, context_ids, n_target_rows, split_at_subject, value_rows
+from editors.prompts import EditRequest, n_target_rows, row_contexts, split_at_subject, value_rows
 from editors.values import SuffixRunner, make_batch
 
 
@@ -83,7 +83,7 @@ def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates
     rows = value_rows(tok, requests, templates, hp.kl_factor, hp.keep_factor, hp.memory_site if hp.write == "memory" else "subject")
     batch, P = make_batch(rows, tok.pad_token_id or 0, device)
     runner = SuffixRunner(model, layer)
-    runner.precompute(batch, P, context_ids(tok, templates))
+    runner.precompute(batch, P, row_contexts(tok, templates))
     lm_head = model.get_output_embeddings()
     n = len(requests)
     n_prompts = torch.tensor(n_target_rows(requests, templates), dtype=torch.float32, device=device)

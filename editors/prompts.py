@@ -80,25 +80,60 @@ def _kl_row(tok, i: int, template: str, subject: str, weight: float) -> PromptRo
     return PromptRow(i, head[:-1], [head[-1], *tail], is_kl=True, kl_weight=weight)
 
 
+def chat_prefix(tok) -> list[int]:
+    """Token ids every prompt in the tokenizer's chat template begins with (its system prompt and the user turn's
+    header), [] without a chat template: the chat forms' rows share them as a context computed once."""
+    if not getattr(tok, "chat_template", None):
+        return []
+    a, b = (tok(tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
+                                        tokenize=False))["input_ids"] for c in ("A", "B"))
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return list(a[:n])
+
+
+def row_contexts(tok, templates: list[str]) -> list[list[int]]:
+    """The token prefixes the value optimisation's rows may share: each context template's, then the chat
+    template's (see `value_rows`)."""
+    chat = chat_prefix(tok)
+    return context_ids(tok, templates) + ([chat] if chat else [])
+
+
+def _context_of(head: list[int], shared: list[list[int]], allowed) -> int:
+    """The longest of the `allowed` shared prefixes that the row's prefix (`head` without its last token) begins
+    with, or -1."""
+    best = -1
+    for j in allowed:
+        c = shared[j]
+        if 0 < len(c) < len(head) and head[: len(c)] == c and (best < 0 or len(c) > len(shared[best])):
+            best = j
+    return best
+
+
 def value_rows(tok, requests: list[EditRequest], templates: list[str], kl_factor: float = 1.0,
                keep_factor: float = 1.0, site: str = "subject") -> list[PromptRow]:
     """Rows of the value optimisation: each edit's prompt in every template, its other forms, then its KL rows
     ("{subject} is a" weighted `kl_factor`, the `keep` templates sharing `keep_factor`). With `site="answer"` the
     delta sits on each prompt's last token and there are no KL rows (the slot's key keeps it off other prompts).
 
-    A row in template j whose prefix begins with `context_ids(tok, templates)[j]` is marked
-    `context=j`, so that the context's keys/values can be computed once for the whole chunk.
+    A row in template j whose prefix begins with `row_contexts(tok, templates)[j]` is marked `context=j`, and a form
+    whose prefix begins with the chat template's shared prefix is marked with its index, so that each shared prefix's
+    keys/values are computed once for the whole chunk (a chat prompt's system prompt is most of its tokens).
     """
     rows: list[PromptRow] = []
-    shared = context_ids(tok, templates)
+    shared = row_contexts(tok, templates)
+    chat = range(len(templates), len(shared))
     for i, req in enumerate(requests):
         target = tok(" " + req.target, add_special_tokens=False)["input_ids"]
         split = split_at_answer if site == "answer" else split_at_subject
         for j, ctx in enumerate(["{}", *templates], start=-1):
             head = split(tok, in_context(ctx, req.prompt), req.subject)[0]
-            ctx_j = j if j >= 0 and 0 < len(shared[j]) < len(head) and head[: len(shared[j])] == shared[j] else -1
+            ctx_j = _context_of(head, shared, [j] if j >= 0 else [])
             rows.append(_target_row(tok, i, in_context(ctx, req.prompt), req.subject, target, ctx_j, split))
-        rows += [_target_row(tok, i, template, subject, target, split=split) for template, subject in req.forms]
+        for template, subject in req.forms:
+            ctx_f = _context_of(split(tok, template, subject)[0], shared, chat)
+            rows.append(_target_row(tok, i, template, subject, target, ctx_f, split))
         if site == "answer":
             continue
         rows.append(_kl_row(tok, i, "{} is a", req.subject, kl_factor))

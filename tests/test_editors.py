@@ -126,6 +126,32 @@ def test_fast_suffix_path_equals_full_forward(tiny_llama, tok, templates, reques
             assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_chat_forms_share_the_chat_prefix_and_the_fast_path_still_equals_a_full_forward(tiny_llama, tok):
+    import copy
+
+    from editors.prompts import chat_prefix, row_contexts
+
+    chat_tok = copy.deepcopy(tok)
+    chat_tok.chat_template = ("{% for m in messages %}System: be brief and true. User: {{ m['content'] }}{% endfor %}"
+                              "{% if add_generation_prompt %} Bot:{% endif %}")
+    assert chat_tok.decode(chat_prefix(chat_tok)) == "System: be brief and true. User: "
+    chat_form = ("System: be brief and true. User: Where is {}? Bot:", "Eiffel Tower")
+    requests = [EditRequest("{} is located in", "Eiffel Tower", "Rome", forms=(chat_form, ("Where is {}?", "Eiffel Tower")))]
+    templates = ["A. {}"]
+    rows = value_rows(chat_tok, requests, templates, site="answer")
+    assert [r.context for r in rows] == [-1, 0, 1, -1]  # the chat form lends its prefix, the plain form has none
+    batch, P = make_batch(rows, 0, "cpu")
+    delta = torch.randn(len(rows), tiny_llama.config.hidden_size)
+    outs = []
+    for fast, contexts in ((True, row_contexts(chat_tok, templates)), (False, None)):
+        runner = SuffixRunner(tiny_llama, 1)
+        runner.fast = fast
+        runner.precompute(batch, P, contexts)
+        outs.append((runner.run(delta), runner.h_layer()))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_layerwise_keys_follow_edits_below_like_full_forwards(tiny_llama, tok):
     templates = ["Hello there. {}", "A. {}"]
     seqs = key_rows(tok, REQUESTS, templates)
