@@ -86,14 +86,24 @@ def _variants(_ctx, _param, texts: tuple[str, ...]) -> list:
 @click.option("--forms/--no-forms", default=True, show_default=True,
               help="Train each CounterFact edit on its other forms with its subject's other relations held, as the "
                    "agent does (--no-forms: the edit prompt alone, as before).")
+@click.option("--tiers", "tiers_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Instead of editor rows, run the product's path in a new workspace at this directory: init, watch "
+                   "the records as a feed (memory tier), consolidate (compaction into the weights); reports the tier "
+                   "split, answers with and without the memory, specificity, damage and time (uses --facts, --start, "
+                   "--n, --model, --device, --dtype, --stats-corpus, --set, --json; batches as a workspace's config).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
 def bench(facts, fmt, start, n, batch_size, methods, model, device, dtype, device_map, stats_corpus, order, sets,
-          consolidate_every, variants, specificity_n, known_only, forms, json_out) -> None:
+          consolidate_every, variants, specificity_n, known_only, forms, tiers_dir, json_out) -> None:
     """Benchmark editors on sequential edits: quality, side effects and speed."""
     from editors.models import pick_device
     from evaluators.bench import BenchConfig, run_bench, table
 
     pick_device(device)  # a device this machine lacks is a one-line error before anything loads
+    if tiers_dir is not None:
+        if fmt != "counterfact" or known_only:
+            raise click.UsageError("--tiers runs CounterFact records --start..--start+--n (no --known-only, no zsRE)")
+        tiers(tiers_dir, facts, start, n, model, device, dtype, stats_corpus, sets, json_out)
+        return
     cfg = BenchConfig(facts=facts, format=fmt, start=start, n=n, batch_size=batch_size, methods=methods,
                       model=model, device=device, dtype=dtype, device_map=device_map, stats_corpus=stats_corpus,
                       order=order, overrides=sets, consolidate_every=consolidate_every, variants=variants,
@@ -106,6 +116,28 @@ def bench(facts, fmt, start, n, batch_size, methods, model, device, dtype, devic
     rows = run_bench(cfg, on_row=save)
     click.echo(table(rows))
     if json_out:
+        click.echo(f"wrote {json_out}")
+
+
+def tiers(root: Path, facts: Path, start: int, n: int, model: str, device: str | None, dtype: str,
+          stats_corpus: Path | None, sets: dict, json_out: Path | None) -> None:
+    """`bench --tiers`: the product's path (agent/tier_bench.py) on records start..start+n-1 (those holding none of
+    the guard's probe facts)."""
+    from dataclasses import asdict
+
+    from agent.config import checked_config
+    from agent.tier_bench import run_tiers, tier_table
+    from editors.models import load_model
+    from evaluators.bench import edit_set
+    from evaluators.counterfact import load_counterfact
+
+    records = edit_set(load_counterfact(facts)[start:], n, "counterfact", facts)
+    cfg = checked_config(dict(model=model, device=device or "auto", dtype=dtype, editor=sets,
+                              stats_corpus=str(stats_corpus.resolve()) if stats_corpus else ""), "kagent bench --tiers")
+    run = run_tiers(root.resolve(), records, cfg, load_model(model, **cfg.load_options()), echo=click.echo)
+    click.echo(tier_table(run))
+    if json_out:
+        json_out.write_text(json.dumps(asdict(run), indent=2))
         click.echo(f"wrote {json_out}")
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sqlite3
 from dataclasses import asdict
 from pathlib import Path
@@ -24,11 +23,11 @@ from agent.loop import WatchOptions, watch as watch_feed
 from agent.report import render_report
 from agent.schedule import ScheduleError
 from agent.tiers import export_tiers
-from agent.session import initialise, open_ledger, open_session
+from agent.session import create_workspace, open_ledger, open_session
 from agent.workspace import Workspace, WorkspaceError, default_root
 from editors.arch import UnknownArchitecture
 from editors.entity_memory import EntityMemory
-from editors.models import DEFAULT_MODEL, DTYPE_CHOICES, DeviceUnavailable, dtype_name, fingerprint, load_model
+from editors.models import DEFAULT_MODEL, DTYPE_CHOICES, DeviceUnavailable, fingerprint, load_model
 from editors.registry import METHODS, resolve_hparams
 from editors.user_corpus import CorpusError
 from memory.gguf_export import SourceMissing
@@ -119,17 +118,9 @@ def init(model: str, method: str, layers: list[int], stats_tokens: int, device: 
     if Workspace(root).exists():
         raise WorkspaceError(f"a workspace already exists at {root}")
     loaded = load_checked(model, cfg.load_options())
-    cfg = cfg.model_copy(update={"dtype": dtype_name(next(loaded.model.parameters()).dtype)})  # auto, resolved
+    ws, baseline = create_workspace(root, cfg, loaded)
+    cfg = ws.config()
     chosen = chosen_hparams(cfg, loaded.model.config)
-    ws = Workspace.create(root, cfg)
-    try:
-        with ws.writer():
-            session = open_session(ws, loaded)
-            baseline = initialise(session)
-            session.close()
-    except BaseException:
-        shutil.rmtree(ws.root, ignore_errors=True)
-        raise
     acc = "n/a" if baseline.known_acc is None else f"{baseline.known_acc:.3f}"
     click.echo(f"initialised {ws.root}: {model} ({method}, {cfg.dtype}); baseline known-fact accuracy {acc}, "
                f"perplexity {baseline.perplexity:.2f}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from agent.workspace import Baseline, Workspace
 from editors.arch import n_layers
 from editors.core import Editor
 from editors.entity_memory import EntityMemory, MemoryWrite
-from editors.models import LoadedModel, fingerprint, load_model
+from editors.models import LoadedModel, dtype_name, fingerprint, load_model
 from editors.registry import make_editor
 from editors.state import EditorState
 from editors.user_corpus import UserCorpus
@@ -216,6 +217,22 @@ def measure_baseline(ws: Workspace, probes: ProbeSuite, base: LoadedModel, setti
     """Probe the unedited model `base` and store the values as the workspace baseline."""
     values = probes.downstream(base.model, base.tok)
     return ws.save_baseline(values.get("known_acc"), values["perplexity"], fingerprint(base.model), settings)
+
+
+def create_workspace(root: Path, cfg: AgentConfig, loaded: LoadedModel) -> tuple[Workspace, Baseline]:
+    """A new workspace at `root` editing `loaded` (the dtype it loaded in written to the config), its probe baselines
+    measured (`kagent init`); nothing is left at `root` when this fails."""
+    cfg = cfg.model_copy(update={"dtype": dtype_name(next(loaded.model.parameters()).dtype)})  # auto, resolved
+    ws = Workspace.create(root, cfg)
+    try:
+        with ws.writer():
+            session = open_session(ws, loaded)
+            baseline = initialise(session)
+            session.close()
+    except BaseException:
+        shutil.rmtree(ws.root, ignore_errors=True)
+        raise
+    return ws, baseline
 
 
 def initialise(session: Session) -> Baseline:

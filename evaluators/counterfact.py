@@ -62,6 +62,15 @@ def load_counterfact(path: str | Path, n: int | None = None) -> list[CounterFact
     return records
 
 
+def feed_line(r: CounterFactRecord) -> dict:
+    """The record as one line of a kagent feed: subject, prompt, target (target_new), old_target (ground_truth), its
+    rephrase as a paraphrase, its locality prompt as a neighbour, id "cf-<case_id>"."""
+    return {"subject": r.subject, "prompt": r.prompt, "target": r.target_new, "old_target": r.ground_truth,
+            "paraphrases": [r.rephrase_prompt],
+            "neighbors": [{"prompt": r.locality_prompt, "target": r.locality_ground_truth}],
+            "id": f"cf-{r.case_id}", "source": "counterfact"}
+
+
 def to_requests(records: Sequence[CounterFactRecord]) -> list[EditRequest]:
     """Edit requests: ("{}"-template of the prompt, subject, target_new)."""
     return [EditRequest(r.template(), r.subject, r.target_new) for r in records]

@@ -11,14 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
+from evaluators.counterfact import CounterFactRecord, feed_line
+
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "counterfact" / "counterfact-train.json"
-
-
-def feed_line(r: dict) -> str:
-    return json.dumps({"subject": r["subject"], "prompt": r["prompt"], "target": r["target_new"],
-                       "old_target": r["ground_truth"], "paraphrases": [r["rephrase_prompt"]],
-                       "neighbors": [{"prompt": r["locality_prompt"], "target": r["locality_ground_truth"]}],
-                       "id": f"cf-{r['case_id']}", "source": "counterfact"}, ensure_ascii=False)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     records = json.loads(args.facts.read_text())[args.start:args.start + args.n]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("".join(feed_line(r) + "\n" for r in records))
+    lines = (json.dumps(feed_line(CounterFactRecord.model_validate(r)), ensure_ascii=False) for r in records)
+    args.out.write_text("".join(line + "\n" for line in lines))
 
 
 if __name__ == "__main__":

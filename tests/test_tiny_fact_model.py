@@ -212,3 +212,33 @@ def test_bench_known_only_keeps_the_records_whose_true_answer_the_model_gives(mo
     wrong = [SimpleNamespace(prompt=f["prompt"], ground_truth="Zzyzx") for f in facts]
     mixed = [r for pair in zip(right, wrong) for r in pair]
     assert known(model, tok, mixed) == right
+
+
+def test_bench_tiers_runs_the_products_path_and_reports_what_its_workspace_holds(tmp_path):
+    """`kagent bench --tiers`: init, watch and consolidate in a new workspace; its figures are that workspace's (the
+    tier of every applied fact as `kagent facts` lists it, every applied fact answering with both tiers), and a
+    directory that already holds a workspace is refused before anything runs."""
+    edits = counterfactuals(3, seed=5)
+    template = {r: v["templates"][0] for r, v in KNOWN["relations"].items()}
+    kept = next(f for f in KNOWN["facts"] if f["subject"] in RESERVED)
+    records = [{"case_id": 900_000 + i, "prompt": template[e["relation"]].replace("{}", e["subject"]),
+                "subject": e["subject"], "target_new": e["new"], "ground_truth": e["target"],
+                "rephrase_prompt": e["paraphrases"][0], "locality_prompt": kept["prompt"],
+                "locality_ground_truth": kept["target"]} for i, e in enumerate(edits)]
+    facts = tmp_path / "cf.json"
+    facts.write_text(json.dumps(records))
+    root, out = tmp_path / "tiers-ws", tmp_path / "tiers.json"
+    args = ["bench", "--tiers", root, "--facts", facts, "--n", 3, "--model", TINY_FACT_MODEL, "--stats-corpus",
+            TINY_FACT_MODEL / "corpus.txt", "--set", "stats_tokens=20000", "--json", out]
+    res = run(*args)
+    assert res.exit_code == 0, res.output
+    got = json.loads(out.read_text())
+    listed = facts_with(root, "applied")
+    assert got["lines"] == 3 and got["applied"] == len(listed) >= 1
+    assert (got["memory_tier"], got["weights_tier"]) == (sum(f["tier"] == "memory" for f in listed),
+                                                         sum(f["tier"] == "weights" for f in listed))
+    assert got["answer_both_tiers"] == got["applied"]  # every applied fact answers, whichever tier holds it
+    assert got["weights_tier"] <= got["answer_weights_alone"]
+    assert got["watch_seconds"] > 0 and got["consolidation"]
+    again = run(*args)
+    assert again.exit_code != 0 and "already exists" in again.output
