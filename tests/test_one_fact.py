@@ -121,6 +121,17 @@ def test_keep_prompts_hold_the_subjects_other_answers(tiny_llama, tok):
     assert kls[1] < 0.5 * kls[0]
 
 
+def test_an_edit_of_a_description_prompt_is_keyed_apart_from_its_own_prompt(tiny_llama, tok):
+    """An edit whose prompt is one of its subject's descriptions ("Paris is a" -> ...) must not count that prompt
+    among the ones its slot must not fire on: the slot's key for it would get radius 1 and fire only by float luck."""
+    req = EditRequest("{} is a", "Paris", "city", keep=("{} is located in", "{} was built by"))
+    ed = make_editor("encore", tiny_llama, tok, corpus=CORPUS, layers=[1, 2], stats_tokens=4000, n_context=1,
+                     context_tokens=3, write="memory", memory_site="answer")
+    keys, radii = ed.answer_keys([req], ["Paris"])
+    real = radii[0][~torch.isnan(radii[0])]
+    assert (real < 1 - 1e-4).all()  # every key fires a margin inside its radius, the edit prompt's included
+
+
 def test_aliases_are_names_and_are_stored(tok):
     line = {"subject": "New York", "prompt": "{} is in", "target": "Texas", "aliases": ["Big Apple", "NYC"]}
     assert parse_line(json.dumps(line), 1).aliases == ["Big Apple", "NYC"]

@@ -59,7 +59,9 @@ def statements(session, fact: StoredFact) -> list[str]:
     if relation is None:
         return []
     others = [r.id for r in forms.bank.candidates(fact.record.template) if r.id != relation.id]
-    return [s.prompt for s in forms.bank.statements(fact.record.subject, relation.id, "train", PER_RELATION, others)]
+    asked = fact.record.text.strip()  # the edit's own prompt (e.g. "X is a" -> bishop) is what changes, not another
+    return [s.prompt for s in forms.bank.statements(fact.record.subject, relation.id, "train", PER_RELATION, others)
+            if s.prompt.strip() != asked]
 
 
 def ask(session, prompts: list[str], state_layer: int | None = None) -> list[Answer]:
