@@ -2,14 +2,18 @@
 regression over the relation bank's relations (+ descriptions), trained on its TRAIN templates x 10 counterfact-train
 subjects per relation, tested on its TEST templates (held-out phrasings) and on other records' rephrase prompts.
 Prints one JSON line per weight decay (issue 26: why no key drawn from the bank reaches CounterFact's paraphrases).
+`--layer L` reads the states at another block's output instead (is the relation decodable higher up?).
 
-    python scripts/relation_probe.py
+    python scripts/relation_probe.py [--layer 17]
 """
-import json, random, sys, time
+import argparse, json, random, sys, time
 from pathlib import Path
 
 import torch
 torch.set_num_threads(1)
+_ap = argparse.ArgumentParser(description="relation probe at one layer's output")
+_ap.add_argument("--layer", type=int, default=17, help="block whose output is read (default: the memory's, 17)")
+LAYER = _ap.parse_args().layer
 
 from editors.models import load_model
 from editors.entity_memory import last_states
@@ -28,7 +32,7 @@ random.seed(0)
 def states(texts):
     out = []
     for i in range(0, len(texts), 64):
-        out.append(last_states(model, tok, texts[i:i+64], 17))
+        out.append(last_states(model, tok, texts[i:i+64], LAYER))
     return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)
 tr_x, tr_y, te_x, te_y, pa_x, pa_y = [], [], [], [], [], []
 for ci, rid in enumerate(rels):
@@ -58,5 +62,5 @@ for wd in (1e-3, 1e-2):
     opt.step(closure)
     with torch.no_grad():
         acc = lambda X, y: float(((X @ W * 10 + b).argmax(1) == y).float().mean())
-        print(json.dumps({"wd": wd, "train": acc(Xtr, ytr), "test_templates": acc(Xte, yte), "rephrase": acc(Xpa, ypa)}), flush=True)
+        print(json.dumps({"layer": LAYER, "wd": wd, "train": acc(Xtr, ytr), "test_templates": acc(Xte, yte), "rephrase": acc(Xpa, ypa)}), flush=True)
 
