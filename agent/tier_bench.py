@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from agent.batch import answered
 from agent.config import AgentConfig
 from agent.consolidate import consolidate
 from agent.loop import WatchOptions, watch
@@ -81,14 +80,13 @@ def tally(session, root: str, lines: int, done, watch_s: float, consolidate_s: f
     """The run's figures, read from the session after the consolidation."""
     applied = session.ledger.facts(status="applied")
     tiers = [f.tier or "memory" for f in applied]
-    both = sum(answered(session, applied)) if applied else 0
+    rows = check_rows(session.model, session.tok, applied, session.ledger.probes())  # both tiers on
+    kept = [r["specificity"] for r in rows if r["specificity"] is not None]
     with session.editor.memory.suspended():
         alone = sum(weights_answer(session.model, session.tok, applied).values())
-    kept = [r["specificity"] for r in check_rows(session.model, session.tok, applied, session.ledger.probes())
-            if r["specificity"] is not None]
     return TierRun(root, lines, len(applied), len(session.ledger.facts(status="failed")), round(watch_s, 1),
                    round(len(applied) / watch_s, 3) if watch_s else 0.0, round(consolidate_s, 1),
-                   tiers.count("memory"), tiers.count("weights"), both, alone,
+                   tiers.count("memory"), tiers.count("weights"), sum(r["took"] for r in rows), alone,
                    round(sum(kept) / len(kept), 4) if kept else None, done.line(), dict(done.metrics),
                    list(done.rounds))
 

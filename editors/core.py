@@ -263,7 +263,8 @@ class Editor:
             pos += [t.replace("{}", s, 1) for t, s in r.forms]
             neg += [t.replace("{}", r.subject, 1) for t in r.keep]
         for pos, neg in texts.values():  # a prompt the edit asks is no other statement (e.g. the edit "X is a ...")
-            neg[:] = [t for t in dict.fromkeys(neg) if t not in set(pos)]
+            asked = set(pos)
+            neg[:] = [t for t in dict.fromkeys(neg) if t not in asked]
         flat = [t for s in subjects for part in texts[s] for t in part]
         with self.memory.suspended():
             states = last_states(self.model, self.tok, flat, self.hp.value_layer)

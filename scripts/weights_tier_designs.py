@@ -31,14 +31,11 @@ from agent.session import open_session
 from agent.tiers import weights_answer
 from agent.workspace import Workspace
 from editors.arch import layers_of
+from editors.hooks import StopForward, forward_hook
 from editors.prompts import in_context
 from editors.stats import default_corpus, layer_stats
 from evaluators.probes import same_subject
 from evaluators.specificity import Probe, generate_answers
-
-
-class _Stop(Exception):
-    pass
 
 
 @torch.no_grad()
@@ -48,10 +45,9 @@ def mlp_io(model, tok, texts: list[str], layer: int, batch: int = 32) -> list[tu
 
     def grab(_m, args, o):
         got["x"], got["y"] = args[0], o
-        raise _Stop
+        raise StopForward
 
-    handle = mlp.register_forward_hook(grab)
-    try:
+    with forward_hook(mlp, grab):
         for s in range(0, len(texts), batch):
             ids = tok(texts[s: s + batch]).input_ids
             w = max(map(len, ids))
@@ -59,11 +55,9 @@ def mlp_io(model, tok, texts: list[str], layer: int, batch: int = 32) -> list[tu
             m = torch.tensor([[1] * len(i) + [0] * (w - len(i)) for i in ids])
             try:
                 model.base_model(input_ids=x, attention_mask=m)
-            except _Stop:
+            except StopForward:
                 pass
             out += [(got["x"][b, : len(i)].float(), got["y"][b, : len(i)].float()) for b, i in enumerate(ids)]
-    finally:
-        handle.remove()
     return out
 
 
