@@ -205,7 +205,8 @@ def hold_subjects(session: Session, group: list[StoredFact], result: EditResult,
                                  data={"facts": [f.id for f in bad]})
         hp = session.editor.hp
         with session.editor.overriding(keep_factor=max(hp.keep_factor, 0.25) * 4 ** tries,  # subject-site slots
-                                       answer_margin=1 - (1 - hp.answer_margin) / 2 ** tries):  # answer-site: tighter
+                                       answer_margin=1 - (1 - hp.answer_margin) / 2 ** tries,  # answer-site: tighter
+                                       answer_recall=False):  # and keyed only, not firing on the old answer
             extra = compute(session, bad, [f for f in group if f not in bad])
         extra.delta.check_finite()
         session.editor.apply(extra)
@@ -233,7 +234,8 @@ def drop_slots(session: Session, group: list[StoredFact], result: EditResult, fa
     keep = [i for i, s in enumerate(memory.subjects) if s not in dead]
     keys = (memory.keys[keep], memory.radii[keep]) if memory.keys is not None else (None, None)
     write = MemoryWrite(memory.layer, [memory.subjects[i] for i in keep], memory.deltas[keep],
-                        {s: a for s, a in memory.aliases.items() if s not in dead}, *keys) if keep else None
+                        {s: a for s, a in memory.aliases.items() if s not in dead}, *keys,
+                        {s: a for s, a in memory.answers.items() if s not in dead}) if keep else None
     result.delta = EditDelta(result.delta.layers, write)
     session.editor.memory.load(merge_writes([session.ledger.memory_write(), write]))
     return result

@@ -215,7 +215,8 @@ def kept_slots(chain: MemoryWrite | None, live: list[StoredFact], tiers: dict[in
     gated = chain.keys is not None  # answer-site slots keep their keys and radii
     aliases = {s: a for s, a in chain.aliases.items() if s in subjects}
     return MemoryWrite(chain.layer, subjects, chain.deltas[keep], aliases,
-                       chain.keys[keep] if gated else None, chain.radii[keep] if gated else None)
+                       chain.keys[keep] if gated else None, chain.radii[keep] if gated else None,
+                       {s: a for s, a in chain.answers.items() if s in subjects})
 
 
 def compact(session: Session, live: list[StoredFact], before: dict[str, float]) -> Compaction:

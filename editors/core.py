@@ -25,7 +25,7 @@ from tqdm import tqdm
 from editors.arch import weight_view
 from editors.delta import EditDelta, LayerDelta
 from editors.devices import cuda_devices, input_device, layer_device, synchronize
-from editors.entity_memory import EntityMemory, MemoryWrite, stack_keys, keys_and_radii, last_states
+from editors.entity_memory import EntityMemory, MemoryWrite, stack_keys, keys_and_radii, last_states, recall_tokens
 from editors.keys import key_source
 from editors.movers import anchored, principal_complement
 from editors.hparams import EditHParams
@@ -175,7 +175,7 @@ class Editor:
         """What target values depend on: the weights (always the base ones with values_on="base") and the settings
         of the value optimisation, not those of the solve (so variants of the solve can share values)."""
         settings = self.hp.model_dump_json(include={"lr", "max_steps", "clamp_factor", "kl_factor", "keep_factor",
-                                                    "memory_site", "answer_margin", "answer_discriminant",
+                                                    "memory_site", "answer_margin", "answer_discriminant", "answer_recall",
                                                     "weight_decay", "stop", "nll_stop", "mpes_patience", "n_context",
                                                     "context_tokens", "value_chunk"})
         weights = ("base",) if self.hp.values_on == "base" else self.weights_stamp()
@@ -249,8 +249,21 @@ class Editor:
         for r in requests:
             aliases[r.subject] = list(dict.fromkeys([*aliases.get(r.subject, []), *r.aliases]))
         keys = self.answer_keys(requests, subjects) if self.hp.memory_site == "answer" else (None, None)
-        write = MemoryWrite(self.hp.value_layer, subjects, deltas, {s: a for s, a in aliases.items() if a}, *keys)
+        answers = self.recalled(requests) if self.hp.memory_site == "answer" and self.hp.answer_recall else {}
+        write = MemoryWrite(self.hp.value_layer, subjects, deltas, {s: a for s, a in aliases.items() if a}, *keys,
+                            answers)
         return EditResult(EditDelta([], write), {}, values.steps, {"total": 0.0}, values.flops)
+
+    def recalled(self, requests: list[EditRequest]) -> dict[str, list[int]]:
+        """Per subject, the tokens the model without the memory answers its requests' prompts with (those that name
+        something): its answer-site slot also fires where the model would give one of them."""
+        with self.memory.suspended():
+            tokens = recall_tokens(self.model, self.tok, [r.prompt.replace("{}", r.subject, 1) for r in requests])
+        out: dict[str, list[int]] = {}
+        for r, t in zip(requests, tokens):
+            if t is not None and t not in out.setdefault(r.subject, []):
+                out[r.subject].append(t)
+        return {s: t for s, t in out.items() if t}
 
     def answer_keys(self, requests: list[EditRequest], subjects: list[str]):
         """Per subject, the key and radius of its answer-site slot: its requests' prompts and forms must fire it,

@@ -45,6 +45,8 @@ class MemoryWrite:
     aliases: dict[str, list[str]] = field(default_factory=dict)  # subject -> other names that fire its slot
     keys: torch.Tensor | None = None  # (k, m, d) unit keys of answer-site slots, m per slot (None: subject-site slots)
     radii: torch.Tensor | None = None  # (k, m) least cosine to a key at which its slot fires (NaN: no such key)
+    answers: dict[str, list[int]] = field(default_factory=dict)  # answer-site subject -> tokens the unedited model
+    #   answers its edited prompts with: the slot also fires where the model without the memory would say one of them
 
     def __post_init__(self) -> None:
         if len(self.subjects) != self.deltas.shape[0]:
@@ -59,6 +61,8 @@ class MemoryWrite:
                "memory.deltas": self.deltas.detach().float().cpu().contiguous()}
         if self.aliases:
             out["memory.aliases"] = _json_bytes(self.aliases)
+        if self.answers:
+            out["memory.answers"] = _json_bytes(self.answers)
         if self.keys is not None:
             out["memory.keys"] = self.keys.detach().float().cpu().contiguous()
             out["memory.radii"] = self.radii.detach().float().cpu().contiguous()
@@ -70,9 +74,10 @@ class MemoryWrite:
         if "memory.deltas" not in tensors:
             return None
         subjects = json.loads(bytes(tensors["memory.subjects"].tolist()).decode())
-        aliases = json.loads(bytes(tensors["memory.aliases"].tolist()).decode()) if "memory.aliases" in tensors else {}
+        aliases, answers = (json.loads(bytes(tensors[f"memory.{name}"].tolist()).decode())
+                            if f"memory.{name}" in tensors else {} for name in ("aliases", "answers"))
         return MemoryWrite(int(tensors["memory.layer"][0]), subjects, tensors["memory.deltas"], aliases,
-                           tensors.get("memory.keys"), tensors.get("memory.radii"))
+                           tensors.get("memory.keys"), tensors.get("memory.radii"), answers)
 
 
 class _Reached(Exception):
@@ -112,6 +117,40 @@ def last_states(model: nn.Module, tok, texts: Sequence[str], layer: int, batch_s
     states = torch.empty(len(texts), out[0].shape[1])
     states[torch.tensor(order)] = torch.cat(out)
     return torch.nn.functional.normalize(states, dim=1)
+
+
+_FUNCTION_WORDS = frozenset("""the and not one two his her its their this that these those also which who whom whose
+from with for was were has had have are been being about known called named used part some many most more very only
+now then there here what when where how into onto over under after before while than like such""".split())
+
+
+@torch.no_grad()
+def recall_tokens(model: nn.Module, tok, texts: Sequence[str], batch_size: int = 32) -> list[int | None]:
+    """The model's greedy next token after each text, where it names something (a word of 3+ letters that is not a
+    function word: " Paris", " French", " physician"), else None: what an answer-site slot recalls (`answers`)."""
+    out: list[int | None] = []
+    every = tok(list(texts)).input_ids if texts else []
+    device = model.get_input_embeddings().weight.device
+    for start in range(0, len(every), batch_size):
+        ids = every[start: start + batch_size]
+        width = max(len(i) for i in ids)
+        x = torch.tensor([i + [0] * (width - len(i)) for i in ids], device=device)
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids], device=device)
+        h = _final_hidden(model.base_model(input_ids=x, attention_mask=mask))
+        last = torch.tensor([len(i) - 1 for i in ids], device=device)
+        top = model.get_output_embeddings()(h[torch.arange(len(ids), device=device), last]).argmax(-1).tolist()
+        out += [t if _names_something(tok.decode([t])) else None for t in top]
+    return out
+
+
+def _final_hidden(out) -> torch.Tensor:
+    """The decoder stack's normed last hidden states, from its output object or tuple."""
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else output_tensor(out)
+
+
+def _names_something(piece: str) -> bool:
+    word = piece.strip()
+    return len(word) >= 3 and word.isalpha() and word.lower() not in _FUNCTION_WORDS
 
 
 def keys_and_radii(positive: torch.Tensor, negative: torch.Tensor, margin: float,
@@ -185,9 +224,14 @@ class EntityMemory:
     aliases: dict[str, list[str]] = field(default_factory=dict)  # subject -> other names that fire its slot
     keys: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # answer-site slots: subject ->
     #   (keys (m, d), radii (m,)): the slot fires where the prompt's last state is within a key's radius
+    answers: dict[str, list[int]] = field(default_factory=dict)  # answer-site slots: subject -> tokens the unedited
+    #   model answers its edits' prompts with; the slot also fires where the model without the memory says one of them
     enabled: bool = True  # False inside suspended()
     _index: dict[int, list[tuple[tuple[int, ...], str]]] = field(default_factory=dict)  # last token -> forms
     _ids: torch.Tensor | None = None  # input ids of the forward call in progress (None: a decoding step)
+    _plain: list[int | None] | None = None  # per row of that call: the greedy token at its prompt's end without the
+    #   memory (None: not read, no subject with `answers` named in the row)
+    _head: nn.Module | None = None  # the attached model's output embedding (reads `_plain`)
 
     def write(self, w: MemoryWrite) -> None:
         """Set the slots of `w` (replacing earlier slots of the same subjects)."""
@@ -199,15 +243,18 @@ class EntityMemory:
             self.slots[subject] = delta.detach().float().cpu().clone()
             self.aliases.pop(subject, None)
             self.keys.pop(subject, None)
+            self.answers.pop(subject, None)
         if w.keys is not None:
             self.keys.update(_slot_keys(w))
         self.aliases.update({s: list(a) for s, a in w.aliases.items() if s in self.slots and a})
+        self.answers.update({s: list(a) for s, a in w.answers.items() if s in self.keys and a})
         self._reindex()
 
     def clear(self) -> None:
         self.slots.clear()
         self.aliases.clear()
         self.keys.clear()
+        self.answers.clear()
         self._reindex()
 
     @classmethod
@@ -230,7 +277,7 @@ class EntityMemory:
         if not self.slots:
             return None
         return MemoryWrite(self.layer, list(self.slots), torch.stack(list(self.slots.values())), dict(self.aliases),
-                           *stack_keys(list(self.slots), self.keys))
+                           *stack_keys(list(self.slots), self.keys), dict(self.answers))
 
     def _reindex(self) -> None:
         self._index = {}
@@ -251,11 +298,37 @@ class EntityMemory:
                     break
         return out
 
-    def _grab_ids(self, _module, args, kwargs):
+    def _grab_ids(self, module, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         prompt = isinstance(ids, torch.Tensor) and not ids.is_floating_point() and _past_length(cache) == 0
-        self._ids = ids if prompt else None
+        self._ids, self._plain = (ids if prompt else None), None
+        if prompt and self.enabled and self.answers:
+            self._plain = self._plain_answers(module, ids, kwargs)
+            self._ids = ids
+
+    @torch.no_grad()
+    def _plain_answers(self, stack: nn.Module, ids: torch.Tensor, kwargs) -> list[int | None] | None:
+        """Per row of `ids`, the model's greedy token at the prompt's end without the memory, where the row names a
+        subject with `answers` (else None); one extra pass of the decoder stack, without any cache."""
+        ends = _PROMPT_ENDS.get()
+        rows = {}
+        for b, seq in enumerate(ids.tolist()):
+            end = ends[b] if ends is not None and b < len(ends) else len(seq)
+            if any(s in self.answers for _, s in self.matches(seq, end)):
+                rows[b] = end - 1
+        if not rows:
+            return None
+        extra = {k: kwargs[k] for k in ("attention_mask", "position_ids") if kwargs.get(k) is not None}
+        with self.suspended():
+            out = stack(input_ids=ids, use_cache=False, **extra)
+        h = _final_hidden(out)
+        b = torch.tensor(list(rows))
+        top = self._head(h[b.to(h.device), torch.tensor(list(rows.values()), device=h.device)]).argmax(-1).tolist()
+        plain: list[int | None] = [None] * len(ids)
+        for row, token in zip(rows, top):
+            plain[row] = token
+        return plain
 
     def _add(self, _module, _args, out):
         if not (self.enabled and self.slots) or self._ids is None:
@@ -269,7 +342,8 @@ class EntityMemory:
             end = ends[b] if ends is not None and b < len(ends) else None
             found = self.matches(seq, end)
             rows_b = [(t, s) for t, s in found if s not in self.keys]
-            answer = self._answer_slot(h[b], found, (end or len(seq)) - 1)
+            plain = self._plain[b] if self._plain is not None else None
+            answer = self._answer_slot(h[b], found, (end or len(seq)) - 1, plain)
             for t, subject in rows_b + answer:
                 rows.append(b)
                 cols.append(t)
@@ -281,38 +355,49 @@ class EntityMemory:
         h[rows, cols] = h[rows, cols] + add
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    def fires(self, ids: Sequence[int], state: torch.Tensor) -> bool:
+    def fires(self, ids: Sequence[int], state: torch.Tensor, plain: int | None = None) -> bool:
         """Whether a forward pass of the prompt `ids` adds any slot, given `state`: the memory layer's output at the
-        prompt's last token (which the memory does not change). Where none fires, the prompt's greedy answer is the
-        model's without the memory, token for token (decoding steps never fire a slot)."""
+        prompt's last token (which the memory does not change), and `plain`: the model's greedy first answer token
+        without the memory (None: unknown, so a slot with `answers` named in the prompt counts as firing). Where none
+        fires, the prompt's greedy answer is the model's without the memory, token for token (decoding steps never
+        fire a slot)."""
         if not (self.enabled and self.slots):
             return False
         found = self.matches(ids)
         if any(s not in self.keys for _, s in found):
             return True  # a subject-site slot: added wherever its subject is named
-        return bool(self._answer_slot(state[None], found, 0))
+        if plain is None and any(s in self.answers for _, s in found):
+            return True
+        return bool(self._answer_slot(state[None], found, 0, plain))
 
-    def _answer_slot(self, h: torch.Tensor, found: list[tuple[int, str]], last: int) -> list[tuple[int, str]]:
+    def _answer_slot(self, h: torch.Tensor, found: list[tuple[int, str]], last: int,
+                     plain: int | None = None) -> list[tuple[int, str]]:
         """The answer-site slot of a subject named in the prompt whose key is nearest the prompt's last state, when
-        within its radius: [(last, subject)] or []."""
+        within its radius, else the nearest of those whose `answers` hold `plain` (the model's own answer without
+        the memory): [(last, subject)] or []."""
         named = dict.fromkeys(s for _, s in found if s in self.keys)
         if not named or last < 0:
             return []
         state = torch.nn.functional.normalize(h[last].float(), dim=0).cpu()
-        best = max((float((self.keys[s][0] @ state - self.keys[s][1]).max()), s) for s in named)
-        return [(last, best[1])] if best[0] >= 0 else []
+        score = {s: float((self.keys[s][0] @ state - self.keys[s][1]).max()) for s in named}
+        best = max(score, key=score.get)
+        if score[best] >= 0:
+            return [(last, best)]
+        recalled = [s for s in named if plain is not None and plain in self.answers.get(s, ())]
+        return [(last, max(recalled, key=score.get))] if recalled else []
 
     @contextmanager
     def attached(self, model: nn.Module) -> Iterator["EntityMemory"]:
         """The memory active in `model`'s forward passes for the duration of the block."""
         grab = model.base_model.register_forward_pre_hook(self._grab_ids, with_kwargs=True)
         add = layers_of(model)[self.layer].register_forward_hook(self._add)
+        self._head = model.get_output_embeddings()
         try:
             yield self
         finally:
             grab.remove()
             add.remove()
-            self._ids = None
+            self._ids, self._plain, self._head = None, None, None
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
@@ -330,6 +415,7 @@ def merge_writes(writes: Sequence[MemoryWrite | None]) -> MemoryWrite | None:
     slots: dict[str, torch.Tensor] = {}
     aliases: dict[str, list[str]] = {}
     keys: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    answers: dict[str, list[int]] = {}
     layer = None
     for w in writes:
         if w is None:
@@ -341,13 +427,16 @@ def merge_writes(writes: Sequence[MemoryWrite | None]) -> MemoryWrite | None:
         for subject in w.subjects:
             aliases.pop(subject, None)
             keys.pop(subject, None)
+            answers.pop(subject, None)
         aliases.update(w.aliases)
+        answers.update(w.answers)
         if w.keys is not None:
             keys.update(_slot_keys(w))
     if layer is None:
         return None
     return MemoryWrite(layer, list(slots), torch.stack(list(slots.values())),
-                       {s: a for s, a in aliases.items() if s in slots}, *stack_keys(list(slots), keys))
+                       {s: a for s, a in aliases.items() if s in slots}, *stack_keys(list(slots), keys),
+                       {s: a for s, a in answers.items() if s in keys})
 
 
 def stack_keys(subjects: list[str], keys: dict[str, tuple[torch.Tensor, torch.Tensor]]):

@@ -28,6 +28,8 @@ class EditHParams(BaseModel):
     answer_discriminant: float | None = Field(None, ge=0, le=1)  # memory_site="answer": also key the direction from
     #   the must-not-fire prompts' mean to the forms' mean, firing this share of the way from the highest must-not-fire
     #   prompt to the forms' mean along it (None: per-form keys only)
+    answer_recall: bool = False  # memory_site="answer": a slot also fires where the model without the memory would
+    #   answer what it answers the edit's prompt with (its old answer, when that names something), whatever the phrasing
     keep_factor: float = 0.0  # weight of the mean KL(new || old) on a request's `keep` prompts (its subject's other
     #   relations and description): what holds the subject's other facts in place
     weight_decay: float = 0.5  # weight of ||delta||^2 / ||h0||^2

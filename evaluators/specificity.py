@@ -82,6 +82,7 @@ class Answer:
     first_p: float  # probability of its first token
     state: torch.Tensor | None = field(default=None, compare=False, repr=False)  # with `state_layer`: that block's
     #   output at the prompt's last token
+    token: int | None = field(default=None, compare=False, repr=False)  # the id of its first token
 
 
 Generate = Callable[[Sequence[Probe]], list[Answer]]
@@ -250,7 +251,7 @@ def _generate_chunk(model, tok, seqs: list[list[int]], tokens: int, state_layer:
     first = torch.softmax(gen.logits[0].float(), -1).gather(1, new[:, :1].to(gen.logits[0].device))[:, 0]
     texts = tok.batch_decode(new, skip_special_tokens=True)
     rows = states[0] if states else [None] * len(texts)
-    return [Answer(t, float(p), h) for t, p, h in zip(texts, first.tolist(), rows)]
+    return [Answer(t, float(p), h, int(i)) for t, p, h, i in zip(texts, first.tolist(), rows, new[:, 0].tolist())]
 
 
 @contextmanager

@@ -228,3 +228,44 @@ def test_the_discriminant_key_fires_on_new_forms_of_the_relation_and_never_on_a_
     keys, radii = keys_and_radii(pos, neg, 0.25, discriminant=0.25)
     assert len(keys) == len(pos) + 1 and not ((neg @ keys.T) >= radii).any()
     assert fired(keys, radii, new) >= 40 > 10 >= fired(*keys_and_radii(pos, neg, 0.25), new)
+
+
+def test_a_recalling_slot_fires_where_the_model_would_give_its_old_answer_and_every_decoder_agrees(lm):
+    """With `answers`, an answer-site slot whose keys match nothing still fires at a prompt's end where the model
+    without the memory would answer one of them (a phrasing no key covers), and nowhere else; `fires` says so from the
+    answer read without the memory, and greedy decoding with and without a KV cache agree."""
+    from editors.entity_memory import recall_tokens
+    from evaluators.specificity import Probe, generate_answers
+
+    model, tok = lm
+    prompt = "Paris is the capital of"
+    old = greedy_next_tokens(model, tok, [prompt], 1)[0][0]
+    keys = torch.nn.functional.normalize(torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(3)), dim=-1)
+    delta = 2000 * torch.randn(1, 32, generator=torch.Generator().manual_seed(2))
+
+    def memory(answer: int) -> EntityMemory:  # keys that match nothing (radius above any cosine)
+        mem = EntityMemory(tok, layer=1)
+        mem.write(MemoryWrite(1, ["Paris"], delta, keys=keys, radii=torch.full((1, 1), 1.5),
+                              answers={"Paris": [answer]}))
+        return mem
+
+    probe = [Probe(prompt, 4)]
+    runs = {}
+    for answer in (old, old + 1):
+        mem = memory(answer)
+        with mem.attached(model):
+            with mem.suspended():
+                before = generate_answers(model, tok, probe, state_layer=1)[0]
+            after = generate_answers(model, tok, probe)[0]
+            no_cache = greedy_next_tokens(model, tok, [prompt], 4)[0]
+            x = tok(prompt, return_tensors="pt")
+            cached = model.generate(**x, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, x.input_ids.shape[1]:]
+        assert before.token == old and cached.tolist() == no_cache
+        runs[answer] = (mem.fires(tok(prompt).input_ids, before.state, before.token), before, after)
+    fired, before, after = runs[old]
+    assert fired and abs(after.first_p - before.first_p) > 0.1  # where the model would say its old answer, it acts
+    fired, before, after = runs[old + 1]
+    assert not fired and (after.text, round(after.first_p, 5)) == (before.text, round(before.first_p, 5))
+    assert memory(old).fires(tok(prompt).input_ids, before.state, None)  # an answer not read counts as firing
+    assert MemoryWrite.from_tensors(memory(old).snapshot().tensors()).answers == {"Paris": [old]}
+    assert recall_tokens(model, tok, [prompt]) == [old if len(tok.decode([old]).strip()) >= 3 else None]

@@ -93,7 +93,7 @@ def read_after(session, readings: dict[int, SubjectReading], ids: list[int], wei
         tok = session.tok
         prompts = [(fid, i, p) for fid, i, p in prompts
                    if readings[fid].before[i].state is None
-                   or memory.fires(tok(p).input_ids, readings[fid].before[i].state)]
+                   or memory.fires(tok(p).input_ids, readings[fid].before[i].state, readings[fid].before[i].token)]
     answers = dict(zip([(fid, i) for fid, i, _ in prompts], ask(session, [p for _, _, p in prompts])))
     for fid in ids:
         r = readings[fid]
