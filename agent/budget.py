@@ -81,7 +81,8 @@ class RamBudget:
         self.probes_mb = probes_mb(self.dims, session.cfg)
 
     def tokens(self, fact: StoredFact) -> EditTokens:
-        return edit_tokens(self.session.tok, self.session.request(fact), self.session.editor.state.context_templates)
+        editor = self.session.editor
+        return edit_tokens(self.session.tok, self.session.request(fact), editor.state.context_templates, editor.hp)
 
     def working_mb(self, edits: list[EditTokens]) -> float:
         """The batch's largest phase: the edit, or the probes on top of what the edit leaves behind."""

@@ -50,6 +50,11 @@ class EditHParams(BaseModel):
     protect_energy: float = 0.0  # SPHERE: updates kept off W0's principal directions holding this share of its energy (0 = off)
 
     @property
+    def value_site(self) -> str:
+        """Where a value row's delta sits: at the prompt's end for answer-site memory slots, else at the subject."""
+        return self.memory_site if self.write == "memory" else "subject"
+
+    @property
     def value_layer(self) -> int:
         """Where target values are optimised: the entity memory's layer with write="memory", else the last edited."""
         if self.write == "memory" and self.memory_layer is not None:

@@ -80,7 +80,7 @@ def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates
                    hp: EditHParams, layer: int, groups: list[int] | None = None) -> ValueResult:
     """Target values of one chunk; requests with the same `groups` entry (0..G-1) share one delta."""
     device = input_device(model)
-    rows = value_rows(tok, requests, templates, hp.kl_factor, hp.keep_factor, hp.memory_site if hp.write == "memory" else "subject")
+    rows = value_rows(tok, requests, templates, hp.kl_factor, hp.keep_factor, hp.value_site)
     batch, P = make_batch(rows, tok.pad_token_id or 0, device)
     runner = SuffixRunner(model, layer)
     runner.precompute(batch, P, row_contexts(tok, templates))

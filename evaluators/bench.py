@@ -281,7 +281,7 @@ def _probes(model, tok, cfg) -> dict:
 
 def batch_estimate_mb(lm, editor, batch: list[EditRequest]) -> float:
     """The estimated peak RSS of editing `batch`: resident memory now plus its working memory (editors.footprint)."""
-    edits = [edit_tokens(lm.tok, r, editor.state.context_templates) for r in batch]
+    edits = [edit_tokens(lm.tok, r, editor.state.context_templates, editor.hp) for r in batch]
     return resident_mb() + estimate(Dims.of(lm.model), edits, editor.hp).working_mb
 
 

@@ -52,7 +52,7 @@ def measure(case: str, model: str) -> dict:
     lm = load_model(model)
     editor = make_editor("encore", lm.model, lm.tok, max_steps=2, stop="nll", nll_stop=-1.0)
     cfg, reqs, dims = AgentConfig(), requests_for(case), Dims.of(lm.model)
-    est = estimate(dims, [edit_tokens(lm.tok, r, editor.state.context_templates) for r in reqs], editor.hp)
+    est = estimate(dims, [edit_tokens(lm.tok, r, editor.state.context_templates, editor.hp) for r in reqs], editor.hp)
     suite = ProbeSuite.shipped(cfg.probe_facts, cfg.probe_tokens)
     page_in(lm.model)
     before = resident_mb()
