@@ -159,7 +159,7 @@ class Editor:
             for g in todo:
                 n = len(members[g])
                 self.value_cache[keys[g]] = ValueResult(fresh.z[at:at + n], fresh.steps[at:at + n], 0.0,
-                                                        fresh.delta[at:at + n])
+                                                        fresh.delta[at:at + n], fresh.states)
                 at += n
         parts = {g: self.value_cache[keys[g]] for g in members}
         first = next(iter(parts.values()))
@@ -169,7 +169,10 @@ class Editor:
             z[m], delta[m] = parts[g].z, parts[g].delta
             for i, s in zip(m, parts[g].steps):
                 steps[i] = s
-        return ValueResult(z, steps, flops, delta)
+        states = {}
+        for shared in {id(p.states): p.states for p in parts.values()}.values():  # chunks share one dict
+            states |= shared
+        return ValueResult(z, steps, flops, delta, states)
 
     def value_stamp(self) -> tuple:
         """What target values depend on: the weights (always the base ones with values_on="base") and the settings
@@ -248,7 +251,8 @@ class Editor:
         aliases: dict[str, list[str]] = {}
         for r in requests:
             aliases[r.subject] = list(dict.fromkeys([*aliases.get(r.subject, []), *r.aliases]))
-        keys = self.answer_keys(requests, subjects) if self.hp.memory_site == "answer" else (None, None)
+        read = values.states if self.hp.values_on == "current" else {}  # base-weight values: states of other weights
+        keys = self.answer_keys(requests, subjects, read) if self.hp.memory_site == "answer" else (None, None)
         answers = self.recalled(requests) if self.hp.memory_site == "answer" and self.hp.answer_recall else {}
         write = MemoryWrite(self.hp.value_layer, subjects, deltas, {s: a for s, a in aliases.items() if a}, *keys,
                             answers)
@@ -265,9 +269,10 @@ class Editor:
                 out[r.subject].append(t)
         return {s: t for s, t in out.items() if t}
 
-    def answer_keys(self, requests: list[EditRequest], subjects: list[str]):
+    def answer_keys(self, requests: list[EditRequest], subjects: list[str], known: dict[str, torch.Tensor] | None = None):
         """Per subject, the key and radius of its answer-site slot: its requests' prompts and forms must fire it,
-        its keep prompts and description must not (states read on the model without the memory)."""
+        its keep prompts and description must not (states read on the model without the memory; `known`: states
+        already read, text -> the memory layer's output at its last token, e.g. the value rows')."""
         texts: dict[str, tuple[list[str], list[str]]] = {s: ([], [f"{s} is a", f"{s} is"]) for s in subjects}
         contexts = ["{}", *self.state.context_templates]
         for r in requests:
@@ -279,8 +284,12 @@ class Editor:
             asked = set(pos)
             neg[:] = [t for t in dict.fromkeys(neg) if t not in asked]
         flat = [t for s in subjects for part in texts[s] for t in part]
+        known = known or {}
+        todo = list(dict.fromkeys(t for t in flat if t not in known))
         with self.memory.suspended():
-            states = last_states(self.model, self.tok, flat, self.hp.value_layer)
+            read = dict(zip(todo, last_states(self.model, self.tok, todo, self.hp.value_layer)))
+        states = torch.stack([read[t] if t in read else known[t] for t in flat])
+        states = torch.nn.functional.normalize(states, dim=1)
         keys, at = {}, 0
         for s in subjects:
             n_pos, n_neg = len(texts[s][0]), len(texts[s][1])

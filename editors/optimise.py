@@ -9,7 +9,7 @@ for `mpes_patience` consecutive checks). A stopped edit leaves the batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from torch import nn
 
 from editors.hparams import EditHParams
 from editors.devices import input_device
-from editors.prompts import EditRequest, n_target_rows, row_contexts, split_at_subject, value_rows
+from editors.prompts import EditRequest, in_context, n_target_rows, row_contexts, split_at_subject, value_rows
 from editors.values import SuffixRunner, make_batch
 
 
@@ -27,6 +27,8 @@ class ValueResult:
     steps: list[int]  # forward checks each edit took
     flops: float  # matmul FLOPs spent
     delta: torch.Tensor | None = None  # (n, d) z - h0: the residual each edit adds at its subject's last token
+    states: dict[str, torch.Tensor] = field(default_factory=dict)  # answer-site rows: prompt text -> the layer's
+    #   output at its last token on the unedited rows (what an answer-site slot's keys are read from)
 
 
 @dataclass
@@ -91,6 +93,7 @@ def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates
     G = int(group.max()) + 1
     plain = torch.tensor([next(k for k, r in enumerate(rows) if r.request == i) for i in range(n)], device=device)
     h0 = runner.h_layer()[plain].detach().to(device, torch.float32)  # values, their Adam state and deltas: fp32
+    states = _row_states(requests, templates, runner.h_layer()) if hp.value_site == "answer" else {}
     ref = _Reference()
     delta = torch.zeros(G, h0.shape[1], device=device, requires_grad=True)
     adam = _Adam(torch.zeros_like(delta), torch.zeros_like(delta), hp.lr)
@@ -118,7 +121,18 @@ def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates
         if len(keep) < len(active):
             runner.select(torch.isin(group[runner.batch.req], keep).nonzero()[:, 0])
             active = keep
-    return ValueResult((h0 + delta[group]).detach(), steps.tolist(), runner.flops, delta[group].detach())
+    return ValueResult((h0 + delta[group]).detach(), steps.tolist(), runner.flops, delta[group].detach(), states)
+
+
+def _row_states(requests: list[EditRequest], templates: list[str], h: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Answer-site rows' prompt texts (in `value_rows`' order: each request in every template, then its forms) ->
+    their states `h` at the prompt's last token."""
+    texts = [t for r in requests for t in [*(in_context(c, r.prompt).replace("{}", r.subject, 1)
+                                                for c in ["{}", *templates]),
+                                              *(f.replace("{}", s, 1) for f, s in r.forms)]]
+    if len(texts) != len(h):
+        raise ValueError(f"{len(texts)} answer-site prompts but {len(h)} value rows")
+    return dict(zip(texts, h.detach().float().cpu()))
 
 
 def _suffix_length(tok, req: EditRequest) -> int:
@@ -149,7 +163,7 @@ def optimise_values(model: nn.Module, tok, requests: list[EditRequest], template
     rows waste little compute.
     """
     groups = list(range(len(requests))) if groups is None else list(groups)
-    zs, deltas, steps, flops, order = [], [], [], 0.0, []
+    zs, deltas, steps, flops, order, states = [], [], [], 0.0, [], {}
     for chunk in _chunks(tok, requests, groups, hp.value_chunk):
         local = {g: k for k, g in enumerate(dict.fromkeys(groups[i] for i in chunk))}
         r = optimise_chunk(model, tok, [requests[i] for i in chunk], templates, hp, hp.value_layer,
@@ -159,9 +173,10 @@ def optimise_values(model: nn.Module, tok, requests: list[EditRequest], template
         steps += r.steps
         flops += r.flops
         order += chunk
+        states |= r.states
         if progress is not None:
             progress.update(len(r.steps))
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     at = inverse.to(zs[0].device)
-    return ValueResult(torch.cat(zs)[at], [steps[k] for k in inverse.tolist()], flops, torch.cat(deltas)[at])
+    return ValueResult(torch.cat(zs)[at], [steps[k] for k in inverse.tolist()], flops, torch.cat(deltas)[at], states)

@@ -132,6 +132,19 @@ def test_an_edit_of_a_description_prompt_is_keyed_apart_from_its_own_prompt(tiny
     assert (real < 1 - 1e-4).all()  # every key fires a margin inside its radius, the edit prompt's included
 
 
+def test_answer_site_keys_reuse_the_value_rows_states_and_equal_a_fresh_reading(tiny_llama, tok):
+    """The slot's keys for the edit prompt in every context and for its forms come from the value optimisation's own
+    rows (read once); they must be the keys a separate reading of those prompts gives."""
+    req = EditRequest("{} is located in", "Paris", "Rome", forms=(("Where is {}?", "Paris"),),
+                      keep=("{} was built by",))
+    ed = make_editor("encore", tiny_llama, tok, corpus=CORPUS, layers=[1, 2], stats_tokens=4000, n_context=1,
+                     context_tokens=3, write="memory", memory_site="answer", max_steps=2)
+    write = ed.compute([req]).delta.memory
+    assert len(ed.values_for([req], [0]).states) == 3  # the plain prompt, its one context and its form
+    keys, radii = ed.answer_keys([req], ["Paris"])  # read afresh
+    assert torch.allclose(write.keys, keys, atol=1e-4) and torch.allclose(write.radii, radii, atol=1e-4, equal_nan=True)
+
+
 def test_aliases_are_names_and_are_stored(tok):
     line = {"subject": "New York", "prompt": "{} is in", "target": "Texas", "aliases": ["Big Apple", "NYC"]}
     assert parse_line(json.dumps(line), 1).aliases == ["Big Apple", "NYC"]

@@ -319,7 +319,7 @@ def test_a_batch_over_the_ram_budget_is_applied_as_smaller_batches(ws_with_facts
     w.save_config(w.config().model_copy(update={"ram_budget_mb": 250.0}))
     monkeypatch.setattr(agent.budget, "resident_mb", lambda: 0.0)
     monkeypatch.setattr(agent.budget.RamBudget, "working_mb",
-                        lambda self, edits: sum(100.0 if e.order < 40 else 300.0 for e in edits))
+                        lambda self, edits: sum(100.0 if e.probe_len < 45 else 300.0 for e in edits))
     feed = tmp_path / "five.jsonl"
     lines = [rec(subject=s, target=t) for s, t in [("Accra", "Ghana"), ("Dakar", "Senegal"), ("Lome", "Togo"),
                                                    ("Bamako", "Mali"), ("Niamey", "Niger")]]
