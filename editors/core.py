@@ -30,7 +30,7 @@ from editors.keys import key_source
 from editors.movers import anchored, principal_complement
 from editors.hparams import EditHParams
 from editors.optimise import ValueResult, optimise_values
-from editors.prompts import EditRequest, context_ids, in_context, key_rows
+from editors.prompts import EditRequest, answer_texts, context_ids, in_context, key_rows
 from editors.state import EditorState
 from editors.stats import LayerStats
 
@@ -178,7 +178,7 @@ class Editor:
         """What target values depend on: the weights (always the base ones with values_on="base") and the settings
         of the value optimisation, not those of the solve (so variants of the solve can share values)."""
         settings = self.hp.model_dump_json(include={"lr", "max_steps", "clamp_factor", "kl_factor", "keep_factor",
-                                                    "memory_site", "answer_margin", "answer_discriminant", "answer_recall",
+                                                    "memory_site", "answer_margin", "answer_discriminant",
                                                     "weight_decay", "stop", "nll_stop", "mpes_patience", "n_context",
                                                     "context_tokens", "value_chunk"})
         weights = ("base",) if self.hp.values_on == "base" else self.weights_stamp()
@@ -277,8 +277,8 @@ class Editor:
         contexts = ["{}", *self.state.context_templates]
         for r in requests:
             pos, neg = texts[r.subject]
-            pos += [in_context(c, t).replace("{}", s, 1) for t, s in [(r.prompt, r.subject), *r.cues] for c in contexts]
-            pos += [t.replace("{}", s, 1) for t, s in r.forms]
+            pos += answer_texts(r, self.state.context_templates)
+            pos += [in_context(c, t).replace("{}", s, 1) for t, s in r.cues for c in contexts]
             neg += [t.replace("{}", r.subject, 1) for t in r.keep]
         for pos, neg in texts.values():  # a prompt the edit asks is no other statement (e.g. the edit "X is a ...")
             asked = set(pos)

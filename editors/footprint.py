@@ -89,8 +89,7 @@ class EditTokens:
 
 def edit_tokens(tok, request: EditRequest, templates: list[str], hp: EditHParams | None = None) -> EditTokens:
     """The token counts of `request`'s value rows as `hp`'s optimiser builds them (None: subject-site rows)."""
-    rows = value_rows(tok, [request], templates, site=hp.value_site) if hp is not None else \
-        value_rows(tok, [request], templates)
+    rows = value_rows(tok, [request], templates, site=hp.value_site if hp is not None else "subject")
     keys = key_rows(tok, [request], templates)
     probe = len(tok(request.text())["input_ids"]) + len(tok(" " + request.target, add_special_tokens=False)["input_ids"])
     return EditTokens(tuple((len(r.prefix), len(r.suffix), len(r.target_cols)) for r in rows),

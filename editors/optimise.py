@@ -17,7 +17,7 @@ from torch import nn
 
 from editors.hparams import EditHParams
 from editors.devices import input_device
-from editors.prompts import EditRequest, in_context, n_target_rows, row_contexts, split_at_subject, value_rows
+from editors.prompts import EditRequest, answer_texts, n_target_rows, row_contexts, split_at_subject, value_rows
 from editors.values import SuffixRunner, make_batch
 
 
@@ -127,9 +127,7 @@ def optimise_chunk(model: nn.Module, tok, requests: list[EditRequest], templates
 def _row_states(requests: list[EditRequest], templates: list[str], h: torch.Tensor) -> dict[str, torch.Tensor]:
     """Answer-site rows' prompt texts (in `value_rows`' order: each request in every template, then its forms) ->
     their states `h` at the prompt's last token."""
-    texts = [t for r in requests for t in [*(in_context(c, r.prompt).replace("{}", r.subject, 1)
-                                                for c in ["{}", *templates]),
-                                              *(f.replace("{}", s, 1) for f, s in r.forms)]]
+    texts = [t for r in requests for t in answer_texts(r, templates)]
     if len(texts) != len(h):
         raise ValueError(f"{len(texts)} answer-site prompts but {len(h)} value rows")
     return dict(zip(texts, h.detach().float().cpu()))

@@ -111,6 +111,13 @@ def _context_of(head: list[int], shared: list[list[int]], allowed) -> int:
     return best
 
 
+def answer_texts(request: EditRequest, templates: list[str]) -> list[str]:
+    """The prompts of an answer-site edit's value rows, in their order: its prompt in every context (plain first),
+    then its forms, subjects filled in (the texts whose last-token states are its slot's keys for them)."""
+    return [*(in_context(c, request.prompt).replace("{}", request.subject, 1) for c in ["{}", *templates]),
+            *(t.replace("{}", s, 1) for t, s in request.forms)]
+
+
 def value_rows(tok, requests: list[EditRequest], templates: list[str], kl_factor: float = 1.0,
                keep_factor: float = 1.0, site: str = "subject") -> list[PromptRow]:
     """Rows of the value optimisation: each edit's prompt in every template, its other forms, then its KL rows
